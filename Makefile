@@ -1,0 +1,33 @@
+# The two commands of the README. Both work from a fresh clone with only python3 installed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+## make demo: set up and run one full cycle on the built-in sandbox (no account, no network)
+demo: $(VENV)/.installed
+	$(BIN)/leadloop demo --out demo-output
+
+## make test: set up with the test extras and run the test suite
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check leadloop tests bench
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check leadloop tests bench
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

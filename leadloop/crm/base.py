@@ -1,0 +1,369 @@
+"""The connector contract and the engine that writes connector pages to the store.
+
+A connector (`CrmSource`) only reads the CRM and turns records into `LeadIn`, `StageIn` and
+`EventIn` values grouped in `Page`s; it never touches the database. `sync_source()` applies each
+page in one transaction together with the stream's cursor, so a crash loses at most the page in
+flight and a re-run repeats it harmlessly (every write is an upsert).
+
+Cursor rules (see DESIGN.md): the stored cursor is the highest (modified time, id) of the pages
+stored so far, never moved past the time the sync started (records edited during the sync are read
+again next time) and never moved backwards; each run re-reads from `cursor - lookback` to cover
+the CRM's search-index lag, and the upserts deduplicate what is read twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from leadloop.context import Context
+from leadloop.errors import RecordRejected
+from leadloop.identity import hash_identity
+from leadloop.progress import track
+from leadloop.redact import scrub_payload
+from leadloop.store import insert_ignore, lead_ids, session_scope, upsert
+from leadloop.tables import (
+    Conversion,
+    ConversionStatus,
+    Lead,
+    LeadEvent,
+    LeadStatus,
+    RejectedRecord,
+    StageChange,
+    SyncState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTION_FIELDS = (
+    "gclid",
+    "gbraid",
+    "wbraid",
+    "fbclid",
+    "fbc",
+    "msclkid",
+    "li_fat_id",
+    "meta_lead_id",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "landing_page",
+    "country",
+)
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Cursor:
+    """A position in a stream: modified time, then id as the tie-break."""
+
+    updated_at: datetime
+    id: str = ""
+
+
+@dataclass(slots=True)
+class LeadIn:
+    """A lead as a connector reads it. `email`/`phone` are clear text here, in memory only:
+    the engine hashes them and drops the clear values before anything is written."""
+
+    crm_id: str
+    created_at: datetime
+    updated_at: datetime | None = None
+    object_type: str = "contact"
+    email: str | None = None
+    phone: str | None = None
+    gclid: str | None = None
+    gbraid: str | None = None
+    wbraid: str | None = None
+    fbclid: str | None = None
+    fbc: str | None = None
+    msclkid: str | None = None
+    li_fat_id: str | None = None
+    meta_lead_id: str | None = None
+    utm_source: str | None = None
+    utm_medium: str | None = None
+    utm_campaign: str | None = None
+    landing_page: str | None = None
+    country: str | None = None
+    consent_ad_user_data: bool | None = None
+    consent_ad_personalization: bool | None = None
+    current_stage: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    merged_crm_ids: list[str] = field(default_factory=list)  # ids absorbed into this lead
+
+
+@dataclass(slots=True)
+class StageIn:
+    """The time lead `crm_id` (or its deal `deal_id`) entered CRM value `value` of `field`."""
+
+    crm_id: str
+    field: str
+    value: str
+    entered_at: datetime
+    deal_id: str = ""
+    amount: Decimal | None = None
+    currency: str | None = None
+    is_lost: bool = False
+
+
+@dataclass(slots=True)
+class EventIn:
+    crm_id: str
+    name: str
+    occurred_at: datetime
+    value: float | None = None
+
+
+@dataclass(slots=True)
+class Page:
+    """What one fetch step yields. `cursor` is the stream position after this page (None when
+    the stream is not incremental, e.g. a full re-read of pipelines or a CSV file)."""
+
+    leads: list[LeadIn] = field(default_factory=list)
+    stages: list[StageIn] = field(default_factory=list)
+    events: list[EventIn] = field(default_factory=list)
+    rejects: list[RecordRejected] = field(default_factory=list)
+    deleted_crm_ids: list[str] = field(default_factory=list)
+    cursor: Cursor | None = None
+    total: int | None = None  # the source's own count, when it tells one (for progress)
+
+    @property
+    def size(self) -> int:
+        return len(self.leads) + len(self.stages) + len(self.events) + len(self.rejects)
+
+
+class CrmSource(Protocol):
+    """A CRM connector. Implementations live in `leadloop/crm/<kind>.py`."""
+
+    name: str  # the source name stored on each lead
+
+    def streams(self) -> Sequence[str]:
+        """Stream names in the order they must be synced (leads before what refers to them)."""
+        ...
+
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+        """Yield pages of records modified at or after `since` (None: backfill everything)."""
+        ...
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+def _lead_row(source: str, lead: LeadIn, region: str, now: datetime) -> tuple[dict, list[str]]:
+    identity, problems = hash_identity(lead.email, lead.phone, region)
+    row: dict[str, Any] = {
+        "source": source,
+        "crm_id": lead.crm_id,
+        "object_type": lead.object_type,
+        "created_at": lead.created_at,
+        "crm_updated_at": lead.updated_at,
+        "status": LeadStatus.active,
+        "consent_ad_user_data": lead.consent_ad_user_data,
+        "consent_ad_personalization": lead.consent_ad_personalization,
+        "current_stage": lead.current_stage,
+        "attributes": lead.attributes,
+        "ingested_at": now,
+        "updated_at": now,
+        **identity.as_columns(),
+    }
+    for name in ATTRIBUTION_FIELDS:
+        row[name] = getattr(lead, name)
+    return row, problems
+
+
+def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) -> int:
+    """Pending conversions of leads that are gone can no longer be true: withdraw them."""
+    if not lead_ids_:
+        return 0
+    result = session.execute(
+        update(Conversion)
+        .where(
+            Conversion.lead_id.in_(lead_ids_),  # type: ignore[attr-defined]
+            Conversion.status.in_(  # type: ignore[attr-defined]
+                [ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed]
+            ),
+        )
+        .values(status=ConversionStatus.withdrawn, last_error=reason)
+    )
+    return result.rowcount or 0
+
+
+def apply_page(
+    session: Session, ctx: Context, source: str, object_type: str, page: Page
+) -> dict[str, int]:
+    """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
+    rejects. Runs inside the caller's transaction; returns counts."""
+    now = ctx.now()
+    region = ctx.settings.crm.default_region
+    counts = dict.fromkeys(
+        ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn"), 0
+    )
+    rejects: list[RejectedRecord] = []
+
+    def reject(ref: str, reason: str, payload: dict | None = None, kind: str = object_type) -> None:
+        rejects.append(
+            RejectedRecord(
+                job_run_id=ctx.job_run_id,
+                source=source,
+                object_type=kind,
+                record_ref=ref,
+                flow_stage="ingest",
+                reason=reason,
+                payload=scrub_payload(payload or {}),
+                created_at=now,
+            )
+        )
+
+    rows = []
+    for lead in page.leads:
+        row, problems = _lead_row(source, lead, region, now)
+        rows.append(row)
+        for problem in problems:
+            # The lead is kept; only the unusable identifier is left out.
+            reject(lead.crm_id, f"{problem}; lead kept without it", kind=f"{object_type}.identity")
+    # Later rows for the same id win (a page can repeat a record the server re-sent).
+    rows = list({r["crm_id"]: r for r in rows}.values())
+    upsert(session, Lead, rows, conflict=("source", "crm_id"), update=[
+        k for k in (rows[0] if rows else {}) if k not in ("source", "crm_id", "ingested_at")
+    ])
+    counts["leads"] = len(rows)
+
+    referenced = {s.crm_id for s in page.stages} | {e.crm_id for e in page.events}
+    merged_pairs = [(lead.crm_id, m) for lead in page.leads for m in lead.merged_crm_ids]
+    ids = lead_ids(
+        session,
+        source,
+        referenced
+        | {r["crm_id"] for r in rows}
+        | set(page.deleted_crm_ids)
+        | {m for _, m in merged_pairs},
+    )
+
+    if merged_pairs:
+        absorbed = [(ids[m], ids[s]) for s, m in merged_pairs if m in ids and s in ids]
+        for absorbed_id, survivor_id in absorbed:
+            session.execute(
+                update(Lead)
+                .where(Lead.id == absorbed_id)  # type: ignore[arg-type]
+                .values(status=LeadStatus.merged, merged_into_id=survivor_id, updated_at=now)
+            )
+        counts["merged"] = len(absorbed)
+        counts["withdrawn"] += _withdraw_unsent(
+            session, [a for a, _ in absorbed], "lead merged into another CRM record"
+        )
+
+    gone = [ids[c] for c in page.deleted_crm_ids if c in ids]
+    if gone:
+        session.execute(
+            update(Lead)
+            .where(Lead.id.in_(gone))  # type: ignore[union-attr]
+            .values(status=LeadStatus.deleted, updated_at=now)
+        )
+        counts["deleted"] = len(gone)
+        counts["withdrawn"] += _withdraw_unsent(session, gone, "lead deleted or archived in the CRM")
+
+    stage_rows = []
+    for s in page.stages:
+        lead_id = ids.get(s.crm_id)
+        if lead_id is None:
+            reject(f"{s.deal_id or s.crm_id}", f"stage {s.field}={s.value}: lead {s.crm_id} "
+                   "is not synced", {"lead": s.crm_id, "field": s.field, "value": s.value})
+            continue
+        stage_rows.append({
+            "lead_id": lead_id, "field": s.field, "value": s.value, "entered_at": s.entered_at,
+            "deal_id": s.deal_id, "amount": s.amount, "currency": s.currency,
+            "is_lost": s.is_lost,
+        })
+    stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
+                       for r in stage_rows}.values())
+    upsert(session, StageChange, stage_rows, conflict=("lead_id", "field", "value", "deal_id"),
+           update=["entered_at", "amount", "currency", "is_lost"])
+    counts["stages"] = len(stage_rows)
+
+    event_rows = []
+    for e in page.events:
+        lead_id = ids.get(e.crm_id)
+        if lead_id is None:
+            reject(e.crm_id, f"event {e.name}: lead {e.crm_id} is not synced", {"event": e.name})
+            continue
+        event_rows.append({"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at,
+                           "value": e.value})
+    insert_ignore(session, LeadEvent, event_rows, conflict=("lead_id", "name", "occurred_at"))
+    counts["events"] = len(event_rows)
+
+    for r in page.rejects:
+        reject(r.record_ref, r.reason, r.payload)
+    session.add_all(rejects)
+    counts["rejected"] = len(rejects)
+    return counts
+
+
+def _advance(state: SyncState, cursor: Cursor | None, started_at: datetime) -> None:
+    if cursor is None:
+        return
+    capped = min(cursor, Cursor(started_at, ""))
+    current = (
+        Cursor(state.cursor_updated_at, state.cursor_id or "")
+        if state.cursor_updated_at is not None
+        else None
+    )
+    if current is None or capped > current:
+        state.cursor_updated_at, state.cursor_id = capped.updated_at, capped.id
+
+
+def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
+    """Sync every stream of `source` into the store. Returns summed counts.
+
+    Stops between pages when the context's stop event is set (graceful shutdown).
+    """
+    totals: dict[str, int] = {"pages": 0}
+    started_at = ctx.now()
+    lookback = timedelta(minutes=ctx.settings.crm.lookback_minutes)
+    for stream in source.streams():
+        with session_scope(ctx.engine) as session:
+            state = session.get(SyncState, (source.name, stream)) or SyncState(
+                source=source.name, object_type=stream
+            )
+            state.last_started_at = started_at
+            state.last_job_run_id = ctx.job_run_id
+            session.add(state)
+            since = (
+                Cursor(state.cursor_updated_at - lookback, "")
+                if state.cursor_updated_at is not None
+                else None
+            )
+        log.info("sync %s/%s from %s", source.name, stream,
+                 since.updated_at.isoformat() if since else "the beginning (backfill)")
+        with track(f"sync {source.name} {stream}") as progress:
+            for page in source.fetch(stream, since, started_at=started_at):
+                with session_scope(ctx.engine) as session:
+                    counts = apply_page(session, ctx, source.name, stream, page)
+                    state = session.exec(
+                        select(SyncState).where(
+                            SyncState.source == source.name, SyncState.object_type == stream
+                        )
+                    ).one()
+                    _advance(state, page.cursor, started_at)
+                    session.add(state)
+                totals["pages"] += 1
+                for key, n in counts.items():
+                    totals[key] = totals.get(key, 0) + n
+                if page.total is not None:
+                    progress.set_total(page.total)
+                progress.advance(len(page.leads) or page.size)
+                if ctx.stopping:
+                    log.info("stop requested: sync ends after a committed page")
+                    return totals
+        with session_scope(ctx.engine) as session:
+            state = session.get(SyncState, (source.name, stream))
+            if state is not None:
+                state.last_success_at = utcnow()
+                session.add(state)
+    return totals

@@ -1,0 +1,130 @@
+"""Normalisation and SHA-256 hashing of e-mail and phone, per platform rule.
+
+Hashing happens once, at ingestion; clear values are never stored. The platforms disagree, so
+one lead carries up to four hashes (see `tables.Lead`):
+
+- Google (Data Manager, Ads API): e-mail trimmed and lower-cased, and for gmail.com /
+  googlemail.com only, the `+tag` dropped and dots removed from the local part; phone in E.164
+  *with* the `+`.
+- Meta, LinkedIn, Microsoft: e-mail trimmed and lower-cased; Meta's phone is E.164 digits
+  *without* the `+`. Microsoft's rule is unpublished; we send its phone as Google's E.164.
+
+Phones are parsed with `phonenumbers` (Google's libphonenumber) using the configured default
+region for numbers written without a country code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+
+
+class IdentityError(ValueError):
+    """A value that cannot be normalised (the message never contains the value itself)."""
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_sha256_hex(value: str) -> bool:
+    return bool(_HEX64.match(value))
+
+
+def normalise_email(raw: str) -> str:
+    """Trim and lower-case; refuse values that are not a single address."""
+    email = raw.strip().lower()
+    if not email or any(c.isspace() for c in email):
+        raise IdentityError("e-mail contains whitespace or is empty")
+    local, sep, domain = email.rpartition("@")
+    if not sep or not local or "." not in domain or domain.startswith(".") or "@" in local:
+        raise IdentityError("e-mail is not of the form local@domain.tld")
+    return email
+
+
+def google_email(raw: str) -> str:
+    """Google's canonical form: Gmail addresses lose the +tag and the dots of the local part."""
+    email = normalise_email(raw)
+    local, _, domain = email.rpartition("@")
+    if domain in _GMAIL_DOMAINS:
+        local = local.split("+", 1)[0].replace(".", "")
+        if not local:
+            raise IdentityError("gmail address has an empty local part")
+    return f"{local}@{domain}"
+
+
+def e164(raw: str, default_region: str = "US") -> str:
+    """Parse a phone number into E.164 (`+16505551212`)."""
+    text = raw.strip()
+    if not text:
+        raise IdentityError("phone is empty")
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    try:
+        number = phonenumbers.parse(text, None if text.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise IdentityError(f"phone cannot be parsed ({exc.error_type.name})") from None
+    if not phonenumbers.is_possible_number(number):
+        raise IdentityError("phone is not a possible number for its country")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass(frozen=True, slots=True)
+class HashedIdentity:
+    email_sha256: str | None = None
+    email_google_sha256: str | None = None
+    phone_e164_sha256: str | None = None
+    phone_digits_sha256: str | None = None
+
+    def as_columns(self) -> dict[str, str | None]:
+        return {
+            "email_sha256": self.email_sha256,
+            "email_google_sha256": self.email_google_sha256,
+            "phone_e164_sha256": self.phone_e164_sha256,
+            "phone_digits_sha256": self.phone_digits_sha256,
+        }
+
+
+def hash_email(raw: str) -> tuple[str, str]:
+    """(plain hash, Google hash) of an e-mail; a value that is already a SHA-256 passes through."""
+    value = raw.strip().lower()
+    if is_sha256_hex(value):
+        return value, value
+    return sha256_hex(normalise_email(raw)), sha256_hex(google_email(raw))
+
+
+def hash_phone(raw: str, default_region: str = "US") -> tuple[str, str]:
+    """(E.164-with-plus hash, digits-only hash) of a phone number."""
+    value = raw.strip().lower()
+    if is_sha256_hex(value):
+        return value, value
+    number = e164(raw, default_region)
+    return sha256_hex(number), sha256_hex(number.removeprefix("+"))
+
+
+def hash_identity(
+    email: str | None, phone: str | None, default_region: str = "US"
+) -> tuple[HashedIdentity, list[str]]:
+    """Hash what can be hashed; return the identity and the reasons for what could not.
+
+    A bad phone must not cost us a good e-mail, so problems are returned, not raised.
+    """
+    problems: list[str] = []
+    em = emg = ph = phd = None
+    if email and email.strip():
+        try:
+            em, emg = hash_email(email)
+        except IdentityError as exc:
+            problems.append(f"email: {exc}")
+    if phone and phone.strip():
+        try:
+            ph, phd = hash_phone(phone, default_region)
+        except IdentityError as exc:
+            problems.append(f"phone: {exc}")
+    return HashedIdentity(em, emg, ph, phd), problems

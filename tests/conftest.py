@@ -1,0 +1,94 @@
+"""Shared fixtures: a real database (SQLite always, PostgreSQL when configured) and settings.
+
+PostgreSQL: set LEADLOOP_TEST_POSTGRES_URL (`.ci/run` starts a server and sets it). Under
+CI=true a missing PostgreSQL is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
+
+from leadloop.config import Settings, settings_from_dict
+from leadloop.context import Context
+from leadloop.store import make_engine
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POSTGRES_URL = os.environ.get("LEADLOOP_TEST_POSTGRES_URL")
+
+
+def _postgres_or_skip() -> str:
+    if POSTGRES_URL:
+        return POSTGRES_URL
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI=true but LEADLOOP_TEST_POSTGRES_URL is not set: PostgreSQL tests must run")
+    pytest.skip("LEADLOOP_TEST_POSTGRES_URL not set")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'leadloop.db'}"
+        return
+    url = _postgres_or_skip()
+    engine = make_engine(url)
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+    yield url
+    engine = make_engine(url)
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(f"sqlite:///{tmp_path / 'leadloop.db'}")
+    yield eng
+    eng.dispose()
+
+
+BASE_CONFIG: dict[str, Any] = {
+    "crm": {"kind": "hubspot", "base_url": "http://127.0.0.1:1", "token_env": "LEADLOOP_TEST_TOKEN"},
+    "stages": [
+        {"name": "Lead", "crm_values": ["lead"], "field": "lifecyclestage", "value": 0.0,
+         "currency": "EUR"},
+        {"name": "Qualified", "crm_values": ["salesqualifiedlead"], "field": "lifecyclestage",
+         "value": 100.0, "currency": "EUR", "macro": True},
+        {"name": "Won", "crm_values": ["closedwon"], "field": "dealstage",
+         "value": "deal_amount", "currency": "EUR"},
+    ],
+}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings from BASE_CONFIG with sections replaced by keyword (e.g. crm={...})."""
+
+    def build(**sections: Any) -> Settings:
+        data = {**BASE_CONFIG, **sections}
+        data.setdefault("model", {"dir": str(tmp_path / "models")})
+        return settings_from_dict(data, base_dir=tmp_path)
+
+    return build
+
+
+@pytest.fixture
+def make_context(make_settings: Callable[..., Settings]) -> Callable[..., Context]:
+    def build(engine: Engine, **sections: Any) -> Context:
+        return Context(settings=make_settings(**sections), engine=engine)
+
+    return build
