@@ -7,8 +7,7 @@ server on 127.0.0.1, or a file for CSV) and a `FakeClock` shared by the fake and
 `Context`, so "modified since" and the sync's look-back are deterministic.
 
 To add a connector: write `tests/crm_harnesses/<kind>.py` with a class that subclasses
-`Harness`, and add a `"<kind>": "crm_harnesses.<kind>:<Class>"` entry to `HARNESSES` (tests/ is on
-sys.path under pytest, so test modules import `crm_harnesses` and `fakes` directly).
+`Harness`, and add a `"<kind>": "tests.crm_harnesses.<kind>:<Class>"` entry to `HARNESSES`.
 
 Conventions every harness follows:
 
@@ -157,9 +156,9 @@ class Harness(abc.ABC):
 
 # kind -> "module:Class"; imported lazily so one fake's imports never break another's tests.
 HARNESSES: dict[str, str] = {
-    "salesforce": "crm_harnesses.salesforce:SalesforceHarness",
-    "pipedrive": "crm_harnesses.pipedrive:PipedriveHarness",
-    "csv": "crm_harnesses.csv:CsvHarness",
+    "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
+    "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
+    "csv": "tests.crm_harnesses.csv:CsvHarness",
 }
 
 
