@@ -1,0 +1,102 @@
+"""The sync engine's guarantees, independent of any CRM: cursor rules, dedupe, rejects, PII."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from sqlmodel import select
+
+from leadloop.crm.base import Cursor, LeadIn, Page, StageIn, sync_source
+from leadloop.errors import RecordRejected
+from leadloop.identity import sha256_hex
+from leadloop.store import session_scope
+from leadloop.tables import Lead, LeadStatus, RejectedRecord, StageChange, SyncState
+
+from .conftest import BASE_CONFIG
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+class ScriptedSource:
+    """A connector whose pages are given by the test; records the `since` it was asked for."""
+
+    name = "scripted"
+
+    def __init__(self, pages: list[Page]) -> None:
+        self.pages = pages
+        self.asked: list[Cursor | None] = []
+
+    def streams(self) -> list[str]:
+        return ["contacts"]
+
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+        self.asked.append(since)
+        yield from self.pages
+
+
+def _lead(i: int, **kw) -> LeadIn:
+    return LeadIn(crm_id=str(i), created_at=T0 + timedelta(hours=i), updated_at=T0, **kw)
+
+
+def test_page_writes_leads_stages_and_keeps_rejects_with_reasons(engine, make_context):
+    ctx = make_context(engine)
+    ctx.now = lambda: T0 + timedelta(days=1)
+    page = Page(
+        leads=[_lead(1, email=" Jane.Doe+x@Gmail.com ", phone="(650) 555-1212"),
+               _lead(2, phone="12"), _lead(1, email="jane.doe+x@gmail.com")],
+        stages=[StageIn("1", "lifecyclestage", "salesqualifiedlead", T0),
+                StageIn("404", "dealstage", "closedwon", T0, deal_id="d9")],
+        rejects=[RecordRejected("7", "createdate is not a date", {"email": "a@b.co", "x": 1})],
+        cursor=Cursor(T0, "2"),
+    )
+    counts = sync_source(ctx, ScriptedSource([page]))
+    assert counts["leads"] == 2  # the repeated lead 1 is stored once
+    with session_scope(engine) as s:
+        lead1 = s.exec(select(Lead).where(Lead.crm_id == "1")).one()
+        # the later copy of lead 1 (no phone) wins; e-mail hashed per platform rule
+        assert lead1.email_sha256 == sha256_hex("jane.doe+x@gmail.com")
+        assert lead1.email_google_sha256 == sha256_hex("janedoe@gmail.com")
+        assert s.exec(select(StageChange)).one().value == "salesqualifiedlead"
+        rejects = {r.record_ref: r for r in s.exec(select(RejectedRecord)).all()}
+    assert "is not a possible number" in rejects["2"].reason and "lead kept" in rejects["2"].reason
+    assert "lead 404 is not synced" in rejects["d9"].reason
+    assert rejects["7"].payload == {"email": "<removed>", "x": 1}
+
+
+def test_no_clear_pii_reaches_the_database(engine, make_context, tmp_path):
+    ctx = make_context(engine)
+    page = Page(leads=[_lead(1, email="someone@example.com", phone="+44 20 7946 0018")])
+    sync_source(ctx, ScriptedSource([page]))
+    with session_scope(engine) as s:
+        dump = repr([r.model_dump() for r in s.exec(select(Lead)).all()])
+    assert "someone" not in dump and "7946" not in dump
+
+
+def test_cursor_is_capped_at_sync_start_never_moves_back_and_lookback_applies(engine, make_context):
+    ctx = make_context(engine, crm={**BASE_CONFIG["crm"], "lookback_minutes": 10})
+    start = T0 + timedelta(hours=5)
+    ctx.now = lambda: start
+    future = Page(leads=[_lead(1)], cursor=Cursor(start + timedelta(hours=1), "9"))
+    sync_source(ctx, ScriptedSource([future]))
+    with session_scope(engine) as s:
+        state = s.get(SyncState, ("scripted", "contacts"))
+        assert (state.cursor_updated_at, state.cursor_id) == (start, "")
+    older = ScriptedSource([Page(leads=[_lead(2)], cursor=Cursor(T0, "1"))])
+    sync_source(ctx, older)
+    assert older.asked == [Cursor(start - timedelta(minutes=10), "")]
+    with session_scope(engine) as s:
+        assert s.get(SyncState, ("scripted", "contacts")).cursor_updated_at == start
+
+
+def test_deletes_and_merges_mark_leads(engine, make_context):
+    ctx = make_context(engine)
+    sync_source(ctx, ScriptedSource([Page(leads=[_lead(1), _lead(2), _lead(3)])]))
+    sync_source(ctx, ScriptedSource([Page(leads=[_lead(1, merged_crm_ids=["2"])],
+                                          deleted_crm_ids=["3"])]))
+    with session_scope(engine) as s:
+        status = {lead.crm_id: (lead.status, lead.merged_into_id) for lead in s.exec(select(Lead))}
+        survivor = s.exec(select(Lead).where(Lead.crm_id == "1")).one().id
+    assert status["1"] == (LeadStatus.active, None)
+    assert status["2"] == (LeadStatus.merged, survivor)
+    assert status["3"][0] == LeadStatus.deleted
