@@ -18,7 +18,8 @@ Conventions every harness follows:
   expected `LeadStatus` value ("active", "deleted", "merged").
 - `expected_stages()` is the set of (crm_id, field, value) stage facts the store must hold.
 - `inject_faults(faults)` arms the fake: the next requests misbehave as described, then the
-  fake answers normally again. Harnesses that cannot fake a fault kind say so in `supports`.
+  fake answers normally again; `inject_faults(Faults())` restores an exhausted daily quota.
+  Harnesses that cannot fake a fault kind say so in `supports`.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Harness(abc.ABC):
 
     @abc.abstractmethod
     def update(self, n: int) -> list[str]:
-        """Modify `n` existing live leads (a non-identity field); return their ids."""
+        """Modify `n` live leads (a non-identity field), taking them in rotation so that
+        consecutive calls touch different leads; return their ids."""
 
     @abc.abstractmethod
     def delete(self, k: int) -> list[str]:
@@ -143,7 +145,7 @@ class Harness(abc.ABC):
 
     @abc.abstractmethod
     def inject_faults(self, faults: Faults) -> None:
-        """Arm the fake with `faults` for its next requests."""
+        """Arm the fake with `faults` for its next requests; `Faults()` restores the quota."""
 
     def requests_served(self) -> int:
         """How many requests the fake answered (for "changes only" and rate-limit checks)."""
@@ -157,8 +159,6 @@ class Harness(abc.ABC):
 # kind -> "module:Class"; imported lazily so one fake's imports never break another's tests.
 HARNESSES: dict[str, str] = {
     "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
-    "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
-    "csv": "tests.crm_harnesses.csv:CsvHarness",
 }
 
 
