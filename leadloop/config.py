@@ -250,6 +250,9 @@ class DestinationConfig(_Model):
     timezone: str = "UTC"
     consent_required: bool = True
     send_user_data: bool = True
+    file_platform: Literal["google", "meta", "microsoft", "linkedin"] = Field(
+        "google", description="csv_files only: whose manual-import template to write"
+    )
 
     @field_validator(
         "token_env",
@@ -286,6 +289,12 @@ class ScheduleConfig(_Model):
     retrain: str | None = "0 3 * * 1"
     report: str | None = "0 7 * * 1"
     misfire_grace_seconds: int = Field(300, ge=1)
+    lease_seconds: int = Field(
+        60, ge=2, description="daemon lease lifetime; a crashed daemon's lease frees after this"
+    )
+    stop_timeout_seconds: int = Field(
+        120, ge=1, description="on SIGTERM, how long the job in flight may take to finish its batch"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
