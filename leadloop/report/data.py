@@ -1,0 +1,428 @@
+"""Everything the report shows, read from the store and aggregated with pandas.
+
+The report reads only the store (never the CRM or a platform). Stage names come from the
+configured `[[stages]]` mapping applied to the raw `StageChange` rows, so editing the mapping
+changes the report without a re-sync.
+
+Definitions used throughout (also printed in the report's footnotes):
+- *qualified* = the lead reached the macro stage (`macro = true`);
+- *won* = the lead reached the "won" stage: the first stage valued at `deal_amount`, else the
+  last configured stage when it comes after the macro stage; *revenue* = the deal amounts of
+  that stage (one amount per deal);
+- rates are per lead, with 95 % Wilson score intervals;
+- *predicted value* is the latest `Score.expected_value` of each lead;
+- *uploaded value* / *accepted* count outbox rows the platform accepted (`status = sent`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from leadloop.config import Settings, StageConfig
+from leadloop.context import Context
+from leadloop.tables import (
+    Conversion,
+    ConversionKind,
+    Lead,
+    LeadEvent,
+    LeadStatus,
+    Score,
+    StageChange,
+    ValidationResult,
+)
+
+Z95 = 1.959963984540054
+DIMENSIONS: dict[str, str] = {
+    "source": "utm_source",
+    "medium": "utm_medium",
+    "campaign": "utm_campaign",
+    "landing_page": "landing_page",
+    "month": "month",
+}
+NONE_LABEL = "(none)"
+VALIDATION_COLUMNS = [
+    "micro", "segment", "n", "n_with", "n_without", "macro_with", "macro_without", "rate_with",
+    "rate_without", "lift", "lift_ci_low", "lift_ci_high", "p_value", "q_value", "phi",
+    "median_days_to_macro", "verdict", "role", "reason",
+]
+CONVERSION_STATUSES = ["pending", "held", "sent", "rejected", "failed", "dead", "withdrawn"]
+
+
+def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion; (nan, nan) when n == 0."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def clean_landing_page(url: object) -> str | None:
+    """Scheme, host and path only: query strings can carry e-mails or tokens (never shown)."""
+    if not isinstance(url, str) or not url.strip():
+        return None
+    parts = urlsplit(url.strip())
+    if not parts.netloc:
+        return parts.path or None
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+
+
+@dataclass
+class ReportData:
+    """The report's content, independent of the output format."""
+
+    generated_at: datetime
+    since: datetime | None
+    currency: str
+    macro_stage: str
+    won_stage: str | None
+    micro_names: list[str]
+    destinations: list[str]
+    summary: dict[str, Any]
+    leads: pd.DataFrame  # one row per lead (internal; never written out: no ids in outputs)
+    by: dict[str, pd.DataFrame]
+    validation: pd.DataFrame
+    validation_run: dict[str, Any] | None
+    model_card: dict[str, Any] | None
+    model_note: str
+    uploads: pd.DataFrame
+    holds: pd.DataFrame
+    rejections: pd.DataFrame
+    crm_vs_platform: pd.DataFrame
+    conversions: pd.DataFrame  # internal, for guardrails
+    stage_reach: pd.DataFrame  # internal, for guardrails
+    guardrails: list[Any] = field(default_factory=list)
+
+
+# -- reading the store ---------------------------------------------------------------------------
+
+
+def _frame(engine: Engine, stmt: Any, columns: list[str]) -> pd.DataFrame:
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return pd.DataFrame([tuple(r) for r in rows], columns=columns)
+
+
+def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
+    cols = [
+        Lead.id, Lead.created_at, Lead.utm_source, Lead.utm_medium, Lead.utm_campaign,
+        Lead.landing_page, Lead.consent_ad_user_data, Lead.consent_ad_personalization,
+    ]
+    stmt = select(*cols).where(Lead.status.in_([LeadStatus.active, LeadStatus.deleted]))
+    if since is not None:
+        stmt = stmt.where(Lead.created_at >= since)
+    df = _frame(engine, stmt, [
+        "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
+        "consent_ad_user_data", "consent_ad_personalization",
+    ])
+    df["created_at"] = pd.to_datetime(df["created_at"], utc=True)
+    df["landing_page"] = df["landing_page"].map(clean_landing_page)
+    df["month"] = df["created_at"].dt.strftime("%Y-%m")
+    return df
+
+
+def _stage_matches(stage: StageConfig, fields: pd.Series, values: pd.Series) -> pd.Series:
+    """A configured stage matches a raw stage change when the value is one of its CRM values and
+    the field is its field (any field when the stage names none)."""
+    mask = values.isin(stage.crm_values)
+    if stage.field is not None:
+        mask &= fields == stage.field
+    return mask
+
+
+def won_stage_name(settings: Settings) -> str | None:
+    """The stage counted as *won*: the first valued at deal_amount, else the last configured stage
+    if it comes after the macro stage."""
+    for s in settings.stages:
+        if s.value == "deal_amount":
+            return s.name
+    names = [s.name for s in settings.stages]
+    macro_at = names.index(settings.macro_stage.name)
+    return names[-1] if len(names) - 1 > macro_at else None
+
+
+def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -> pd.DataFrame:
+    """One row per (lead, configured stage): first time reached and revenue (sum over deals)."""
+    raw = _frame(
+        engine,
+        select(StageChange.lead_id, StageChange.field, StageChange.value, StageChange.entered_at,
+               StageChange.deal_id, StageChange.amount, StageChange.is_lost),
+        ["lead_id", "field", "value", "entered_at", "deal_id", "amount", "is_lost"],
+    )
+    raw = raw[raw["lead_id"].isin(set(lead_ids)) & ~raw["is_lost"].astype(bool)]
+    parts = []
+    for stage in settings.stages:
+        hit = raw[_stage_matches(stage, raw["field"], raw["value"])]
+        if hit.empty:
+            continue
+        hit = hit.assign(amount=pd.to_numeric(hit["amount"].map(
+            lambda a: None if a is None else float(a)), errors="coerce"))
+        per_deal = hit.groupby(["lead_id", "deal_id"], as_index=False).agg(
+            entered_at=("entered_at", "min"), amount=("amount", "max"))
+        per_lead = per_deal.groupby("lead_id", as_index=False).agg(
+            entered_at=("entered_at", "min"), amount=("amount", "sum"))
+        per_lead["stage"] = stage.name
+        parts.append(per_lead)
+    if not parts:
+        return pd.DataFrame(columns=["lead_id", "stage", "entered_at", "amount"])
+    out = pd.concat(parts, ignore_index=True)
+    out["entered_at"] = pd.to_datetime(out["entered_at"], utc=True)
+    return out[["lead_id", "stage", "entered_at", "amount"]]
+
+
+def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
+                      ) -> tuple[list[str], pd.DataFrame]:
+    """Which leads did each micro-conversion. Configured micro-conversions are matched on the
+    event name (their `name`, or `event` when set); without configuration every event name
+    present is reported."""
+    ev = _frame(engine, select(LeadEvent.lead_id, LeadEvent.name).distinct(), ["lead_id", "name"])
+    ev = ev[ev["lead_id"].isin(set(lead_ids))]
+    if settings.micro_conversions:
+        aliases = {}
+        for m in settings.micro_conversions:
+            aliases[m.name] = m.name
+            if m.event:
+                aliases[m.event] = m.name
+        ev = ev.assign(name=ev["name"].map(aliases)).dropna(subset=["name"])
+        names = [m.name for m in settings.micro_conversions]
+    else:
+        names = sorted(ev["name"].unique().tolist())
+    flags = pd.crosstab(ev["lead_id"], ev["name"]).clip(upper=1) if not ev.empty else pd.DataFrame()
+    flags = flags.reindex(columns=names, fill_value=0)
+    return names, flags
+
+
+def _load_scores(engine: Engine) -> pd.DataFrame:
+    df = _frame(
+        engine,
+        select(Score.lead_id, Score.probability, Score.expected_value, Score.scored_at, Score.id),
+        ["lead_id", "probability", "expected_value", "scored_at", "id"],
+    )
+    if df.empty:
+        return pd.DataFrame(columns=["lead_id", "probability", "expected_value"])
+    df = df.sort_values(["scored_at", "id"]).drop_duplicates("lead_id", keep="last")
+    df["expected_value"] = df["expected_value"].map(lambda v: None if v is None else float(v))
+    df["expected_value"] = pd.to_numeric(df["expected_value"], errors="coerce")
+    return df[["lead_id", "probability", "expected_value"]]
+
+
+def _load_conversions(engine: Engine, lead_ids: pd.Series) -> pd.DataFrame:
+    cols = ["lead_id", "destination", "stage", "kind", "conversion_action", "conversion_time",
+            "value", "status", "hold_rule", "attempts", "platform_code", "last_error", "order_id",
+            "click_id", "created_at"]
+    df = _frame(engine, select(*[getattr(Conversion, c) for c in cols]), cols)
+    df = df[df["lead_id"].isin(set(lead_ids))].copy()
+    df["value"] = pd.to_numeric(df["value"].map(lambda v: None if v is None else float(v)),
+                                errors="coerce")
+    for c in ("status", "kind"):
+        df[c] = df[c].map(lambda s: getattr(s, "value", s))
+    df["conversion_time"] = pd.to_datetime(df["conversion_time"], utc=True)
+    return df
+
+
+def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """The rows of the latest validation run (by computed_at), overall segment first."""
+    cols = [c for c in VALIDATION_COLUMNS] + ["computed_at", "job_run_id"]
+    df = _frame(engine, select(*[getattr(ValidationResult, c) for c in cols]), cols)
+    if df.empty:
+        return pd.DataFrame(columns=VALIDATION_COLUMNS), None
+    latest = df["computed_at"].max()
+    run = df[df["computed_at"] == latest]
+    run_id = run["job_run_id"].dropna()
+    if not run_id.empty:
+        run = df[df["job_run_id"] == run_id.max()]
+    run = run.assign(_overall=(run["segment"] != "all").astype(int))
+    run = run.sort_values(["_overall", "segment", "lift"], ascending=[True, True, False])
+    info = {"computed_at": latest, "job_run_id": None if run_id.empty else int(run_id.max()),
+            "rows": len(run)}
+    return run[VALIDATION_COLUMNS].reset_index(drop=True), info
+
+
+def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
+    try:
+        from leadloop.scoring.registry import current_card
+    except ImportError:
+        return None, "no model trained yet (the scoring module is not installed)"
+    card = current_card(settings)
+    if not card:
+        return None, "no model trained yet: leads are valued with the stage-value mapping"
+    if card.get("fallback_reason") and not card.get("metrics"):
+        return card, f"no model in use: {card['fallback_reason']}"
+    return card, ""
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+
+
+def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
+                scores: pd.DataFrame, conv: pd.DataFrame, settings: Settings,
+                won: str | None, destinations: list[str]) -> pd.DataFrame:
+    df = leads.set_index("lead_id")
+    macro = settings.macro_stage.name
+    reached = reach.pivot_table(index="lead_id", columns="stage", values="entered_at",
+                                aggfunc="min") if not reach.empty else pd.DataFrame()
+    df["qualified"] = df.index.isin(reached.index[reached[macro].notna()]) \
+        if macro in reached else False
+    if won and won in reached:
+        df["won"] = df.index.isin(reached.index[reached[won].notna()])
+        revenue = reach[reach["stage"] == won].set_index("lead_id")["amount"]
+        df["revenue"] = revenue.reindex(df.index).fillna(0.0)
+    else:
+        df["won"] = False
+        df["revenue"] = 0.0
+    for name in micro.columns:
+        df[f"micro:{name}"] = micro[name].reindex(df.index).fillna(0).astype(int)
+    sc = scores.set_index("lead_id") if not scores.empty else pd.DataFrame(
+        columns=["probability", "expected_value"])
+    df["predicted_probability"] = pd.to_numeric(sc["probability"].reindex(df.index), errors="coerce")
+    df["predicted_value"] = pd.to_numeric(sc["expected_value"].reindex(df.index), errors="coerce")
+    accepted = conv[conv["status"] == "sent"]
+    up = accepted[accepted["kind"] == ConversionKind.conversion.value]
+    df["value_uploaded"] = up.groupby("lead_id")["value"].sum().reindex(df.index).fillna(0.0)
+    for dest in destinations:
+        n = up[up["destination"] == dest].groupby("lead_id").size()
+        df[f"accepted:{dest}"] = n.reindex(df.index).fillna(0).astype(int)
+    return df
+
+
+def aggregate(df: pd.DataFrame, column: str, key: str) -> pd.DataFrame:
+    """Leads, micro-conversions, qualified/won with Wilson intervals, value and uploads per value
+    of `column`, returned with that column named `key`."""
+    keyed = df.assign(_key=df[column].fillna(NONE_LABEL).replace("", NONE_LABEL))
+    g = keyed.groupby("_key", sort=False)
+    out = pd.DataFrame({"leads": g.size()})
+    for c in [c for c in df.columns if c.startswith("micro:")]:
+        out[c] = g[c].sum()
+    out["qualified"] = g["qualified"].sum().astype(int)
+    out["won"] = g["won"].sum().astype(int)
+    out["revenue"] = g["revenue"].sum()
+    out["qualified_rate"] = out["qualified"] / out["leads"]
+    ci = [wilson(q, n) for q, n in zip(out["qualified"], out["leads"], strict=True)]
+    out["qualified_ci_low"] = [c[0] for c in ci]
+    out["qualified_ci_high"] = [c[1] for c in ci]
+    out["won_rate"] = out["won"] / out["leads"]
+    ci = [wilson(w, n) for w, n in zip(out["won"], out["leads"], strict=True)]
+    out["won_ci_low"] = [c[0] for c in ci]
+    out["won_ci_high"] = [c[1] for c in ci]
+    out["revenue_per_lead"] = out["revenue"] / out["leads"]
+    out["scored"] = g["predicted_probability"].count()
+    out["mean_predicted_value"] = g["predicted_value"].mean()
+    out["mean_predicted_probability"] = g["predicted_probability"].mean()
+    # calibration: the qualified rate among scored leads only, next to their mean prediction
+    scored = keyed[keyed["predicted_probability"].notna()]
+    out["actual_rate_scored"] = scored.groupby("_key")["qualified"].mean()
+    out["value_uploaded"] = g["value_uploaded"].sum()
+    for c in [c for c in df.columns if c.startswith("accepted:")]:
+        out[c] = g[c].sum().astype(int)
+    out.index.name = key
+    order = ["leads", "revenue"] if key != "month" else None
+    out = out.sort_values(order, ascending=False) if order else out.sort_index()
+    return out.reset_index()
+
+
+def _uploads(conv: pd.DataFrame, destinations: list[str]) -> tuple[pd.DataFrame, ...]:
+    rows = []
+    for dest in destinations:
+        d = conv[conv["destination"] == dest]
+        by = d["status"].value_counts()
+        rows.append({
+            "destination": dest,
+            "built": len(d),
+            **{s: int(by.get(s, 0)) for s in CONVERSION_STATUSES},
+            "attempted": int((d["attempts"] > 0).sum()),
+            "value_accepted": float(d.loc[d["status"] == "sent", "value"].sum()),
+        })
+    uploads = pd.DataFrame(rows, columns=["destination", "built", *CONVERSION_STATUSES, "attempted",
+                                          "value_accepted"])
+    held = conv[conv["status"] == "held"].assign(
+        hold_rule=lambda x: x["hold_rule"].fillna("(no rule recorded)"))
+    holds = held.groupby(["destination", "hold_rule"]).size().rename("n").reset_index() \
+        .sort_values("n", ascending=False)
+    rej = conv[conv["status"].isin(["rejected", "dead"])].assign(
+        platform_code=lambda x: x["platform_code"].fillna("(none)"),
+        last_error=lambda x: x["last_error"].fillna(""))
+    rejections = rej.groupby(["destination", "status", "platform_code"]).agg(
+        n=("order_id", "size"), message=("last_error", "first")).reset_index() \
+        .sort_values("n", ascending=False)
+    return uploads, holds, rejections
+
+
+def _crm_vs_platform(settings: Settings, reach: pd.DataFrame, conv: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    first = conv[conv["kind"] == ConversionKind.conversion.value]
+    for stage in settings.stages:
+        crm = int((reach["stage"] == stage.name).sum())
+        if not stage.destinations:
+            rows.append({"stage": stage.name, "destination": "", "conversion_action": "",
+                         "crm_leads": crm, "built": 0, "held": 0, "accepted": 0, "rejected": 0,
+                         "gap": None})
+            continue
+        for dest, action in stage.destinations.items():
+            c = first[(first["destination"] == dest) & (first["stage"] == stage.name)]
+            acc = int((c["status"] == "sent").sum())
+            rows.append({"stage": stage.name, "destination": dest, "conversion_action": action,
+                         "crm_leads": crm, "built": len(c), "held": int((c["status"] == "held").sum()),
+                         "accepted": acc,
+                         "rejected": int(c["status"].isin(["rejected", "dead"]).sum()),
+                         "gap": crm - acc})
+    return pd.DataFrame(rows)
+
+
+def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData:
+    """Read the store and compute every table of the report (guardrails included)."""
+    from leadloop.report.guardrails import evaluate_guardrails
+
+    settings = ctx.settings
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    leads = _load_leads(ctx.engine, since)
+    ids = leads["lead_id"]
+    reach = _load_stage_reach(ctx.engine, settings, ids)
+    micro_names, micro = _load_micro_flags(ctx.engine, settings, ids)
+    scores = _load_scores(ctx.engine)
+    conv = _load_conversions(ctx.engine, ids)
+    destinations = sorted(set(settings.destinations) | set(conv["destination"].unique()))
+    won = won_stage_name(settings)
+    df = _lead_frame(leads, reach, micro, scores, conv, settings, won, destinations)
+    by = {name: aggregate(df, col, name) for name, col in DIMENSIONS.items()}
+    validation, run = _load_validation(ctx.engine)
+    card, note = _model_card(settings)
+    uploads, holds, rejections = _uploads(conv, destinations)
+    currency = settings.macro_stage.currency
+    n = len(df)
+    q, w = int(df["qualified"].sum()), int(df["won"].sum())
+    summary = {
+        "leads": n,
+        "qualified": q,
+        "qualified_rate": q / n if n else None,
+        "qualified_ci": wilson(q, n) if n else None,
+        "won": w,
+        "won_rate": w / n if n else None,
+        "revenue": float(df["revenue"].sum()),
+        "revenue_per_lead": float(df["revenue"].sum()) / n if n else None,
+        "scored": int(df["predicted_probability"].notna().sum()),
+        "value_uploaded": float(df["value_uploaded"].sum()),
+        "accepted": int(uploads["sent"].sum()) if not uploads.empty else 0,
+        "first_lead": df["created_at"].min() if n else None,
+        "last_lead": df["created_at"].max() if n else None,
+    }
+    data = ReportData(
+        generated_at=ctx.now(), since=since, currency=currency, macro_stage=settings.macro_stage.name,
+        won_stage=won, micro_names=micro_names, destinations=destinations, summary=summary,
+        leads=df, by=by, validation=validation, validation_run=run, model_card=card,
+        model_note=note, uploads=uploads, holds=holds, rejections=rejections,
+        crm_vs_platform=_crm_vs_platform(settings, reach, conv), conversions=conv,
+        stage_reach=reach,
+    )
+    data.guardrails = evaluate_guardrails(data, settings)
+    return data
