@@ -1,0 +1,206 @@
+"""Lead → feature frame, where every feature declares when it becomes known.
+
+A lead is scored at a *prediction moment*: when training, the moment the outcome was decided
+(the macro conversion, or the end of the horizon for leads that did not convert); when scoring,
+now (or the macro time for leads that already converted). Only what was known by then is used:
+
+* `created`: fields the CRM has from the lead's creation (attribution, click ids, creation
+  hour/weekday, lead attributes);
+* `event:<name>`: a micro-conversion flag, counted only for events strictly before the moment;
+* `after_contact`: filled in after sales contact (the lead's stage, the `[model] leaky_fields`,
+  attributes named like a stage property). These are never used: asking for one explicitly in
+  `[model] features` raises `LeakageError`, and `check_known_at` refuses any frame in which a
+  value became known after its lead's prediction moment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from leadloop.config import Settings
+from leadloop.errors import LeakageError
+from leadloop.tables import Lead, LeadEvent, LeadStatus
+
+MISSING = "(missing)"
+CATEGORY_COLUMNS = ("utm_source", "utm_medium", "utm_campaign", "landing_page", "country")
+CLICK_FLAGS: dict[str, tuple[str, ...]] = {
+    "has_google_click": ("gclid", "gbraid", "wbraid"),
+    "has_meta_click": ("fbclid", "fbc"),
+    "is_meta_lead_ad": ("meta_lead_id",),
+    "has_microsoft_click": ("msclkid",),
+    "has_linkedin_click": ("li_fat_id",),
+}
+ATTRIBUTE_PREFIX = "attr_"
+MICRO_PREFIX = "micro_"
+_LEAD_COLUMNS = ("id", "created_at", *CATEGORY_COLUMNS,
+                 *sorted({c for cols in CLICK_FLAGS.values() for c in cols}), "attributes")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input: its column name, type, and when its value becomes known."""
+
+    name: str
+    kind: Literal["category", "numeric"]
+    known_at: str  # "created" | "event:<micro name>" | "after_contact"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "kind": self.kind, "known_at": self.known_at}
+
+
+@dataclass
+class LeadData:
+    """Raw lead rows (index lead_id) and their events, as read from the store."""
+
+    leads: pd.DataFrame
+    events: pd.DataFrame  # lead_id, name, occurred_at
+
+
+def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatus.active,)
+                   ) -> LeadData:
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    ev = LeadEvent.__table__  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        rows = conn.execute(select(*[lead.c[c] for c in _LEAD_COLUMNS])
+                            .where(lead.c.status.in_(list(statuses)))).all()
+        leads = pd.DataFrame(rows, columns=list(_LEAD_COLUMNS)).set_index("id")
+        leads.index.name = "lead_id"
+        events = pd.DataFrame(conn.execute(select(ev.c.lead_id, ev.c.name, ev.c.occurred_at)).all(),
+                              columns=["lead_id", "name", "occurred_at"])
+    leads["created_at"] = pd.to_datetime(leads["created_at"], utc=True)
+    events["occurred_at"] = pd.to_datetime(events["occurred_at"], utc=True)
+    events = events[events["lead_id"].isin(leads.index)]
+    return LeadData(leads=leads, events=events)
+
+
+def _post_contact_names(settings: Settings) -> set[str]:
+    crm = settings.crm
+    stage_fields = {s.field for s in settings.stages if s.field}
+    return {*settings.model.leaky_fields, crm.lead_stage_property, crm.deal_stage_property,
+            *stage_fields, "current_stage"}
+
+
+def _looks_numeric(values: pd.Series) -> bool:
+    present = values.dropna()
+    if present.empty or present.map(lambda v: isinstance(v, bool)).any():
+        return False
+    parsed = pd.to_numeric(present, errors="coerce")
+    return bool(parsed.notna().mean() >= 0.95)
+
+
+def micro_event_names(settings: Settings) -> dict[str, str]:
+    """Configured micro-conversion name → the `LeadEvent.name` that records it: the `event`
+    type when given, else the micro-conversion's own name (connectors record a date property
+    such as HubSpot's `ll_pricing_view_date` as an event named after the micro-conversion).
+    `expr` micro-conversions have no time and are left to the validation."""
+    return {m.name: (m.event or m.name) for m in settings.micro_conversions if not m.expr}
+
+
+def resolve_features(settings: Settings, data: LeadData) -> list[Feature]:
+    """The features this configuration and data allow, each with its known-at.
+
+    Raises LeakageError when `[model] features` asks for a field known only after contact.
+    """
+    leaky = _post_contact_names(settings)
+    wanted = settings.model.features
+    if wanted:
+        refused = sorted(set(wanted) & leaky)
+        if refused:
+            raise LeakageError(
+                f"config key model.features: {', '.join(refused)} known only after sales contact "
+                "(a stage or a [model] leaky_fields entry); a model using it would see the answer",
+                hint="remove it from model.features",
+            )
+    feats = [Feature(c, "category", "created") for c in CATEGORY_COLUMNS]
+    feats += [Feature(f, "numeric", "created") for f in CLICK_FLAGS]
+    feats += [Feature("created_hour", "numeric", "created"),
+              Feature("created_weekday", "category", "created")]
+    attrs = pd.DataFrame(list(data.leads["attributes"].map(lambda a: a or {})),
+                         index=data.leads.index)
+    for key in sorted(attrs.columns):
+        if key in leaky or (wanted is not None and key not in wanted):
+            continue
+        kind: Literal["category", "numeric"] = "numeric" if _looks_numeric(attrs[key]) else "category"
+        feats.append(Feature(ATTRIBUTE_PREFIX + key, kind, "created"))
+    for micro, event in micro_event_names(settings).items():
+        feats.append(Feature(MICRO_PREFIX + micro, "numeric", f"event:{event}"))
+    return feats
+
+
+def build_features(data: LeadData, features: list[Feature], moments: pd.Series
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The feature frame for the leads of `moments` (index lead_id), and when each value became
+    known (same shape; NaT where the value is missing). Micro flags count only events strictly
+    before the lead's moment."""
+    leads = data.leads.loc[moments.index]
+    created = leads["created_at"]
+    x = pd.DataFrame(index=leads.index)
+    known = pd.DataFrame(index=leads.index)
+    attrs: pd.DataFrame | None = None
+    for f in features:
+        if f.known_at == "after_contact":
+            raise LeakageError(f"feature {f.name} is known only after sales contact; refused")
+        if f.known_at.startswith("event:"):
+            name = f.known_at.removeprefix("event:")
+            ev = data.events[data.events["name"] == name]
+            ev = ev[ev["lead_id"].isin(leads.index)]
+            before = ev[ev["occurred_at"].to_numpy() < moments.reindex(ev["lead_id"]).to_numpy()]
+            first = before.groupby("lead_id")["occurred_at"].min()
+            x[f.name] = leads.index.isin(first.index).astype(float)
+            known[f.name] = first.reindex(leads.index)
+            continue
+        if f.name in CATEGORY_COLUMNS:
+            col = leads[f.name]
+        elif f.name in CLICK_FLAGS:
+            cols = list(CLICK_FLAGS[f.name])
+            col = leads[cols].notna().any(axis=1).astype(float)
+        elif f.name == "created_hour":
+            col = created.dt.hour.astype(float)
+        elif f.name == "created_weekday":
+            col = created.dt.day_name()
+        elif f.name.startswith(ATTRIBUTE_PREFIX):
+            if attrs is None:
+                attrs = pd.DataFrame(list(leads["attributes"].map(lambda a: a or {})),
+                                     index=leads.index)
+            key = f.name.removeprefix(ATTRIBUTE_PREFIX)
+            col = attrs[key] if key in attrs else pd.Series(np.nan, index=leads.index)
+        else:
+            raise LeakageError(f"feature {f.name} has no declared source; refused")
+        x[f.name] = _coerce(col, f.kind)
+        known[f.name] = created.where(col.notna())
+    check_known_at(known, moments)
+    return x, known
+
+
+def _coerce(col: pd.Series, kind: str) -> pd.Series:
+    if kind == "numeric":
+        return pd.to_numeric(col, errors="coerce").astype(float)
+    return col.astype("string").fillna(MISSING).astype(object)
+
+
+def check_known_at(known: pd.DataFrame, moments: pd.Series) -> None:
+    """Refuse (LeakageError) any feature value that became known after its lead's moment."""
+    m = moments.reindex(known.index)
+    for name in known.columns:
+        late = known[name].notna() & (known[name] > m)
+        if late.any():
+            example = late.idxmax()
+            raise LeakageError(
+                f"feature {name} is known after the prediction moment for {int(late.sum())} "
+                f"lead(s) (e.g. lead {example}); refusing to train or score on it"
+            )
+
+
+def frame_for(x: pd.DataFrame, features: list[Feature]) -> pd.DataFrame:
+    """Columns in the model's order, with the types its pipeline expects."""
+    out = pd.DataFrame(index=x.index)
+    for f in features:
+        col = x[f.name] if f.name in x else pd.Series(np.nan, index=x.index)
+        out[f.name] = _coerce(col, f.kind)
+    return out

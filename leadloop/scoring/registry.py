@@ -1,0 +1,218 @@
+"""Model artifacts and their JSON model cards under `[model] dir`.
+
+Each training writes `<version>.json` (the card) and, when a model was chosen,
+`<version>.skops` (the calibrated pipeline, saved with `skops.io`, which loads without running
+arbitrary pickle code). `CURRENT` names the newest card: if that card is a fallback (not enough
+data, or no candidate beat the baseline) there is no current model and the stage-value mapping
+is used. Loading refuses an artifact written by another scikit-learn minor version (retrain)
+and warns on a patch difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy
+import sklearn
+import skops
+import skops.io as sio
+
+from leadloop import __version__
+from leadloop.config import Settings
+from leadloop.context import Context
+from leadloop.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
+
+
+def models_dir(settings: Settings) -> Path:
+    return settings.resolve_path(settings.model.dir)
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "scipy": scipy.__version__,
+            "skops": skops.__version__, "leadloop": __version__}
+
+
+def config_hash(settings: Settings) -> str:
+    """Hash of the configuration that shapes a model (stages, micro-conversions, [model])."""
+    part = settings.model_dump(mode="json", include={"stages", "micro_conversions", "model"})
+    blob = json.dumps(part, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def new_version(settings: Settings, now: datetime) -> str:
+    base = now.strftime("%Y%m%dT%H%M%SZ")
+    d = models_dir(settings)
+    version, i = base, 1
+    while (d / f"{version}.json").exists():
+        i += 1
+        version = f"{base}-{i}"
+    return version
+
+
+def register(settings: Settings, card: dict[str, Any], model: Any | None) -> str:
+    """Write the artifact (if any) and the card, then point CURRENT at it."""
+    d = models_dir(settings)
+    d.mkdir(parents=True, exist_ok=True)
+    version = card["version"]
+    if model is not None:
+        sio.dump(model, d / f"{version}.skops")
+        card["artifact"] = f"{version}.skops"
+    else:
+        card["artifact"] = None
+    (d / f"{version}.json").write_text(json.dumps(card, indent=2, default=_json_default) + "\n")
+    tmp = d / f".{CURRENT}.tmp"
+    tmp.write_text(version + "\n")
+    tmp.replace(d / CURRENT)  # atomic: a reader never sees a half-written pointer
+    return version
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, datetime | pd.Timestamp):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _read_card(d: Path, version: str) -> dict[str, Any]:
+    path = d / f"{version}.json"
+    if not path.is_file():
+        raise ModelError(f"no model card {version!r} in {d}", hint="see `leadloop model list`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"model card {path.name} is not valid JSON: {exc}") from None
+
+
+def current_version(settings: Settings) -> str | None:
+    pointer = models_dir(settings) / CURRENT
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def current_card(settings: Settings) -> dict[str, Any] | None:
+    """The newest model card (a fallback card has `chosen = None` and a `fallback_reason`)."""
+    version = current_version(settings)
+    return _read_card(models_dir(settings), version) if version else None
+
+
+def load_card(settings: Settings, version: str | None = None) -> dict[str, Any]:
+    version = version or current_version(settings)
+    if not version:
+        raise ModelError("no model has been trained yet", hint="run `leadloop score` or the "
+                         "retrain job")
+    return _read_card(models_dir(settings), version)
+
+
+def list_cards(settings: Settings) -> list[dict[str, Any]]:
+    d = models_dir(settings)
+    if not d.is_dir():
+        return []
+    cards = [_read_card(d, p.stem) for p in d.glob("*.json")]
+    return sorted(cards, key=lambda c: c.get("created_at", ""), reverse=True)
+
+
+def check_versions(card: dict[str, Any]) -> None:
+    """Refuse another scikit-learn minor version; warn on a patch difference."""
+    saved = card.get("library_versions", {}).get("scikit-learn", "")
+    if saved == sklearn.__version__:
+        return
+    if saved.split(".")[:2] != sklearn.__version__.split(".")[:2]:
+        raise ModelError(
+            f"model {card['version']} was trained with scikit-learn {saved or 'unknown'}, "
+            f"this is {sklearn.__version__}; its predictions cannot be trusted",
+            hint="retrain: `leadloop score` after removing it, or run the retrain job",
+        )
+    log.warning("model %s was trained with scikit-learn %s, running %s (patch difference)",
+                card["version"], saved, sklearn.__version__)
+
+
+def load_model(settings: Settings, card: dict[str, Any]) -> Any:
+    """Load a card's artifact, trusting only scikit-learn/numpy/scipy types."""
+    if not card.get("artifact"):
+        raise ModelError(f"model card {card['version']} has no artifact "
+                         f"({card.get('fallback_reason') or 'no model chosen'})")
+    check_versions(card)
+    path = models_dir(settings) / card["artifact"]
+    if not path.is_file():
+        raise ModelError(f"model artifact {path} is missing")
+    untrusted = sio.get_untrusted_types(file=path)
+    foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+    if foreign:
+        raise ModelError(f"model artifact {path.name} contains unexpected types {foreign[:5]}; "
+                         "refusing to load it")
+    return sio.load(path, trusted=untrusted)
+
+
+# -- CLI views ------------------------------------------------------------------------------
+
+
+def format_model_list(ctx: Context) -> str:
+    cards = list_cards(ctx.settings)
+    if not cards:
+        return f"No models in {models_dir(ctx.settings)} yet."
+    current = current_version(ctx.settings)
+    lines = [f"{'':1} {'version':<20} {'chosen':<24} {'n':>8} {'pos':>7} {'roc_auc':>8} "
+             f"{'baseline':>8}  note"]
+    for c in cards:
+        m, b = c.get("metrics") or {}, c.get("baseline") or {}
+        lines.append(
+            f"{'*' if c['version'] == current else ' ':1} {c['version']:<20} "
+            f"{c.get('chosen') or '(fallback)':<24} {c['counts']['n']:>8} "
+            f"{c['counts']['positives']:>7} {_f(m.get('roc_auc')):>8} {_f(b.get('roc_auc')):>8}  "
+            f"{c.get('fallback_reason') or ''}"
+        )
+    return "\n".join(lines)
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def format_model_card(ctx: Context, version: str | None) -> str:
+    c = load_card(ctx.settings, version)
+    lines = [f"model {c['version']}  created {c['created_at']}",
+             f"chosen:    {c.get('chosen') or '(none: falling back to the stage values)'}"]
+    if c.get("fallback_reason"):
+        lines.append(f"why:       {c['fallback_reason']}")
+    w = c.get("data_window") or {}
+    lines += [f"label:     reached {c.get('macro_stage')} within {c.get('horizon_days')} days",
+              f"data:      {c['counts']['n']} leads, {c['counts']['positives']} converted, "
+              f"{w.get('start')} .. {w.get('end')}",
+              f"split:     {c.get('split') or '-'}"]
+    if c.get("metrics"):
+        lines.append(f"{'':11}{'model':>9} {'baseline':>9}")
+        for k in ("roc_auc", "pr_auc", "brier", "ece"):
+            lines.append(f"  {k:<9}{_f(c['metrics'].get(k), 4):>9} "
+                         f"{_f(c['baseline'].get(k), 4):>9}")
+    if c.get("calibration"):
+        lines.append("calibration (predicted → observed, n):")
+        lines += [f"  {r['bin']:<8} {r['predicted']:.3f} → {r['observed']:.3f}  {r['n']}"
+                  for r in c["calibration"]]
+    if c.get("lift_by_decile"):
+        lines.append("lift by decile: " + "  ".join(f"{r['decile']}:{r['lift']:.2f}"
+                                                    for r in c["lift_by_decile"]))
+    if c.get("permutation_importance"):
+        lines.append("permutation importance (ROC AUC drop):")
+        lines += [f"  {r['feature']:<28} {r['importance']:+.4f}"
+                  for r in c["permutation_importance"][:10]]
+    if c.get("value_bands"):
+        lines.append("value bands: " + "  ".join(
+            f"{b['band']}≥{b['min_probability']:.3f} ({b['observed_rate']:.1%})"
+            for b in c["value_bands"]))
+    lines.append("features:  " + ", ".join(f"{f['name']}@{f['known_at']}" for f in c["features"]))
+    lines.append(f"versions:  {c['library_versions']}  config {c['config_hash']}")
+    return "\n".join(lines)
