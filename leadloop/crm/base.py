@@ -200,6 +200,9 @@ def apply_page(
 ) -> dict[str, int]:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
     rejects. Runs inside the caller's transaction; returns counts."""
+    from leadloop.erasure import drop_erased
+
+    page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
     now = ctx.now()
     region = ctx.settings.crm.default_region
     counts = dict.fromkeys(
