@@ -1,0 +1,242 @@
+"""The destination contract shared by every exporter.
+
+A destination turns a batch of due outbox rows into ONE request body (`build_payload`, pure: no
+clock, no network, same rows in -> same body out) and sends it (`send`), answering one
+`RowResult` per row. A failure of the whole request is raised instead:
+
+- `BatchRejected`: the platform refused the request for its content (a fast-fail 400). When the
+  platform names the offending row (`row_index`), that row is rejected and the rest re-sent;
+  otherwise the export engine bisects the batch to isolate the bad row(s).
+- `RetriableDestinationError` (429, 5xx, network): every row is retried later with backoff.
+- `FatalDestinationError` (auth, configuration): the destination stops for this run, rows untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import requests
+
+from leadloop.errors import DestinationError, FatalDestinationError, RetriableDestinationError
+from leadloop.http import describe_response, retry_after_seconds
+
+Outcome = Literal["sent", "rejected", "retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutRow:
+    """A due conversion joined with what its lead contributes to a payload (hashes, ids, consent).
+
+    `original_order_id` is the order id of revision 0: adjustments refer to the conversion by it.
+    """
+
+    id: int
+    order_id: str
+    original_order_id: str
+    kind: str  # conversion | restatement | retraction
+    revision: int
+    stage: str
+    conversion_action: str
+    conversion_time: datetime
+    value: Decimal | None
+    currency: str | None
+    created_at: datetime  # when this revision was derived (adjustment time)
+    crm_id: str
+    lead_created_at: datetime
+    gclid: str | None = None
+    gbraid: str | None = None
+    wbraid: str | None = None
+    msclkid: str | None = None
+    li_fat_id: str | None = None
+    meta_lead_id: str | None = None
+    email_sha256: str | None = None
+    email_google_sha256: str | None = None
+    phone_e164_sha256: str | None = None
+    phone_digits_sha256: str | None = None
+    consent_ad_user_data: bool | None = None
+    consent_ad_personalization: bool | None = None
+
+    @property
+    def google_click(self) -> tuple[str, str] | None:
+        """Google accepts exactly one click id: gclid first, then the iOS braids."""
+        for kind in ("gclid", "gbraid", "wbraid"):
+            value = getattr(self, kind)
+            if value:
+                return kind, value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    order_id: str
+    outcome: Outcome
+    platform_code: str | None = None
+    message: str | None = None
+    retry_after: float | None = None  # seconds; None = the engine's backoff
+    response: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+
+
+class BatchRejected(DestinationError):
+    """The platform refused the whole request for its content (no per-row partial failure)."""
+
+    def __init__(self, code: str, message: str, *, row_index: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.detail = message
+        self.row_index = row_index
+
+
+class RetryLater(RetriableDestinationError):
+    """A transient failure of the whole request; `retry_after` seconds if the platform said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Destination(Protocol):
+    name: str
+    max_batch_size: int
+    supports_adjustments: bool
+
+    def group_key(self, row: OutRow) -> str:
+        """Rows of one request share this key (e.g. conversions vs adjustments)."""
+        ...
+
+    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]: ...
+
+    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]: ...
+
+    def validate_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The validate-only variant of a payload (unchanged when the platform has none)."""
+        ...
+
+
+class BaseDestination:
+    """Shared plumbing: batching, the HTTP session, time formats, whole-request error mapping."""
+
+    kind: ClassVar[str] = ""
+    default_base_url: ClassVar[str] = ""
+    platform_max: ClassVar[int] = 1000
+    supports_adjustments: ClassVar[bool] = False
+    has_validate_only: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str,
+        cfg: Any,
+        *,
+        session_factory: Callable[..., requests.Session] | None = None,
+        secret: Callable[[str, str | None], str | None] | None = None,
+        resolve_path: Callable[[str], Any] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.base_url = (cfg.base_url or self.default_base_url).rstrip("/")
+        self.max_batch_size = min(cfg.batch_size or self.platform_max, self.platform_max)
+        self._session_factory = session_factory
+        self._session: requests.Session | None = None
+        self._secret = secret or (lambda key, env: None)
+        self._resolve = resolve_path or Path
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    # -- batching --------------------------------------------------------------------------
+
+    def group_key(self, row: OutRow) -> str:
+        return "adjustment" if row.kind != "conversion" else "conversion"
+
+    def batches(self, rows: Sequence[OutRow]) -> Iterator[list[OutRow]]:
+        """Vendor-sized batches, one group key per batch, in the order rows came."""
+        groups: dict[str, list[OutRow]] = {}
+        for row in rows:
+            groups.setdefault(self.group_key(row), []).append(row)
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch_size):
+                yield group[i : i + self.max_batch_size]
+
+    def min_requests(self, n: int) -> int:
+        return math.ceil(n / self.max_batch_size) if n else 0
+
+    # -- credentials / http ----------------------------------------------------------------
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.cfg.token_env or self.cfg.refresh_token_env
+                    or self.cfg.service_account_file_env)
+
+    def secret(self, attr: str) -> str | None:
+        """The secret named by config key `attr`, or None when the config names none."""
+        env = getattr(self.cfg, attr)
+        if not env:
+            return None
+        return self._secret(f"destinations.{self.name}.{attr}", env)
+
+    @property
+    def http(self) -> requests.Session:
+        if self._session is None:
+            if self._session_factory is None:
+                from leadloop.http import make_session
+
+                self._session = make_session()
+            else:
+                self._session = self._session_factory()
+        return self._session
+
+    def validate_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    def post(self, url: str, payload: dict[str, Any], headers: dict[str, str],
+             params: dict[str, str] | None = None) -> requests.Response:
+        try:
+            return self.http.post(url, data=json.dumps(payload), params=params,
+                                  headers={"Content-Type": "application/json", **headers})
+        except requests.RequestException as exc:
+            raise RetryLater(f"destination {self.name}: {type(exc).__name__} reaching the platform"
+                             ) from None
+
+    def raise_for_transport(self, response: requests.Response) -> None:
+        """429/5xx -> RetryLater, 401/403/404 -> FatalDestinationError; other codes pass."""
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise RetryLater(f"destination {self.name}: {describe_response(response)}",
+                             retry_after_seconds(response))
+        if status in (401, 403, 404):
+            raise FatalDestinationError(
+                f"destination {self.name}: {describe_response(response)}",
+                hint=f"check the credentials and account ids of [destinations.{self.name}]",
+            )
+
+
+def json_value(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def utc(dt: datetime) -> datetime:
+    return dt.astimezone(UTC)
+
+
+def rfc3339(dt: datetime) -> str:
+    """`2026-11-20T13:05:00Z` (UTC, whole seconds): what Data Manager re-serialises to."""
+    return utc(dt).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def google_ads_time(dt: datetime) -> str:
+    """Google Ads API: `yyyy-mm-dd hh:mm:ss+00:00` (the zone offset is mandatory)."""
+    return utc(dt).strftime("%Y-%m-%d %H:%M:%S+00:00")
+
+
+def unix_seconds(dt: datetime) -> int:
+    return int(utc(dt).timestamp())
+
+
+def unix_millis(dt: datetime) -> int:
+    return int(utc(dt).timestamp() * 1000)

@@ -1,0 +1,85 @@
+"""Manual-import files, for accounts whose API access is not approved yet.
+
+`file_platform` picks the template: Google's offline click import (a `Parameters:TimeZone=` line,
+then `Google Click ID,Conversion Name,Conversion Time,Conversion Value,Conversion Currency`, times
+as `yyyy-MM-dd HH:mm:ss` in that zone), Microsoft's equivalent (`Microsoft Click ID` first),
+Meta's CRM fields (`lead_id,event_name,event_time,value,currency`, Unix seconds) and LinkedIn's
+(`SHA256 Email,LinkedIn First Party Ads Tracking UUID,...`, epoch ms). One file per batch in the
+destination's `output_dir`; rows written are marked sent with platform code `file`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+from zoneinfo import ZoneInfo
+
+from leadloop.errors import FatalDestinationError
+from leadloop.export.base import BaseDestination, OutRow, RowResult, unix_millis, unix_seconds
+
+HEADERS = {
+    "google": ["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
+               "Conversion Currency"],
+    "microsoft": ["Microsoft Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
+                  "Conversion Currency"],
+    "meta": ["lead_id", "event_name", "event_time", "value", "currency"],
+    "linkedin": ["SHA256 Email", "LinkedIn First Party Ads Tracking UUID", "Conversion Name",
+                 "Event Time", "Value", "Currency"],
+}
+
+
+def _num(row: OutRow) -> str:
+    return "" if row.value is None else f"{float(row.value):.2f}"
+
+
+class CsvFilesDestination(BaseDestination):
+    kind: ClassVar[str] = "csv_files"
+    platform_max: ClassVar[int] = 100_000
+
+    def _time(self, row: OutRow) -> str:
+        return row.conversion_time.astimezone(ZoneInfo(self.cfg.timezone)).strftime("%Y-%m-%d %H:%M:%S")
+
+    def _line(self, platform: str, row: OutRow) -> list[str]:
+        if platform == "google":
+            return [row.gclid or "", row.conversion_action, self._time(row), _num(row), row.currency or ""]
+        if platform == "microsoft":
+            return [row.msclkid or "", row.conversion_action, self._time(row), _num(row),
+                    row.currency or ""]
+        if platform == "meta":
+            return [row.meta_lead_id or "", row.conversion_action,
+                    str(unix_seconds(row.conversion_time)), _num(row), (row.currency or "").lower()]
+        email = row.email_sha256 if self.cfg.send_user_data and row.consent_ad_user_data is not False else ""
+        return [email or "", row.li_fat_id or "", row.conversion_action,
+                str(unix_millis(row.conversion_time)), _num(row), row.currency or ""]
+
+    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]:
+        platform = self.cfg.file_platform
+        preamble = [f"Parameters:TimeZone={self.cfg.timezone}"] if platform in ("google", "microsoft") else []
+        return {"platform": platform, "preamble": preamble, "header": HEADERS[platform],
+                "rows": [self._line(platform, r) for r in rows],
+                "order_ids": [r.order_id for r in rows]}
+
+    def render(self, payload: dict[str, Any]) -> str:
+        buf = io.StringIO()
+        for line in payload["preamble"]:
+            buf.write(line + "\r\n")
+        writer = csv.writer(buf, lineterminator="\r\n")
+        writer.writerow(payload["header"])
+        writer.writerows(payload["rows"])
+        return buf.getvalue()
+
+    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:
+        if not self.cfg.output_dir:
+            raise FatalDestinationError(f"config key destinations.{self.name}.output_dir: is "
+                                        "required for csv_files (where the import files go)")
+        out = Path(self._resolve(self.cfg.output_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = self._clock().strftime("%Y%m%dT%H%M%SZ")
+        n = len(list(out.glob(f"{self.name}-{stamp}-*.csv"))) + 1
+        path = out / f"{self.name}-{stamp}-{n:03d}.csv"
+        path.write_text(self.render(payload), encoding="utf-8", newline="")
+        return [RowResult(r.order_id, "sent", "file", None, response={"file": path.name},
+                          request_id=path.name) for r in rows]

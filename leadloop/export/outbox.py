@@ -1,0 +1,363 @@
+"""Build and refresh the outbox (`conversion` rows) from the store.
+
+One row per (destination, lead, stage, revision). Its `order_id` is a content hash of
+(destination, source, crm_id, stage, revision), so however often this runs, crashes half-way or
+runs in two processes at once, a conversion only ever has one id: rows are inserted with
+`ON CONFLICT DO NOTHING`, and the platforms deduplicate on the same id.
+
+Which CRM facts make a conversion (`[[stages]]` in the config):
+
+- a stage matches `StageChange` rows whose value is one of `crm_values` in `field`; without
+  `field`, both the CRM's lead stage property (lead rows) and its deal stage property (deal rows)
+  are searched. The earliest entry per lead is the conversion; its time is `entered_at`.
+- value: a fixed number; `"deal_amount"` (that deal's amount, else `default_value`, else the row
+  is held with `no_value`); `"predicted"` (the lead's latest score's expected value, else held
+  with `no_score`).
+
+After a row was sent it is never edited; later truth becomes a new revision (for destinations
+that support adjustments): `retraction` when the lead was deleted or merged away, or the deal that
+made a deal-stage conversion was later closed lost; `restatement` when a fixed or deal-amount
+value changed. Predicted values are not restated: a re-scored model is not new information about
+the conversion. Rows not yet sent simply follow the store (refreshed, or withdrawn when the lead
+is gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlmodel import Session
+
+from leadloop.config import Settings, StageConfig
+from leadloop.export.base import OutRow
+from leadloop.store import insert_ignore
+from leadloop.tables import (
+    Conversion,
+    ConversionKind,
+    ConversionStatus,
+    Lead,
+    LeadStatus,
+    Score,
+    StageChange,
+)
+
+UNSENT = (ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed)
+BUILD_RULES = frozenset({"no_score", "no_value"})  # decided by the outbox, not by platform rules
+_CENT = Decimal("0.01")
+
+
+def order_id(destination: str, source: str, crm_id: str, stage: str, revision: int) -> str:
+    """Deterministic, PII-free id (32 hex chars) shared by us and the platform for dedup."""
+    key = "\x1f".join((destination, source, crm_id, stage, str(revision)))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class _Fact:
+    entered_at: datetime
+    amount: Decimal | None
+    currency: str | None
+    deal_id: str
+    lost_after: bool = False
+
+
+@dataclass(slots=True)
+class _Lead:
+    id: int
+    source: str
+    crm_id: str
+    status: str
+    click: dict[str, str | None]
+
+
+_CLICK_BY_KIND = {
+    "google_data_manager": ("gclid", "gbraid", "wbraid"),
+    "google_ads": ("gclid", "gbraid", "wbraid"),
+    "meta": ("meta_lead_id",),
+    "microsoft": ("msclkid",),
+    "linkedin": ("li_fat_id",),
+}
+
+
+def _stage_facts(session: Session, settings: Settings, stage: StageConfig) -> dict[int, _Fact]:
+    crm = settings.crm
+    sc = StageChange.__table__  # type: ignore[attr-defined]
+    if stage.field:
+        cond = sc.c.field == stage.field
+    else:
+        cond = or_(and_(sc.c.field == crm.lead_stage_property, sc.c.deal_id == ""),
+                   and_(sc.c.field == crm.deal_stage_property, sc.c.deal_id != ""))
+    facts: dict[int, _Fact] = {}
+    rows = session.execute(
+        select(sc.c.lead_id, sc.c.entered_at, sc.c.amount, sc.c.currency, sc.c.deal_id)
+        .where(cond, sc.c.value.in_(stage.crm_values))
+        .order_by(sc.c.lead_id, sc.c.entered_at)
+    )
+    for lead_id, entered_at, amount, currency, deal_id in rows:
+        if lead_id not in facts:
+            facts[lead_id] = _Fact(entered_at, amount, currency, deal_id)
+    deal_facts = {f.deal_id: lid for lid, f in facts.items() if f.deal_id}
+    if deal_facts:
+        lost = session.execute(
+            select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(sc.c.is_lost.is_(True))
+        )
+        for lead_id, deal_id, entered_at in lost:
+            fact = facts.get(lead_id)
+            if fact and fact.deal_id == deal_id and entered_at >= fact.entered_at:
+                fact.lost_after = True
+    return facts
+
+
+def _latest_scores(session: Session) -> dict[int, tuple[Decimal | None, str | None]]:
+    out: dict[int, tuple[Decimal | None, str | None]] = {}
+    rows = session.execute(
+        select(Score.lead_id, Score.expected_value, Score.currency).order_by(  # type: ignore[call-overload]
+            Score.scored_at, Score.id
+        )
+    )
+    for lead_id, ev, cur in rows:
+        out[lead_id] = (ev, cur)
+    return out
+
+
+def _value(stage: StageConfig, fact: _Fact, scores: dict[int, Any], lead_id: int
+           ) -> tuple[Decimal | None, str, str | None]:
+    """(value, currency, build hold rule)."""
+    if stage.value == "deal_amount":
+        amount = fact.amount
+        if amount is None and stage.default_value is not None:
+            amount = Decimal(str(stage.default_value))
+        currency = (fact.currency or stage.currency).upper()
+        return amount, currency, None if amount is not None else "no_value"
+    if stage.value == "predicted":
+        ev, cur = scores.get(lead_id, (None, None))
+        return ev, (cur or stage.currency).upper(), None if ev is not None else "no_score"
+    return Decimal(str(stage.value)), stage.currency, None
+
+
+def _changed(a: Decimal | None, b: Decimal | None) -> bool:
+    if a is None or b is None:
+        return a is not b
+    return abs(Decimal(a) - Decimal(b)) >= _CENT
+
+
+def build_outbox(session: Session, settings: Settings, destinations: dict[str, bool],
+                 now: datetime, job_run_id: int | None = None) -> dict[str, int]:
+    """Insert new conversions and revisions, refresh or withdraw unsent ones.
+
+    `destinations` maps each enabled destination name to whether it supports adjustments.
+    Returns counts: built (new rows), revisions, refreshed, withdrawn.
+    """
+    counts = dict.fromkeys(("built", "revisions", "refreshed", "withdrawn"), 0)
+    stages = [s for s in settings.stages if any(d in destinations for d in s.destinations)]
+    if not stages:
+        return counts
+    scores = _latest_scores(session) if any(s.value == "predicted" for s in stages) else {}
+    facts = {s.name: _stage_facts(session, settings, s) for s in stages}
+
+    conv = Conversion.__table__  # type: ignore[attr-defined]
+    existing: dict[tuple[str, int, str], list[Any]] = defaultdict(list)
+    for row in session.execute(
+        select(conv).where(conv.c.destination.in_(list(destinations))).order_by(conv.c.revision)
+    ):
+        existing[(row.destination, row.lead_id, row.stage)].append(row)
+
+    lead_ids = {lid for f in facts.values() for lid in f} | {k[1] for k in existing}
+    leads = _load_leads(session, lead_ids)
+
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for stage in stages:
+        stage_facts = facts[stage.name]
+        for dest, action in stage.destinations.items():
+            if dest not in destinations:
+                continue
+            kind = settings.destination_kind(dest)
+            adjustable = destinations[dest]
+            keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
+            for lead_id in keys:
+                lead = leads.get(lead_id)
+                if lead is None:
+                    continue
+                fact = stage_facts.get(lead_id)
+                gone = lead.status != LeadStatus.active
+                retract = gone or fact is None or fact.lost_after
+                value, currency, hold = (None, stage.currency, None)
+                if fact is not None:
+                    value, currency, hold = _value(stage, fact, scores, lead_id)
+                click_kind, click_id = _click(kind, lead)
+                rows = existing.get((dest, lead_id, stage.name), [])
+                if not rows:
+                    if retract:
+                        continue
+                    assert fact is not None
+                    inserts.append({
+                        "order_id": order_id(dest, lead.source, lead.crm_id, stage.name, 0),
+                        "destination": dest, "lead_id": lead_id, "stage": stage.name,
+                        "revision": 0, "kind": ConversionKind.conversion,
+                        "conversion_action": action, "conversion_time": fact.entered_at,
+                        "value": value, "currency": currency if value is not None else None,
+                        "click_id_kind": click_kind, "click_id": click_id,
+                        "status": ConversionStatus.held if hold else ConversionStatus.pending,
+                        "hold_rule": hold, "attempts": 0, "platform_response": {},
+                        "created_at": now, "job_run_id": job_run_id,
+                    })
+                    counts["built"] += 1
+                    continue
+                latest = rows[-1]
+                sent = [r for r in rows if r.status == ConversionStatus.sent]
+                last_sent = sent[-1] if sent else None
+                wanted = None
+                if last_sent is not None and adjustable:
+                    wanted = _adjustment(stage, last_sent, retract, value)
+                if latest.status in UNSENT:
+                    if last_sent is None:
+                        if retract:
+                            updates.append(_withdraw(latest, "lead gone or stage no longer true"))
+                            counts["withdrawn"] += 1
+                            continue
+                        assert fact is not None
+                        change = _refresh(latest, action, fact.entered_at, value, currency, hold,
+                                          click_kind, click_id)
+                    elif wanted is None:
+                        updates.append(_withdraw(latest, "adjustment no longer needed"))
+                        counts["withdrawn"] += 1
+                        continue
+                    else:
+                        change = _refresh(latest, latest.conversion_action,
+                                          latest.conversion_time, wanted[1],
+                                          currency if wanted[1] is not None else None, None,
+                                          click_kind, click_id)
+                        if latest.kind != wanted[0]:
+                            change = {**(change or {"id": latest.id}), "kind": wanted[0]}
+                    if change:
+                        updates.append(change)
+                        counts["refreshed"] += 1
+                elif latest.status == ConversionStatus.sent and wanted is not None:
+                    first = rows[0]
+                    rev = latest.revision + 1
+                    inserts.append({
+                        "order_id": order_id(dest, lead.source, lead.crm_id, stage.name, rev),
+                        "destination": dest, "lead_id": lead_id, "stage": stage.name,
+                        "revision": rev, "kind": wanted[0],
+                        "conversion_action": first.conversion_action,
+                        "conversion_time": first.conversion_time,
+                        "value": wanted[1], "currency": currency if wanted[1] is not None else None,
+                        "click_id_kind": click_kind, "click_id": click_id,
+                        "status": ConversionStatus.pending, "hold_rule": None, "attempts": 0,
+                        "platform_response": {}, "created_at": now, "job_run_id": job_run_id,
+                    })
+                    counts["revisions"] += 1
+    insert_ignore(session, Conversion, inserts, conflict=("order_id",))
+    _bulk_update(session, updates)
+    return counts
+
+
+def _adjustment(stage: StageConfig, last_sent: Any, retract: bool, value: Decimal | None
+                ) -> tuple[str, Decimal | None] | None:
+    if last_sent.kind == ConversionKind.retraction:
+        return None
+    if retract:
+        return ConversionKind.retraction.value, None
+    if stage.value != "predicted" and value is not None and _changed(value, last_sent.value):
+        return ConversionKind.restatement.value, value
+    return None
+
+
+def _withdraw(row: Any, reason: str) -> dict[str, Any]:
+    return {"id": row.id, "status": ConversionStatus.withdrawn, "last_error": reason}
+
+
+def _refresh(row: Any, action: str, when: datetime, value: Decimal | None, currency: str | None,
+             hold: str | None, click_kind: str | None, click_id: str | None) -> dict[str, Any] | None:
+    change: dict[str, Any] = {}
+    if row.conversion_action != action:
+        change["conversion_action"] = action
+    if row.conversion_time != when:
+        change["conversion_time"] = when
+    if _changed(value, row.value):
+        change["value"] = value
+    want_currency = currency if value is not None else None
+    if row.currency != want_currency:
+        change["currency"] = want_currency
+    if (row.click_id_kind, row.click_id) != (click_kind, click_id):
+        change["click_id_kind"], change["click_id"] = click_kind, click_id
+    if hold and row.hold_rule != hold:
+        change["status"], change["hold_rule"] = ConversionStatus.held, hold
+    elif not hold and row.hold_rule in BUILD_RULES:
+        change["status"], change["hold_rule"] = ConversionStatus.pending, None
+    return {"id": row.id, **change} if change else None
+
+
+def _click(kind: str, lead: _Lead) -> tuple[str | None, str | None]:
+    for name in _CLICK_BY_KIND.get(kind, ("gclid", "msclkid", "li_fat_id", "meta_lead_id")):
+        if lead.click.get(name):
+            return name, lead.click[name]
+    return None, None
+
+
+def _load_leads(session: Session, ids: Iterable[int]) -> dict[int, _Lead]:
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    cols = ("gclid", "gbraid", "wbraid", "msclkid", "li_fat_id", "meta_lead_id")
+    out: dict[int, _Lead] = {}
+    id_list = list(ids)
+    for i in range(0, len(id_list), 5000):
+        part = id_list[i : i + 5000]
+        stmt = select(lead.c.id, lead.c.source, lead.c.crm_id, lead.c.status,
+                      *[lead.c[c] for c in cols]).where(lead.c.id.in_(part))
+        for row in session.execute(stmt):
+            out[row.id] = _Lead(row.id, row.source, row.crm_id, row.status,
+                                {c: getattr(row, c) for c in cols})
+    return out
+
+
+def _bulk_update(session: Session, updates: list[dict[str, Any]]) -> None:
+    by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for u in updates:
+        by_keys[tuple(sorted(u))].append(u)
+    for group in by_keys.values():
+        for i in range(0, len(group), 2000):
+            session.execute(update(Conversion), group[i : i + 2000])
+
+
+def load_rows(session: Session, destination: str, statuses: Sequence[ConversionStatus],
+              *, due_before: datetime | None = None, limit: int | None = None) -> list[OutRow]:
+    """Outbox rows of one destination joined with their lead, oldest first."""
+    conv = Conversion.__table__  # type: ignore[attr-defined]
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    cond = [conv.c.destination == destination, conv.c.status.in_([s.value for s in statuses])]
+    if due_before is not None:
+        cond.append(or_(conv.c.next_attempt_at.is_(None), conv.c.next_attempt_at <= due_before))
+    stmt = (
+        select(conv.c.id, conv.c.order_id, conv.c.kind, conv.c.revision, conv.c.stage,
+               conv.c.conversion_action, conv.c.conversion_time, conv.c.value, conv.c.currency,
+               conv.c.created_at, lead.c.source, lead.c.crm_id,
+               lead.c.created_at.label("lead_created_at"), lead.c.gclid, lead.c.gbraid,
+               lead.c.wbraid, lead.c.msclkid, lead.c.li_fat_id, lead.c.meta_lead_id,
+               lead.c.email_sha256, lead.c.email_google_sha256, lead.c.phone_e164_sha256,
+               lead.c.phone_digits_sha256, lead.c.consent_ad_user_data,
+               lead.c.consent_ad_personalization)
+        .join(lead, lead.c.id == conv.c.lead_id)
+        .where(*cond)
+        .order_by(conv.c.id)
+    )
+    if limit:
+        stmt = stmt.limit(limit)
+    out = []
+    for r in session.execute(stmt):
+        m = dict(r._mapping)
+        source = m.pop("source")
+        m["kind"] = str(m["kind"].value if hasattr(m["kind"], "value") else m["kind"])
+        m["original_order_id"] = (
+            m["order_id"] if m["revision"] == 0
+            else order_id(destination, source, m["crm_id"], m["stage"], 0)
+        )
+        out.append(OutRow(**m))
+    return out
