@@ -1,0 +1,282 @@
+"""Which micro-conversions predict the macro conversion, with significance before a verdict.
+
+For every micro-conversion, overall and per segment (`[validation] segment_by`) where the counts
+allow: leads with and without it, the macro rate of each group, the lift (rate ratio) with a
+95 % CI by the log method, Fisher's exact test when an expected cell count is under 5 (else the
+chi-square test with Yates' correction), Benjamini–Hochberg q-values across every test of the
+run, the phi coefficient and the median days from micro to macro. Verdicts:
+
+* predictive: q ≤ alpha and lift ≥ 1.5;        role "primary goal" (lift ≥ 2) or "secondary signal"
+* weak:       q ≤ alpha and 1 < lift < 1.5;    role "diagnostic only"
+* negative:   q ≤ alpha and lift < 1;          role "retire" (it lowers the odds)
+* no signal:  q > alpha;                       role "retire" (a conversion in name only)
+* not enough data: fewer than `min_events` leads with it or converted, or fewer than
+  `min_leads_per_group` without it;            role "diagnostic only" (keep watching)
+
+The population is the same as the model's: leads whose horizon has passed, a micro-conversion
+counting only when it happened before the lead's macro conversion (or the end of its horizon).
+A trend check asks whether week-over-week growth of a micro-conversion goes with growth of the
+macro conversion `trend_lag_weeks` later (Spearman correlation of the weekly changes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from leadloop.context import Context
+from leadloop.csvio import parse_label, read_csv
+from leadloop.errors import LeadloopError
+from leadloop.scoring.csvframe import MISSING_VALUES
+from leadloop.scoring.features import load_lead_data
+from leadloop.store import session_scope
+from leadloop.tables import LeadStatus, ValidationResult
+from leadloop.values import first_reached, load_stage_rows, macro_reached_at
+
+PREDICTIVE_LIFT = 1.5
+PRIMARY_LIFT = 2.0
+MIN_TREND_WEEKS = 8
+VERDICTS = ("predictive", "weak", "negative", "no signal", "not enough data")
+
+
+def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: int
+               ) -> dict[str, Any]:
+    """Counts, rates, lift with its log-method CI, p-value and phi for one micro-conversion."""
+    has, y = np.asarray(has, dtype=bool), np.asarray(y, dtype=int)
+    n_with, n_without = int(has.sum()), int((~has).sum())
+    a, c = int(y[has].sum()), int(y[~has].sum())
+    b, d = n_with - a, n_without - c
+    row: dict[str, Any] = {
+        "n": n_with + n_without, "n_with": n_with, "n_without": n_without,
+        "macro_with": a, "macro_without": c,
+        "rate_with": a / n_with if n_with else None,
+        "rate_without": c / n_without if n_without else None,
+        "lift": None, "lift_ci_low": None, "lift_ci_high": None, "p_value": None, "phi": None,
+        "test": None,
+    }
+    if n_with < min_events or n_without < min_group or a + c < min_events:
+        row["enough"] = False
+        return row
+    row["enough"] = True
+    # Haldane's +0.5 keeps the ratio and its CI finite when a cell is empty
+    aa, bb, cc, dd = (v + 0.5 for v in (a, b, c, d)) if 0 in (a, b, c, d) else (a, b, c, d)
+    lift = (aa / (aa + bb)) / (cc / (cc + dd))
+    se = math.sqrt(1 / aa - 1 / (aa + bb) + 1 / cc - 1 / (cc + dd))
+    row["lift"] = lift
+    row["lift_ci_low"], row["lift_ci_high"] = lift * math.exp(-1.96 * se), lift * math.exp(1.96 * se)
+    table = np.array([[a, b], [c, d]])
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    if expected.min() < 5:
+        row["p_value"], row["test"] = float(stats.fisher_exact(table)[1]), "fisher"
+    else:
+        row["p_value"] = float(stats.chi2_contingency(table, correction=True)[1])
+        row["test"] = "chi-square"
+    denom = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
+    row["phi"] = (a * d - b * c) / denom if denom else 0.0
+    return row
+
+
+def add_q_values_and_verdicts(rows: list[dict[str, Any]], *, alpha: float,
+                              macro_name: str = "the macro conversion") -> None:
+    """BH q-values across every row with a test, then a verdict, reason and role per row."""
+    tested = [r for r in rows if r.get("p_value") is not None]
+    if tested:
+        qs = stats.false_discovery_control([r["p_value"] for r in tested], method="bh")
+        for r, q in zip(tested, qs, strict=True):
+            r["q_value"] = float(q)
+    for r in rows:
+        r.setdefault("q_value", None)
+        r["verdict"], r["role"], r["reason"] = _verdict(r, alpha, macro_name)
+
+
+def _verdict(r: dict[str, Any], alpha: float, macro: str) -> tuple[str, str, str]:
+    name = r["micro"]
+    if not r.get("enough") or r["q_value"] is None:
+        return ("not enough data", "diagnostic only",
+                f"Only {r['n_with']} leads with {name} ({r['macro_with']} converted) and "
+                f"{r['n_without']} without: too few to tell.")
+    rates = (f"{r['rate_with']:.1%} of leads with {name} reach {macro} vs "
+             f"{r['rate_without']:.1%} without (lift {r['lift']:.2f}, 95 % CI "
+             f"{r['lift_ci_low']:.2f}–{r['lift_ci_high']:.2f}, q = {r['q_value']:.2g})")
+    if r["q_value"] > alpha:
+        return "no signal", "retire", f"No significant difference: {rates}; a conversion in name only."
+    if r["lift"] < 1:
+        return "negative", "retire", f"It lowers the odds: {rates}."
+    if r["lift"] < PREDICTIVE_LIFT:
+        return "weak", "diagnostic only", f"Significant but small: {rates}."
+    role = "primary goal" if r["lift"] >= PRIMARY_LIFT else "secondary signal"
+    return "predictive", role, f"Predictive: {rates}."
+
+
+def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min_group: int,
+            segments: dict[str, np.ndarray] | None = None,
+            days_to_macro: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Rows (without q-values yet) for each micro overall, then within each segment value whose
+    leads number at least twice `min_group` and whose test has enough data."""
+    rows = []
+    for name, has in flags.items():
+        row = {"micro": name, "segment": "all",
+               **two_by_two(has, y, min_events=min_events, min_group=min_group)}
+        if days_to_macro is not None and name in days_to_macro:
+            d = days_to_macro[name]
+            d = d[~np.isnan(d)]
+            row["median_days_to_macro"] = float(np.median(d)) if len(d) else None
+        rows.append(row)
+    for col, values in (segments or {}).items():
+        vals = pd.Series(values)
+        for value, count in vals.value_counts().items():
+            if count < 2 * min_group:
+                continue
+            m = (vals == value).to_numpy()
+            for name, has in flags.items():
+                r = two_by_two(has[m], y[m], min_events=min_events, min_group=min_group)
+                if r["enough"]:
+                    rows.append({"micro": name, "segment": f"{col}={value}", **r})
+    return rows
+
+
+def trend_check(micro_times: pd.Series, macro_times: pd.Series, lag_weeks: int) -> dict[str, Any]:
+    """Spearman correlation between the weekly change of a micro-conversion's count and the
+    weekly change of macro conversions `lag_weeks` later."""
+    micro_w = micro_times.dropna().dt.tz_convert(None).dt.to_period("W").value_counts()
+    macro_w = macro_times.dropna().dt.tz_convert(None).dt.to_period("W").value_counts()
+    if micro_w.empty or macro_w.empty:
+        return {"lag_weeks": lag_weeks, "weeks": 0, "verdict": "not enough weeks"}
+    idx = pd.period_range(min(micro_w.index.min(), macro_w.index.min()),
+                          max(micro_w.index.max(), macro_w.index.max()), freq="W")
+    # the first and last weeks are partial; drop them
+    micro_c = micro_w.reindex(idx, fill_value=0).iloc[1:-1].astype(float)
+    macro_c = macro_w.reindex(idx, fill_value=0).iloc[1:-1].astype(float)
+    dm, dM = micro_c.diff(), macro_c.diff().shift(-lag_weeks)
+    both = pd.concat([dm, dM], axis=1).dropna()
+    out: dict[str, Any] = {"lag_weeks": lag_weeks, "weeks": len(both)}
+    if len(both) < MIN_TREND_WEEKS or both.iloc[:, 0].nunique() < 3 or both.iloc[:, 1].nunique() < 3:
+        return {**out, "verdict": "not enough weeks"}
+    rho, p = stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1])
+    out.update(spearman_rho=float(rho), p_value=float(p))
+    out["verdict"] = ("moves with macro" if p <= 0.05 and rho > 0 else
+                      "moves against macro" if p <= 0.05 else "no relation")
+    return out
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def run_validation(ctx: Context) -> dict[str, Any]:
+    """Analyse the store and write one `ValidationResult` per test of this run."""
+    settings, cfg = ctx.settings, ctx.settings.validation
+    data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
+    stage_rows = load_stage_rows(ctx.engine, settings)
+    macro_all = macro_reached_at(settings, first_reached(stage_rows))
+    macro = macro_all.reindex(data.leads.index)
+    now = pd.Timestamp(ctx.now())
+    deadline = data.leads["created_at"] + pd.Timedelta(days=settings.model.horizon_days)
+    eligible = (deadline <= now).to_numpy()
+    converted = macro.notna() & (macro <= deadline)
+    moment = macro.where(converted, deadline)
+    leads = data.leads[eligible]
+    y = converted[eligible].astype(int).to_numpy()
+    attrs = pd.DataFrame(list(leads["attributes"].map(lambda a: a or {})), index=leads.index)
+    flags: dict[str, np.ndarray] = {}
+    days: dict[str, np.ndarray] = {}
+    event_times: dict[str, pd.Series] = {}
+    for micro in settings.micro_conversions:
+        if micro.expr:
+            frame = pd.concat([leads.drop(columns=["attributes"]), attrs], axis=1)
+            flags[micro.name] = _eval_flag(frame, micro.expr, micro.name)
+            continue
+        name = micro.event or micro.name
+        ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
+        event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
+        ev = ev[ev["occurred_at"].to_numpy() < moment.reindex(ev["lead_id"]).to_numpy()]
+        first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
+        has = first.notna().to_numpy()
+        if micro.property and micro.property in attrs:
+            has |= attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
+        flags[micro.name] = has
+        gap = (macro.reindex(leads.index) - first).dt.total_seconds() / 86400
+        days[micro.name] = gap.where(pd.Series(y == 1, index=leads.index)).to_numpy(dtype=float)
+    segments = {}
+    for col in cfg.segment_by:
+        if col in leads.columns:
+            segments[col] = leads[col].fillna("(none)").astype(str).to_numpy()
+        elif col in attrs:
+            segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
+    rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
+                   segments=segments, days_to_macro=days)
+    add_q_values_and_verdicts(rows, alpha=cfg.alpha, macro_name=settings.macro_stage.name)
+    trends = {name: trend_check(t, macro_all, cfg.trend_lag_weeks) for name, t in event_times.items()}
+    computed_at = ctx.now()
+    records = []
+    for r in rows:
+        details = {"test": r.get("test")}
+        if r["segment"] == "all" and r["micro"] in trends:
+            details["trend"] = trends[r["micro"]]
+        records.append(ValidationResult(
+            job_run_id=ctx.job_run_id, computed_at=computed_at, micro=r["micro"],
+            segment=r["segment"], n=r["n"], n_with=r["n_with"], n_without=r["n_without"],
+            macro_with=r["macro_with"], macro_without=r["macro_without"],
+            rate_with=r["rate_with"], rate_without=r["rate_without"], lift=r["lift"],
+            lift_ci_low=r["lift_ci_low"], lift_ci_high=r["lift_ci_high"], p_value=r["p_value"],
+            q_value=r["q_value"], phi=r["phi"],
+            median_days_to_macro=r.get("median_days_to_macro"), verdict=r["verdict"],
+            reason=r["reason"], role=r["role"], details=details))
+    with session_scope(ctx.engine) as session:
+        session.add_all(records)
+    overall = [r for r in rows if r["segment"] == "all"]
+    counts: dict[str, Any] = {"leads": len(y), "macro": int(y.sum()), "tests": len(rows),
+                              "segment_tests": len(rows) - len(overall)}
+    for v in VERDICTS:
+        counts[v.replace(" ", "_")] = sum(r["verdict"] == v for r in overall)
+    return counts
+
+
+def _truthy(value: Any) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return str(value).strip().lower() not in ("", "0", "false", "no", "n", "none")
+
+
+def _eval_flag(frame: pd.DataFrame, expr: str, name: str) -> np.ndarray:
+    try:
+        result = frame.eval(expr)
+    except Exception as exc:  # pandas raises many types for a bad expression
+        raise LeadloopError(f"micro-conversion {name}: cannot evaluate {expr!r}: {exc}",
+                            hint="column names with spaces go in backticks") from None
+    if not isinstance(result, pd.Series) or len(result) != len(frame):
+        raise LeadloopError(f"micro-conversion {name}: {expr!r} is not a per-row condition")
+    try:
+        return result.fillna(False).astype(bool).to_numpy()
+    except (TypeError, ValueError):
+        raise LeadloopError(f"micro-conversion {name}: {expr!r} is not true/false per row") from None
+
+
+# -- a CSV export ---------------------------------------------------------------------------
+
+
+def validate_csv(path: str | Path, *, label: str, positive: str | None = None,
+                 micros: list[str], sep: str | None = None, alpha: float = 0.05,
+                 min_events: int = 10, min_group: int = 30) -> list[dict[str, Any]]:
+    """`leadloop validate --csv`: the same analysis on a CRM export; EXPR is a pandas query."""
+    df = read_csv(path, sep=sep, missing=MISSING_VALUES, dtype=None)
+    if label not in df.columns:
+        raise LeadloopError(f"label column {label!r} not in {Path(path).name}")
+    y = parse_label(df[label].astype("string"), positive).to_numpy()
+    flags = {}
+    for spec in micros:
+        name, sep_, expr = spec.partition("=")
+        name, expr = name.strip(), expr.strip()
+        if not sep_ or not name or not expr:
+            raise LeadloopError(f"--micro {spec!r}: expected NAME=EXPR")
+        flags[name] = _eval_flag(df, expr, name)
+    rows = analyse(y, flags, min_events=min_events, min_group=min_group)
+    add_q_values_and_verdicts(rows, alpha=alpha, macro_name=label)
+    keys = ("micro", "segment", "n", "n_with", "n_without", "macro_with", "macro_without",
+            "rate_with", "rate_without", "lift", "lift_ci_low", "lift_ci_high", "p_value",
+            "q_value", "phi", "test", "verdict", "role", "reason")
+    return [{k: r.get(k) for k in keys} for r in rows]
