@@ -1,0 +1,128 @@
+"""`leadloop status`: what the daemon did, what it will do next, and what the outbox holds.
+
+`collect_status` returns plain JSON-able data (for `--json` and monitors); `format_status`
+renders it for people. `failed_jobs` lists the jobs whose *last* run failed; the CLI exits 1
+when it is not empty, so a monitor can alert on the exit code alone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from leadloop import lease
+from leadloop.context import Context
+from leadloop.daemon import first_run_time, last_starts, scheduled_jobs
+from leadloop.jobs import JOBS
+from leadloop.store import session_scope
+from leadloop.tables import Conversion, ConversionStatus, JobOutcome, JobRun
+
+STATUSES = [s.value for s in ConversionStatus]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
+
+
+def _last_runs(ctx: Context) -> dict[str, JobRun]:
+    with session_scope(ctx.engine) as session:
+        latest = select(func.max(JobRun.id)).group_by(JobRun.name).scalar_subquery()
+        runs = session.execute(select(JobRun).where(JobRun.id.in_(latest))).scalars()  # type: ignore[union-attr]
+        return {run.name: run for run in runs}
+
+
+def _conversions(ctx: Context) -> dict[str, dict[str, int]]:
+    out = {name: dict.fromkeys(STATUSES, 0) for name in ctx.settings.destinations}
+    with session_scope(ctx.engine) as session:
+        rows = session.execute(
+            select(Conversion.destination, Conversion.status, func.count())
+            .group_by(Conversion.destination, Conversion.status)
+        ).all()
+    for destination, status, n in rows:
+        out.setdefault(destination, dict.fromkeys(STATUSES, 0))[str(status.value)] = n
+    return out
+
+
+def collect_status(ctx: Context) -> dict[str, Any]:
+    """Last run and next run of each job, conversions per destination and status, the lease."""
+    now = ctx.now()
+    runs = _last_runs(ctx)
+    starts = last_starts(ctx)
+    schedule = ctx.settings.schedule.jobs()
+    own = scheduled_jobs(ctx.settings)
+    jobs: dict[str, Any] = {}
+    for name in [*JOBS, *sorted(set(runs) - set(JOBS))]:
+        run = runs.get(name)
+        spec = schedule.get(name)
+        next_run = first_run_time(own[name], starts.get(name), now) if name in own else None
+        if name == "export" and "sync" in schedule:  # chained after each sync (see daemon.py)
+            sync_next = first_run_time(schedule["sync"], starts.get("sync"), now)
+            next_run = min(filter(None, [next_run, sync_next]))
+        jobs[name] = {
+            "schedule": spec,
+            "next_run": _iso(next_run),
+            "last_run": None if run is None else {
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+                "seconds": round((run.finished_at - run.started_at).total_seconds(), 3)
+                if run.finished_at else None,
+                "outcome": run.outcome.value,
+                "counts": run.counts,
+                "error": run.error,
+            },
+        }
+    info = lease.holder(ctx.engine)
+    return {
+        "generated_at": _iso(now),
+        "daemon": None if info is None else {
+            "owner": info.owner,
+            "live": not info.expired(now),
+            "acquired_at": _iso(info.acquired_at),
+            "heartbeat_at": _iso(info.heartbeat_at),
+            "expires_at": _iso(info.expires_at),
+        },
+        "jobs": jobs,
+        "conversions": _conversions(ctx),
+        "failed_jobs": sorted(n for n, r in runs.items() if r.outcome == JobOutcome.failed),
+    }
+
+
+def _counts_text(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, list | dict))
+
+
+def format_status(data: dict[str, Any]) -> str:
+    """A readable summary of `collect_status` output."""
+    lines = [f"leadloop status at {data['generated_at']}"]
+    d = data["daemon"]
+    if d is None:
+        lines.append("daemon:  not running (no lease was ever taken)")
+    elif d["live"]:
+        lines.append(f"daemon:  running as {d['owner']} (since {d['acquired_at']}, "
+                     f"heartbeat {d['heartbeat_at']})")
+    else:
+        lines.append(f"daemon:  not running (lease of {d['owner']} expired {d['expires_at']})")
+    lines += ["", f"{'job':<9} {'schedule':<12} {'last start':<21} {'secs':>7}  {'outcome':<11} "
+              f"{'next run':<21} counts"]
+    for name, job in data["jobs"].items():
+        run = job["last_run"] or {}
+        secs = run.get("seconds")
+        lines.append(
+            f"{name:<9} {job['schedule'] or '-':<12} {run.get('started_at') or 'never':<21} "
+            f"{'' if secs is None else f'{secs:.1f}':>7}  {run.get('outcome', '-'):<11} "
+            f"{job['next_run'] or '-':<21} {_counts_text(run.get('counts') or {})}".rstrip()
+        )
+        if run.get("error"):
+            lines.append(f"{'':<9} error: {run['error']}")
+    lines.append("")
+    if data["conversions"]:
+        lines.append(f"{'conversions':<20}" + "".join(f"{s:>10}" for s in STATUSES))
+        for dest, by_status in data["conversions"].items():
+            lines.append(f"{dest:<20}" + "".join(f"{by_status[s]:>10}" for s in STATUSES))
+    else:
+        lines.append("conversions: no destinations configured")
+    if data["failed_jobs"]:
+        lines += ["", f"FAILED (last run): {', '.join(data['failed_jobs'])}"]
+    return "\n".join(lines)
