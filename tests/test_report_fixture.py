@@ -23,7 +23,7 @@ from leadloop.tables import (
 )
 
 T0 = datetime(2025, 1, 10, tzinfo=UTC)
-NOW = datetime(2025, 3, 1, tzinfo=UTC)
+NOW = datetime(2025, 3, 5, tzinfo=UTC)
 HOSTILE_CAMPAIGN = '<script>alert("x")</script>'
 
 REPORT_SECTIONS: dict[str, Any] = {

@@ -256,8 +256,9 @@ def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
     card = current_card(settings)
     if not card:
         return None, "no model trained yet: leads are valued with the stage-value mapping"
-    if card.get("fallback_reason") and not card.get("metrics"):
-        return card, f"no model in use: {card['fallback_reason']}"
+    if card.get("chosen") is None or card.get("fallback_reason"):
+        reason = card.get("fallback_reason") or "no candidate was chosen"
+        return card, f"no model in use ({reason}): leads are valued with the stage-value mapping"
     return card, ""
 
 

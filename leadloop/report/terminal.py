@@ -20,10 +20,10 @@ def _lift(r: dict[str, Any]) -> str:
 
 def validation_table(rows: list[dict[str, Any]], title: str = "Micro → macro validation") -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col, justify in [("micro", "left"), ("n with", "right"), ("rate with", "right"),
-                         ("rate without", "right"), ("lift [95% CI]", "right"), ("p", "right"),
-                         ("q", "right"), ("verdict", "left")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("micro", overflow="fold")
+    for col in ("n with", "rate with", "rate without", "lift [95% CI]", "p", "q"):
+        table.add_column(col, justify="right")
+    table.add_column("verdict", min_width=len("not enough data"), no_wrap=True)
     for r in rows:
         verdict = str(r.get("verdict", ""))
         table.add_row(Text(str(r.get("micro", ""))), integer(r.get("n_with")), pct(r.get("rate_with")),
