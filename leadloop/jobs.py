@@ -15,6 +15,7 @@ from typing import Any
 
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
+from leadloop.redact import redact_text
 from leadloop.store import session_scope
 from leadloop.tables import JobOutcome, JobRun
 
@@ -57,7 +58,8 @@ def _finish(ctx: Context, run_id: int | None, outcome: JobOutcome, counts: dict,
     with session_scope(ctx.engine) as session:
         run = session.get(JobRun, run_id)
         if run is not None:
-            run.finished_at, run.outcome, run.counts, run.error = ctx.now(), outcome, counts, error
+            run.finished_at, run.outcome, run.counts = ctx.now(), outcome, counts
+            run.error = redact_text(error) if error else None  # status shows it; no secrets
             session.add(run)
 
 

@@ -17,13 +17,22 @@ from leadloop.redact import redact_text
 LogFormat = Literal["text", "json"]
 
 
+_plain = logging.Formatter()
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         record.msg = redact_text(message)
         record.args = None
+        # Tracebacks carry exception messages (URLs, tokens): format and redact them here, since
+        # the formatter would otherwise render `exc_info` after this filter ran.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _plain.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
         return True
 
 
@@ -38,9 +47,10 @@ class JsonFormatter(logging.Formatter):
         for key in ("job", "counts", "destination", "source"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exc"] = redact_text(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+        if record.exc_info or record.exc_text:
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
+        # the extras (counts, ...) are redacted too: the whole line goes through the filter
+        return redact_text(json.dumps(entry, default=str))
 
 
 def setup_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
