@@ -1,0 +1,166 @@
+"""CSV source: both shared datasets through their example mappings, malformed rows with their
+line numbers, encodings and delimiters, chunking, and PII handling."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sqlmodel import select
+
+import leadloop.crm.csv as csv_source
+from leadloop.config import load_settings
+from leadloop.context import Context
+from leadloop.crm import build_source
+from leadloop.crm.base import sync_source
+from leadloop.errors import ConfigError
+from leadloop.identity import sha256_hex
+from leadloop.store import session_scope
+from leadloop.tables import Lead, LeadEvent, RejectedRecord, StageChange
+from tests.conftest import SHARED_DATA
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "config" / "examples"
+XED = SHARED_DATA / "x_education_leads" / "Leads.csv"
+OLIST = SHARED_DATA / "olist_marketing_funnel"
+
+needs_data = pytest.mark.skipif(not XED.is_file(), reason="shared datasets not present")
+
+
+def _example_ctx(name: str, engine) -> Context:
+    return Context(settings=load_settings(EXAMPLES / name), engine=engine)
+
+
+def _counts(engine) -> tuple[list[Lead], Counter, Counter, list[RejectedRecord]]:
+    with session_scope(engine) as s:
+        leads = s.exec(select(Lead)).all()
+        stages = Counter(s.exec(select(StageChange.value)).all())
+        events = Counter(s.exec(select(LeadEvent.name)).all())
+        rejects = s.exec(select(RejectedRecord)).all()
+    return leads, stages, events, rejects
+
+
+@needs_data
+def test_x_education_export_loads_completely(engine) -> None:
+    truth = pd.read_csv(XED, dtype=str, keep_default_na=False)
+    ctx = _example_ctx("x_education.toml", engine)
+    counts = sync_source(ctx, build_source(ctx))
+    leads, stages, events, rejects = _counts(engine)
+    assert not rejects and counts["rejected"] == 0
+    assert len(leads) == len(truth) == 9240
+    assert stages["Converted"] == int((truth["Converted"] == "1").sum())
+    assert events["guide_download"] == int(
+        (truth["A free copy of Mastering The Interview"] == "Yes").sum())
+    assert events["newsletter_optin"] == int(
+        (truth["Receive More Updates About Our Courses"] == "Yes").sum())
+    visits = pd.to_numeric(truth["Total Time Spent on Website"], errors="coerce")
+    assert events["engaged_visit"] == int((visits >= 600).sum())
+    by_id = {lead.crm_id: lead for lead in leads}
+    row = truth.iloc[1]
+    lead = by_id[row["Prospect ID"]]
+    assert lead.utm_source == row["Lead Source"] and lead.country == row["Country"]
+    assert "Converted" not in lead.attributes  # the outcome is a stage, not a feature
+    assert "Select" not in {v for x in leads for v in x.attributes.values()}
+    # A re-read of the whole file changes nothing: upserts dedupe.
+    sync_source(ctx, build_source(ctx))
+    again, stages2, events2, _ = _counts(engine)
+    assert len(again) == len(leads) and stages2 == stages and events2 == events
+
+
+@needs_data
+def test_olist_mqls_joined_with_closed_deals(engine) -> None:
+    mqls = pd.read_csv(OLIST / "olist_marketing_qualified_leads_dataset.csv", dtype=str)
+    deals = pd.read_csv(OLIST / "olist_closed_deals_dataset.csv", dtype=str)
+    won = deals[deals["mql_id"].isin(mqls["mql_id"])]
+    ctx = _example_ctx("olist.toml", engine)
+    sync_source(ctx, build_source(ctx))
+    leads, stages, _, rejects = _counts(engine)
+    assert not rejects
+    assert len(leads) == 8000
+    assert stages == Counter({"Won": len(won)}) and len(won) == 842
+    deal = won.iloc[0]
+    with session_scope(engine) as s:
+        lead = s.exec(select(Lead).where(Lead.crm_id == deal["mql_id"])).one()
+        change = s.exec(select(StageChange).where(StageChange.lead_id == lead.id)).one()
+    mql = mqls.set_index("mql_id").loc[deal["mql_id"]]
+    assert lead.created_at.date().isoformat() == mql["first_contact_date"]
+    assert lead.utm_source == mql["origin"] and lead.landing_page == mql["landing_page_id"]
+    assert change.entered_at.strftime("%Y-%m-%d %H:%M:%S") == deal["won_date"]
+    assert float(change.amount) == float(deal["declared_monthly_revenue"])
+    assert "won_date" not in lead.attributes and "declared_monthly_revenue" not in lead.attributes
+
+
+def _settings_for(tmp_path: Path, make_settings, path: Path, **csv_extra):
+    return make_settings(
+        crm={"kind": "csv", "lead_stage_property": "stage",
+             "properties": {"email": "Email", "phone": "Phone", "gclid": "GCLID"},
+             "csv": {"path": str(path), "id_column": "id", "created_column": "created",
+                     "stage_columns": {"Qualified": "qualified_at"}, "label_column": "won",
+                     "amount_column": "amount", **csv_extra}},
+        stages=[{"name": "Qualified", "crm_values": ["Qualified"], "macro": True}],
+        micro_conversions=[{"name": "demo", "property": "demo_requested"}],
+    )
+
+
+HEADER = "id,created,Email,Phone,Name,GCLID,qualified_at,won,amount,demo_requested,plan\n"
+
+
+def test_malformed_rows_are_rejected_with_their_line_number(tmp_path, make_settings, engine):
+    path = tmp_path / "export.csv"
+    path.write_text(
+        HEADER
+        + "1,2026-01-02T10:00:00,a@example.com,+4915112345678,Ann,g1,2026-01-05T09:00:00,yes,120,1,pro\n"
+        + "2,2026-01-03,b@example.com,,Bob,,,no,,2026-01-04,free\n"
+        + "3,2026-01-03,oops,too,many,fields,here,,,,,,\n"          # line 4: field count
+        + ",2026-01-03,c@example.com,,Cy,,,no,,,free\n"            # line 5: no id
+        + "6,yesterday,d@example.com,,Di,,,no,,,free\n"            # line 6: bad date
+        + "7,2026-01-04,e@example.com,,Ed,,someday,no,,,free\n"    # line 7: bad stage time
+        + "8,2026-01-05,f@example.com,,Fe,,,no,abc,,free\n"         # line 8: bad amount
+        + "9,2026-01-06,g@example.com,,Gu,,,no,,,free\n",
+        encoding="utf-8")
+    ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=engine)
+    counts = sync_source(ctx, build_source(ctx))
+    leads, stages, events, rejects = _counts(engine)
+    assert sorted(lead.crm_id for lead in leads) == ["1", "2", "9"]
+    assert sorted(r.record_ref for r in rejects) == [f"line {n}" for n in (4, 5, 6, 7, 8)]
+    assert counts["rejected"] == 5
+    assert all("@" not in str(r.payload) and "Ann" not in str(r.payload) for r in rejects)
+    assert stages == Counter({"Qualified": 1, "won": 1})
+    assert events == Counter({"demo": 2})
+    one = next(lead for lead in leads if lead.crm_id == "1")
+    assert one.email_sha256 == sha256_hex("a@example.com")
+    assert one.phone_e164_sha256 == sha256_hex("+4915112345678")
+    assert one.gclid == "g1"
+    assert one.attributes == {"plan": "pro", "demo_requested": "1"}  # PII and outcomes dropped
+
+
+def test_encoding_and_delimiter_are_detected(tmp_path, make_settings, sqlite_engine):
+    path = tmp_path / "export.csv"
+    text = HEADER.replace(",", ";") + "1;2026-01-02;;;Zoë Müller;;;no;;;Größe\n"
+    path.write_bytes(text.encode("cp1252"))
+    ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=sqlite_engine)
+    sync_source(ctx, build_source(ctx))
+    leads, *_ = _counts(sqlite_engine)
+    assert [(lead.crm_id, lead.attributes) for lead in leads] == [("1", {"plan": "Größe"})]
+
+
+def test_large_files_are_read_in_chunks(tmp_path, make_settings, sqlite_engine, monkeypatch):
+    monkeypatch.setattr(csv_source, "CHUNK_ROWS", 7)
+    path = tmp_path / "export.csv"
+    rows = [f"{i},2026-01-02,,,,,,{'yes' if i % 3 == 0 else 'no'},,,free\n" for i in range(50)]
+    path.write_text(HEADER + "".join(rows), encoding="utf-8")
+    ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=sqlite_engine)
+    pages = list(build_source(ctx).fetch("rows", None, started_at=ctx.now()))
+    assert [len(p.leads) for p in pages] == [7] * 7 + [1]
+    assert all(p.cursor is None for p in pages)
+    counts = sync_source(ctx, build_source(ctx))
+    assert counts["leads"] == 50 and counts["stages"] == 17
+
+
+def test_mapping_names_a_missing_column(tmp_path, make_settings, sqlite_engine):
+    path = tmp_path / "export.csv"
+    path.write_text("id,created\n1,2026-01-01\n", encoding="utf-8")
+    ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=sqlite_engine)
+    with pytest.raises(ConfigError, match=r"config key crm\.csv\.\w+: column .* is not in export.csv"):
+        list(build_source(ctx).fetch("rows", None, started_at=ctx.now()))
