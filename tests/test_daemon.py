@@ -301,3 +301,183 @@ def test_export_with_the_same_schedule_as_sync_only_runs_chained(
     assert "export" not in scheduled_jobs(same) and "sync" in scheduled_jobs(same)
     other = make_settings(schedule={"sync": "15m", "export": "5m"})
     assert scheduled_jobs(other)["export"] == "5m"
+
+
+# -- the real daemon as a subprocess, against the sandbox ---------------------------------------
+
+E2E_TOKEN = "pat-na1-e2e-SECRET-5d1e0c"
+E2E_CONFIG = """
+[database]
+url = "sqlite:///{db}"
+
+[crm]
+kind = "hubspot"
+base_url = "{hubspot}"
+token_env = "LEADLOOP_E2E_TOKEN"
+lookback_minutes = 1
+[crm.properties]
+consent_ad_user_data = "ll_consent_ad_user_data"
+consent_ad_personalization = "ll_consent_ad_personalization"
+
+[[stages]]
+name = "Sales qualified"
+crm_values = ["salesqualifiedlead"]
+field = "lifecyclestage"
+macro = true
+value = 400.0
+destinations = {{ google_data_manager = "700000002" }}
+
+[destinations.google_data_manager]
+base_url = "{dm}"
+operating_account_id = "1234567890"
+token_env = "LEADLOOP_E2E_TOKEN"
+batch_size = 3
+
+[schedule]
+sync = "2s"
+export = "2s"
+score = "3s"
+validate = "4s"
+retrain = "0 3 * * *"
+report = "0 7 * * *"
+misfire_grace_seconds = 5
+lease_seconds = 6
+stop_timeout_seconds = 20
+
+[model]
+dir = "{tmp}/models"
+"""
+
+
+def leadloop(cfg: Any, *args: str, **kwargs: Any) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LEADLOOP_E2E_TOKEN": E2E_TOKEN}
+    return subprocess.Popen([sys.executable, "-m", "leadloop", "-c", str(cfg), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_daemon_process_runs_cycles_refuses_a_twin_and_stops_cleanly_mid_export(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import signal
+
+    from leadloop.sandbox.fake_hubspot import FakeHubSpot
+    from leadloop.sandbox.fake_platforms import FakePlatforms
+    from leadloop.store import make_engine
+    from leadloop.tables import Conversion, ConversionStatus
+
+    real_ingest = FakePlatforms._dm_ingest
+
+    def slow_ingest(self: FakePlatforms, req: Any) -> Any:
+        time.sleep(0.15)  # a real upload takes a while: keeps an export in flight
+        return real_ingest(self, req)
+
+    monkeypatch.setattr(FakePlatforms, "_dm_ingest", slow_ingest)
+    hubspot = FakeHubSpot(token=E2E_TOKEN, requests_per_window=None, search_per_second=None)
+    platforms = FakePlatforms(require_token=E2E_TOKEN)
+    hubspot.start()
+    platforms.start()
+    added: list[str] = []
+
+    def add_qualified(n: int) -> None:
+        for _ in range(n):
+            now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            i = len(added)
+            added.append(hubspot.add_contact(
+                email=f"person{i}@example.org", hs_google_click_id=f"Cj0KCQ-e2e-{i}",
+                lifecyclestage="salesqualifiedlead", hs_v2_date_entered_salesqualifiedlead=now,
+                ll_consent_ad_user_data="true", ll_consent_ad_personalization="true"))
+
+    cfg = tmp_path / "leadloop.toml"
+    db = tmp_path / "leadloop.db"
+    cfg.write_text(E2E_CONFIG.format(db=db, hubspot=hubspot.base_url, tmp=tmp_path,
+                                     dm=platforms.urls["google_data_manager"]))
+    engine = make_engine(f"sqlite:///{db}")
+    adding = threading.Event()
+
+    def keep_adding() -> None:
+        while not adding.wait(0.7):
+            add_qualified(4)
+
+    def runs(name: str, outcome: JobOutcome) -> int:
+        return sum(1 for r in job_runs(engine) if r.name == name and r.outcome == outcome)
+
+    add_qualified(12)
+    daemon = leadloop(cfg, "--log-format", "json", "run")
+    adder = threading.Thread(target=keep_adding, daemon=True)
+    adder.start()
+    try:
+        wait_for(lambda: lease.holder(engine) is not None, 20, "the daemon's lease")
+        twin = leadloop(cfg, "run")
+        _, twin_err = twin.communicate(timeout=30)
+        assert twin.returncode == 1
+        assert "Error: another leadloop daemon holds the lease on this database: " in twin_err
+        assert lease.holder(engine).owner.split(":")[1] == str(daemon.pid)  # type: ignore[union-attr]
+
+        # several cycles, then SIGTERM while an export is uploading
+        wait_for(lambda: runs("sync", JobOutcome.ok) >= 3 and runs("export", JobOutcome.ok) >= 2,
+                 60, "three sync cycles")
+        seen = len(platforms.received("google_data_manager"))
+        wait_for(lambda: any(r.name == "export" and r.outcome == JobOutcome.running
+                             for r in job_runs(engine))
+                 and len(platforms.received("google_data_manager")) > seen, 30, "an export in flight")
+        adding.set()
+        stopped_at = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        _, logs = daemon.communicate(timeout=30)
+        assert daemon.returncode == 0, logs[-3000:]
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        adding.set()
+        if daemon.poll() is None:
+            daemon.kill()
+    assert lease.holder(engine) is None
+    assert not [r for r in job_runs(engine) if r.outcome == JobOutcome.running]
+    assert runs("score", JobOutcome.ok) + runs("score", JobOutcome.failed) >= 1  # scheduled too
+
+    # JSON log lines, the stop is logged, and no secret or e-mail in them
+    entries = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in entries]
+    assert any(m.startswith("SIGTERM received: finishing the batch in flight") for m in messages)
+    assert any("lease released" in m for m in messages)
+    assert E2E_TOKEN not in logs and "@example.org" not in logs
+
+    # finish what the interrupted export left, then compare store and platform: nothing lost,
+    # nothing sent twice, nothing accepted that the store does not know as sent
+    for job in ("sync", "export"):
+        once = leadloop(cfg, job)
+        out, err = once.communicate(timeout=60)
+        assert once.returncode == 0, out + err
+    with session_scope(engine) as session:
+        conversions = list(session.exec(select(Conversion)))
+    assert len(conversions) == len(added)
+    assert {c.status for c in conversions} == {ConversionStatus.sent}
+    ledger = platforms.ledgers["google_data_manager"]
+    assert set(ledger) == {c.order_id for c in conversions}
+    sent_ids = [ev["transactionId"] for req in platforms.received("google_data_manager")
+                if req.path.endswith(":ingest") and not req.json().get("validateOnly")
+                for ev in req.json()["events"]]
+    assert len(sent_ids) == len(set(sent_ids)) == len(added)
+
+    status = leadloop(cfg, "status", "--json")
+    out, err = status.communicate(timeout=30)
+    assert status.returncode == 0, out + err
+    data = json.loads(out)
+    assert data["daemon"] is None and data["failed_jobs"] == []
+    assert data["jobs"]["sync"]["last_run"]["outcome"] == "ok"
+    assert data["conversions"]["google_data_manager"]["sent"] == len(added)
+    engine.dispose()
+    hubspot.stop()
+    platforms.stop()
