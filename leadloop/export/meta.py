@@ -22,7 +22,7 @@ from leadloop.export.base import (
     json_value,
     unix_seconds,
 )
-from leadloop.http import describe_response
+from leadloop.http import describe_response, retry_after_seconds
 
 API_VERSION = "v26.0"
 _TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 341, 613, 80004})
@@ -77,7 +77,8 @@ class MetaDestination(BaseDestination):
             label = f"{code}/{err.get('error_subcode')}" if err.get("error_subcode") else str(code)
             message = err.get("error_user_msg") or err.get("message") or ""
             if err.get("is_transient") or code in _TRANSIENT_CODES or response.status_code >= 500:
-                raise RetryLater(f"destination {self.name}: Meta error {label}: {message}")
+                raise RetryLater(f"destination {self.name}: Meta error {label}: {message}",
+                                 retry_after_seconds(response))
             if code in _AUTH_CODES:
                 raise FatalDestinationError(
                     f"destination {self.name}: Meta refused the token ({label}: {message})",

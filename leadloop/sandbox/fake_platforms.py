@@ -20,6 +20,7 @@ failures and `reject(kind, order_id, code)` for a per-row error.
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -65,8 +66,22 @@ class FakePlatforms:
         return self
 
     def stop(self) -> None:
-        for s in self.servers.values():
-            s.stop()
+        """Stop every server at once (each shutdown waits for its poll loop)."""
+        threads = [threading.Thread(target=s.stop) for s in self.servers.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def reset(self) -> None:
+        """Forget ledgers, scripts and received requests (to reuse running servers in tests)."""
+        for kind in KINDS:
+            self.ledgers[kind].clear()
+            self.adjustments[kind].clear()
+            self.servers[kind].received.clear()
+        self._scripted.clear()
+        self._row_errors.clear()
+        self._requests_status.clear()
 
     def __enter__(self) -> FakePlatforms:
         return self.start()
