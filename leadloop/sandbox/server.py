@@ -73,6 +73,7 @@ class LocalServer:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls between header and body
 
             def log_message(self, *args: Any) -> None:  # keep test and demo output clean
                 pass

@@ -1,0 +1,494 @@
+"""HubSpot CRM connector: contacts, deals, deal pipelines, contact↔deal associations.
+
+Streams, in order:
+
+- `contacts`: the search API, filtered `lastmodifieddate GTE <since>` and sorted by it ascending
+  (ONE sort object; `hs_lastmodifieddate` would silently misbehave on contacts), 200 per page.
+  HubSpot refuses to page past 10,000 results of one query, so before reaching the cap the
+  connector starts a FRESH query from the last seen modified time; if more than 10,000 records
+  share that one timestamp it walks them by `hs_object_id` instead. The first run (no cursor)
+  backfills everything the same way. Each contact gives a `LeadIn` (attribution from
+  `[crm.properties]`, survivors' `hs_merged_object_ids` as `merged_crm_ids`), its lifecycle stage
+  times (`hs_v2_date_entered_<value>` → StageIn field "lifecyclestage") and micro-conversions
+  (`[[micro_conversions]]` with `property`: a date → an event then; another truthy value → an
+  event at the contact's creation).
+- `deals`: the same search on `hs_lastmodifieddate`. Stage ids come from `GET pipelines/deals`
+  (metadata strings `isClosed`/`probability`: closed at 0.0 = lost), stage times from
+  `hs_v2_date_entered_<stage id>`; each deal's stages are attributed to its associated contacts
+  (v4 associations batch read, ≤ 1,000 ids). Contacts the store does not know yet are batch-read
+  into the same page, so no stage is rejected for a missing lead.
+- `contacts_archived`: archived contacts never appear in search and do not bump their modified
+  date, so the list endpoint with `archived=true` is read in full each run → `deleted_crm_ids`.
+
+Limits: a client-side token bucket keeps requests under `crm.requests_per_10s` (default 100, the
+Free/Starter plan) and search under 5/s, so a sync runs near the allowed rate without drawing
+429s. 429/5xx/dropped connections are retried by the shared session (honouring Retry-After); a
+DAILY 429 stops the sync with `QuotaExhaustedError`; 401 names the token's environment variable.
+A page the server repeats (same cursor back) is detected and read again, never yielded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import requests
+
+from leadloop.context import Context
+from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, EventIn, LeadIn, Page, StageIn
+from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
+from leadloop.http import RateLimiter, describe_response, retry_after_seconds
+from leadloop.store import lead_ids, session_scope
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.hubapi.com"
+SEARCH_PAGE = 200
+LIST_PAGE = 100
+BATCH_READ_MAX = 100
+ASSOC_BATCH_MAX = 1000
+SEARCH_CAP = 10_000
+LIFECYCLE_VALUES = ("subscriber", "lead", "marketingqualifiedlead", "salesqualifiedlead",
+                    "opportunity", "customer", "evangelist", "other")
+_TRUE = {"true", "yes", "1", "y", "on"}
+_FALSE = {"false", "no", "0", "n", "off", ""}
+_MAX_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class DealStage:
+    id: str
+    label: str
+    is_closed: bool
+    probability: float | None
+
+    @property
+    def is_lost(self) -> bool:
+        return self.is_closed and self.probability == 0.0
+
+    @property
+    def is_won(self) -> bool:
+        return self.is_closed and self.probability == 1.0
+
+
+def parse_time(value: Any) -> datetime | None:
+    """HubSpot times: ISO-8601 (with Z), a date, or epoch milliseconds. None when empty."""
+    if value is None or value == "":
+        return None
+    s = str(value).strip()
+    if s.isdigit():
+        return datetime.fromtimestamp(int(s) / 1000, UTC)
+    dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _ms(t: datetime) -> str:
+    return str(int(t.timestamp() * 1000))
+
+
+def _bool(value: Any) -> bool | None:
+    if value is None:
+        return None
+    s = str(value).strip().lower()
+    return True if s in _TRUE else False if s in _FALSE else None
+
+
+class HubSpotSource:
+    """`CrmSource` for HubSpot (see the module doc)."""
+
+    def __init__(self, ctx: Context, *, rate_window_seconds: float = 10.0,
+                 search_per_second: float = 5.0) -> None:
+        self.ctx = ctx
+        crm = ctx.settings.crm
+        self.crm = crm
+        self.name = crm.source_name
+        self.base_url = (crm.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.version = crm.api_version or "v3"
+        timeout = (min(10.0, crm.timeout_seconds), crm.timeout_seconds)
+        self.session = ctx.http(timeout=timeout)
+        allowed = crm.requests_per_10s or 100.0
+        # burst + rate * window must stay under the plan's window limit: 95 % of it, burst 2 %
+        self.limiter = RateLimiter(0.95 * allowed, rate_window_seconds, burst=max(1.0, 0.02 * allowed))
+        self.search_limiter = RateLimiter(0.95 * search_per_second, 1.0, burst=1.0)
+        self._token_key = "crm.token_env"
+        self._oauth: Any = None
+        self._token: str | None = None
+        self._stages: dict[str, DealStage] | None = None
+        self.requests = 0
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def streams(self) -> Sequence[str]:
+        out = [o for o in ("contacts", "deals") if o in self.crm.objects]
+        if "contacts" in out:
+            out.append("contacts_archived")
+        return out
+
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+        if stream == "contacts":
+            yield from self._search_pages("contacts", "lastmodifieddate", since, self._contact_page)
+        elif stream == "deals":
+            yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
+        elif stream == "contacts_archived":
+            yield from self._archived_pages()
+        else:
+            raise FatalSourceError(f"HubSpot has no stream {stream!r} (config key crm.objects)")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _path(self, kind: str, rest: str) -> str:
+        """`kind` is objects | pipelines | associations; handles v3/v4 vs date versions."""
+        if self.version.startswith("v"):
+            if kind == "associations":
+                return f"/crm/v4/associations/{rest}"
+            return f"/crm/{self.version}/{kind}/{rest}"
+        return f"/crm/{kind}/{self.version}/{rest}"
+
+    def _auth_header(self) -> str:
+        if self.crm.auth_flow == "refresh_token":
+            if self._oauth is None:
+                from leadloop.oauth import OAuthTokenProvider
+
+                s = self.ctx.settings
+                self._oauth = OAuthTokenProvider(
+                    self.session, self.crm.token_url or f"{self.base_url}/oauth/v1/token",
+                    s.secret("crm.client_id_env", self.crm.client_id_env).get_secret_value(),
+                    s.secret("crm.client_secret_env", self.crm.client_secret_env).get_secret_value(),
+                    s.secret("crm.refresh_token_env", self.crm.refresh_token_env).get_secret_value(),
+                )
+            return f"Bearer {self._oauth.token()}"
+        if self._token is None:
+            self._token = self.ctx.settings.secret(self._token_key, self.crm.token_env).get_secret_value()
+        return f"Bearer {self._token}"
+
+    def _call(self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
+              search: bool = False) -> dict[str, Any]:
+        for attempt in range(2):
+            (self.search_limiter if search else self.limiter).acquire()
+            auth = self._auth_header()
+            self.requests += 1
+            try:
+                response = self.session.request(method, self.base_url + path, params=params, json=body,
+                                                headers={"Authorization": auth,
+                                                         "Accept": "application/json"})
+            except requests.RequestException as exc:
+                raise RetriableSourceError(
+                    f"HubSpot {method} {path} failed after retries: {type(exc).__name__}") from None
+            if response.status_code == 401 and self._oauth is not None and attempt == 0:
+                self._oauth.invalidate(auth.removeprefix("Bearer "))  # expired early: refresh once
+                continue
+            return self._check(response, method, path)
+        raise AssertionError("unreachable")
+
+    def _check(self, response: requests.Response, method: str, path: str) -> dict[str, Any]:
+        status = response.status_code
+        if status in (200, 207):
+            return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if status == 401:
+            where = (f"the OAuth app in {self.crm.client_id_env}/{self.crm.refresh_token_env}"
+                     if self._oauth is not None else f"environment variable {self.crm.token_env}")
+            raise FatalSourceError(
+                f"HubSpot refused the credentials from {where} (401 {body.get('category', '')})",
+                hint="check that the token is valid and has the crm.objects.contacts.read and "
+                     "crm.objects.deals.read scopes")
+        if status == 429 and body.get("policyName") == "DAILY":
+            wait = retry_after_seconds(response)
+            when = (f"at {(self.ctx.now() + timedelta(seconds=wait)).isoformat(timespec='minutes')}"
+                    if wait else "at midnight in the HubSpot account's time zone")
+            raise QuotaExhaustedError(
+                f"HubSpot daily API limit reached (X-HubSpot-RateLimit-Daily="
+                f"{response.headers.get('X-HubSpot-RateLimit-Daily', '?')}); it resets {when}",
+                hint="the next sync resumes from the stored cursor")
+        if status == 429 or status >= 500:
+            raise RetriableSourceError(f"HubSpot kept failing: {describe_response(response)}")
+        raise FatalSourceError(f"HubSpot refused a request: {describe_response(response)}")
+
+    # -- pipelines and associations ------------------------------------------------------------
+
+    def deal_stages(self) -> dict[str, DealStage]:
+        """Every deal stage of every pipeline, by stage id (metadata strings parsed)."""
+        if self._stages is None:
+            data = self._call("GET", self._path("pipelines", "deals"))
+            stages: dict[str, DealStage] = {}
+            for pipeline in data.get("results", []):
+                for s in pipeline.get("stages", []):
+                    meta = s.get("metadata") or {}
+                    try:
+                        prob = float(meta["probability"]) if meta.get("probability") else None
+                    except ValueError:
+                        prob = None
+                    stages[str(s["id"])] = DealStage(str(s["id"]), s.get("label", ""),
+                                                     _bool(meta.get("isClosed")) is True, prob)
+            self._stages = stages
+        return self._stages
+
+    def associated(self, from_type: str, to_type: str, ids: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for lo in range(0, len(ids), ASSOC_BATCH_MAX):
+            chunk = ids[lo:lo + ASSOC_BATCH_MAX]
+            data = self._call("POST", self._path("associations", f"{from_type}/{to_type}/batch/read"),
+                              body={"inputs": [{"id": i} for i in chunk]})
+            for r in data.get("results", []):
+                out.setdefault(str(r["from"]["id"]), []).extend(str(t["toObjectId"]) for t in r.get("to", []))
+        return out
+
+    # -- properties ----------------------------------------------------------------------------
+
+    def _micro(self) -> list[tuple[str, str]]:
+        return [(m.name, m.property) for m in self.ctx.settings.micro_conversions if m.property]
+
+    def contact_properties(self) -> list[str]:
+        p = self.crm.properties
+        names = {getattr(p, f) for f in type(p).model_fields} - {None}
+        stage_field = self.crm.lead_stage_property
+        values = set(LIFECYCLE_VALUES) | {v for s in self.ctx.settings.stages
+                                          if (s.field or stage_field) == stage_field for v in s.crm_values}
+        names |= {"createdate", "lastmodifieddate", "hs_object_id", "hs_merged_object_ids", stage_field}
+        names |= {f"hs_v2_date_entered_{v}" for v in values}
+        names |= {prop for _, prop in self._micro()} | set(self.crm.extra_properties)
+        return sorted(n for n in names if n)
+
+    def deal_properties(self) -> list[str]:
+        names = {"dealname", "amount", "deal_currency_code", "pipeline", self.crm.deal_stage_property,
+                 "createdate", "hs_lastmodifieddate", "hs_object_id"}
+        names |= {f"hs_v2_date_entered_{sid}" for sid in self.deal_stages()}
+        return sorted(names)
+
+    # -- search paging (with the 10k cap) ------------------------------------------------------
+
+    def _search_pages(self, object_type: str, modified: str, since: Cursor | None, convert: Any
+                      ) -> Iterator[Page]:
+        properties = self.contact_properties() if object_type == "contacts" else self.deal_properties()
+        floor = since.updated_at if since else None
+        strict = False  # True: modified > floor (after an id walk finished that timestamp)
+        total: int | None = None
+        while True:
+            filters = []
+            if floor is not None:
+                filters.append({"propertyName": modified, "operator": "GT" if strict else "GTE",
+                                "value": _ms(floor)})
+            request = {"filterGroups": [{"filters": filters}] if filters else [],
+                       "sorts": [{"propertyName": modified, "direction": "ASCENDING"}],
+                       "properties": properties, "limit": SEARCH_PAGE}
+            last: tuple[datetime, str] | None = None
+            first: datetime | None = None
+            seen, query_total = 0, 0
+            for results, query_total in self._search_query(object_type, request):
+                if total is None:
+                    total = query_total
+                seen += len(results)
+                page = convert(results)
+                page.total = total
+                yield page
+                for r in results:
+                    t = parse_time(r["properties"].get(modified)) or parse_time(r.get("updatedAt"))
+                    if t is not None and (last is None or (t, int(r["id"])) > (last[0], int(last[1]))):
+                        last = (t, r["id"])
+                    if t is not None and (first is None or t < first):
+                        first = t
+            if seen >= query_total or last is None:
+                return  # the query ended below the cap: everything was read
+            if last[0] == first:
+                # > 10k records share one timestamp: walk them by id, then go on strictly after it
+                yield from self._id_walk(object_type, modified, last[0], properties, convert, total)
+                floor, strict = last[0], True
+            else:
+                floor, strict = last[0], False
+            log.info("HubSpot %s: 10k search cap reached; fresh query from %s", object_type,
+                     floor.isoformat())
+
+    def _id_walk(self, object_type: str, modified: str, at: datetime, properties: list[str],
+                 convert: Any, total: int | None) -> Iterator[Page]:
+        after_id = 0
+        while True:
+            request = {"filterGroups": [{"filters": [
+                {"propertyName": modified, "operator": "EQ", "value": _ms(at)},
+                {"propertyName": "hs_object_id", "operator": "GT", "value": str(after_id)}]}],
+                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                "properties": properties, "limit": SEARCH_PAGE}
+            seen, query_total = 0, 0
+            for results, n in self._search_query(object_type, request):
+                seen, query_total = seen + len(results), n
+                page = convert(results)
+                page.total = total
+                yield page
+                after_id = max([after_id, *(int(r["id"]) for r in results)])
+            if seen >= query_total:
+                return
+
+    def _search_query(self, object_type: str, request: dict[str, Any]
+                      ) -> Iterator[tuple[list[dict], int]]:
+        """One query's pages, stopping before the 10k cap; repeated pages are re-read."""
+        path = self._path("objects", f"{object_type}/search")
+        after: str | None = None
+        previous_ids: list[str] | None = None
+        repeats = 0
+        while True:
+            body = dict(request, after=after) if after else request
+            data = self._call("POST", path, body=body, search=True)
+            results = data.get("results", [])
+            nxt = (data.get("paging") or {}).get("next", {}).get("after")
+            ids = [r["id"] for r in results]
+            if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
+                repeats += 1
+                if repeats > _MAX_REPEATS:
+                    raise RetriableSourceError(f"HubSpot search kept repeating the page after {after}")
+                log.warning("HubSpot repeated a search page (after=%s); reading it again", after)
+                continue
+            repeats = 0
+            previous_ids = ids
+            yield results, int(data.get("total") or 0)
+            if not nxt or int(nxt) + SEARCH_PAGE > SEARCH_CAP:
+                return
+            after = nxt
+
+    def _list_pages(self, object_type: str, params: dict[str, Any]) -> Iterator[list[dict]]:
+        path = self._path("objects", object_type)
+        after: str | None = None
+        previous_ids: list[str] | None = None
+        repeats = 0
+        while True:
+            data = self._call("GET", path, params={**params, **({"after": after} if after else {})})
+            results = data.get("results", [])
+            nxt = (data.get("paging") or {}).get("next", {}).get("after")
+            ids = [r["id"] for r in results]
+            if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
+                repeats += 1
+                if repeats > _MAX_REPEATS:
+                    raise RetriableSourceError(f"HubSpot kept repeating the list page after {after}")
+                continue
+            repeats = 0
+            previous_ids = ids
+            yield results
+            if not nxt:
+                return
+            after = nxt
+
+    def _archived_pages(self) -> Iterator[Page]:
+        params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}
+        for results in self._list_pages("contacts", params):
+            yield Page(deleted_crm_ids=[str(r["id"]) for r in results])
+
+    # -- conversion ----------------------------------------------------------------------------
+
+    def _contact_page(self, results: Iterable[dict]) -> Page:
+        page = Page()
+        for r in results:
+            self._add_contact(page, r)
+        if page.leads:
+            top = max(page.leads, key=lambda lead: (lead.updated_at, int(lead.crm_id)))
+            page.cursor = Cursor(top.updated_at, top.crm_id)  # type: ignore[arg-type]
+        return page
+
+    def _add_contact(self, page: Page, r: dict[str, Any]) -> None:
+        props: dict[str, Any] = r.get("properties") or {}
+        cid = str(r["id"])
+        p = self.crm.properties
+        times: dict[str, datetime | None] = {}
+        for key, fallback in ((p.created_at or "createdate", "createdAt"),
+                              ("lastmodifieddate", "updatedAt")):
+            try:
+                times[key] = parse_time(props.get(key)) or parse_time(r.get(fallback))
+            except ValueError:
+                page.rejects.append(RecordRejected(
+                    cid, f"contact property {key} is not a date: {str(props.get(key))[:40]!r}",
+                    {key: props.get(key)}))
+                return
+        created, updated = times[p.created_at or "createdate"], times["lastmodifieddate"]
+        if created is None:
+            page.rejects.append(RecordRejected(cid, "contact has no createdate"))
+            return
+        lead = LeadIn(crm_id=cid, created_at=created, updated_at=updated or created)
+        lead.email = props.get(p.email) if p.email else None
+        lead.phone = props.get(p.phone) if p.phone else None
+        for name in ATTRIBUTION_FIELDS:
+            prop = getattr(p, name, None)
+            value = props.get(prop) if prop else None
+            setattr(lead, name, value if value not in ("",) else None)
+        lead.consent_ad_user_data = _bool(props.get(p.consent_ad_user_data)) if p.consent_ad_user_data \
+            else None
+        lead.consent_ad_personalization = (_bool(props.get(p.consent_ad_personalization))
+                                           if p.consent_ad_personalization else None)
+        stage_field = self.crm.lead_stage_property
+        lead.current_stage = props.get(stage_field)
+        lead.attributes = {k: props.get(k) for k in self.crm.extra_properties if props.get(k) is not None}
+        lead.merged_crm_ids = [x.strip() for x in (props.get("hs_merged_object_ids") or "").split(";")
+                               if x.strip() and x.strip() != cid]
+        page.leads.append(lead)
+        for key, value in props.items():
+            if key.startswith("hs_v2_date_entered_") and value:
+                stage = key.removeprefix("hs_v2_date_entered_")
+                try:
+                    at = parse_time(value)
+                except ValueError:
+                    page.rejects.append(RecordRejected(cid, f"unparsable {key}: {value!r}"))
+                    continue
+                if at is not None:
+                    page.stages.append(StageIn(cid, stage_field, stage, at))
+        for name, prop in self._micro():
+            value = props.get(prop)
+            if value in (None, "") or _bool(value) is False:
+                continue
+            try:
+                at = parse_time(value) if _bool(value) is None else created
+            except ValueError:
+                at = created  # a truthy non-date value: it happened, time unknown
+            page.events.append(EventIn(cid, name, at or created))
+
+    def _deal_page(self, results: Sequence[dict]) -> Page:
+        page = Page()
+        stages = self.deal_stages()
+        stage_prop = self.crm.deal_stage_property
+        contacts = self.associated("deals", "contacts", [str(r["id"]) for r in results])
+        needed = sorted({c for ids in contacts.values() for c in ids}, key=int)
+        with session_scope(self.ctx.engine) as session:
+            known = lead_ids(session, self.name, needed)
+        missing = [c for c in needed if c not in known]
+        for lo in range(0, len(missing), BATCH_READ_MAX):
+            data = self._call("POST", self._path("objects", "contacts/batch/read"), body={
+                "inputs": [{"id": c} for c in missing[lo:lo + BATCH_READ_MAX]],
+                "properties": self.contact_properties()})
+            for r in data.get("results", []):
+                self._add_contact(page, r)
+        latest: tuple[datetime, int] | None = None
+        for r in results:
+            did = str(r["id"])
+            props = r.get("properties") or {}
+            try:
+                updated = parse_time(props.get("hs_lastmodifieddate")) or parse_time(r.get("updatedAt"))
+                amount = Decimal(props["amount"]) if props.get("amount") not in (None, "") else None
+            except (ValueError, InvalidOperation) as exc:
+                page.rejects.append(RecordRejected(did, f"deal has an unparsable field: {exc}"))
+                continue
+            if updated is not None and (latest is None or (updated, int(did)) > latest):
+                latest = (updated, int(did))
+            owners = contacts.get(did, [])
+            if not owners:
+                page.rejects.append(RecordRejected(did, "deal has no associated contact",
+                                                   {"dealstage": props.get(stage_prop)}))
+                continue
+            currency = props.get("deal_currency_code") or None
+            for key, value in props.items():
+                if not (key.startswith("hs_v2_date_entered_") and value):
+                    continue
+                sid = key.removeprefix("hs_v2_date_entered_")
+                try:
+                    at = parse_time(value)
+                except ValueError:
+                    page.rejects.append(RecordRejected(did, f"unparsable {key}: {value!r}"))
+                    continue
+                stage = stages.get(sid)
+                for cid in owners:
+                    page.stages.append(StageIn(cid, stage_prop, sid, at, did, amount, currency,  # type: ignore[arg-type]
+                                               bool(stage and stage.is_lost)))
+        if latest is not None:
+            page.cursor = Cursor(latest[0], str(latest[1]))
+        return page
