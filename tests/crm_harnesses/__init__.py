@@ -159,6 +159,7 @@ class Harness(abc.ABC):
 # kind -> "module:Class"; imported lazily so one fake's imports never break another's tests.
 HARNESSES: dict[str, str] = {
     "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
+    "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
 }
 
 
