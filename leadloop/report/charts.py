@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
 # one palette for the whole report (also used by the HTML's CSS)
 INK = "#1f2933"
@@ -217,14 +217,17 @@ def forest(validation: pd.DataFrame) -> str | None:
         ax.scatter(t["lift"], pos, color=colours, s=60, zorder=3, edgecolors="white")
         ax.axvline(1.0, color=INK, lw=1)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}×"))
+        lo, hi = float(low.min()), float(high.max())
+        left, right = min(lo, 0.8) / 1.3, max(hi, 1.25) * 1.3
+        ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64) if left <= t <= right]
+        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks(pos, [f"{_short(m, 24)} — {v}" for m, v in zip(t["micro"], t["verdict"],
                                                                     strict=True)])
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("lift on the macro conversion rate (95 % CI, log scale)")
         ax.set_title("Which micro-conversions predict the macro conversion")
-        lo, hi = float(low.min()), float(high.max())
-        ax.set_xlim(min(lo, 0.8) / 1.3, max(hi, 1.25) * 1.3)
+        ax.set_xlim(left, right)
     return _svg(fig, "forest")
 
 

@@ -51,20 +51,23 @@ def _first_conversions(data: ReportData) -> pd.DataFrame:
 
 
 def distinct_values(data: ReportData) -> Guardrail:
+    """Per destination: value-based bidding learns from the spread of values it receives, so a
+    destination receiving one value (every action fixed at the same amount) cannot bid on value."""
     c = _first_conversions(data)
     title = "Values vary"
     if c.empty:
         return Guardrail("distinct_values", title, "warn",
                          "No conversions have been built yet, so no values are being sent.")
-    n = c.groupby(["destination", "conversion_action"])["value"].nunique()
+    n = c.groupby("destination")["value"].nunique()
     flat = sorted(n[n < 2].index.tolist())
     if flat:
         return Guardrail("distinct_values", title, "warn",
-                         f"{_names(flat)} send a single value; value-based bidding needs at least "
-                         "two distinct values to tell good leads from cheap ones.")
+                         f"{', '.join(flat)} receive{'s' if len(flat) == 1 else ''} a single value; "
+                         "value-based bidding needs at least two distinct values to tell good leads "
+                         "from cheap ones (value a stage at deal_amount or predicted).")
+    counts = ", ".join(f"{d} {int(v)}" for d, v in n.items())
     return Guardrail("distinct_values", title, "pass",
-                     f"Every conversion action sends at least two distinct values "
-                     f"(fewest: {int(n.min())}).")
+                     f"Every destination receives at least two distinct values ({counts}).")
 
 
 def volume(data: ReportData, minimum: int) -> Guardrail:

@@ -64,9 +64,13 @@ def _badge(text: str) -> str:
     return f'<span class="badge {_e(cls)}">{_e(text)}</span>'
 
 
-def _table(rows: list[list[str]], header: list[str], text_cols: int = 1) -> str:
-    """Cells are already-escaped HTML; the first `text_cols` columns are left-aligned text."""
+def _table(rows: list[list[str]], header: list[str], text_cols: int = 1, wide: int | None = None
+           ) -> str:
+    """Cells are already-escaped HTML; the first `text_cols` columns are left-aligned text, and
+    column `wide` (a sentence) gets room to read."""
     def cls(i: int) -> str:
+        if i == wide:
+            return ' class="text wide"'
         return ' class="text"' if i < text_cols else ""
 
     head = "".join(f"<th{cls(i)}>{_e(h)}</th>" for i, h in enumerate(header))
@@ -212,7 +216,7 @@ def _validation_section(data: ReportData) -> str:
         f"{num(r['lift'])} <span class=ci>[{num(r['lift_ci_low'])}–{num(r['lift_ci_high'])}]</span>",
         pvalue(r["p_value"]), pvalue(r["q_value"]), num(r["median_days_to_macro"], 1),
     ] for _, r in overall.iterrows()]
-    out.append(_table(rows, header, text_cols=4))
+    out.append(_table(rows, header, text_cols=4, wide=3))
     seg = v[v["segment"] != "all"]
     if not seg.empty:
         rows = [[_e(r["segment"]), _e(r["micro"]), _badge(r["verdict"]), integer(r["n_with"]),
@@ -235,11 +239,15 @@ def _model_section(data: ReportData) -> str:
     m, b = card.get("metrics") or {}, card.get("baseline") or {}
     window = card.get("data_window") or {}
     counts = card.get("counts") or {}
+    features = card.get("features") or []
     facts = [
         ("version", card.get("version")), ("chosen model", card.get("chosen")),
-        ("trained", card.get("created_at")),
-        ("data window", f"{window.get('start', '?')} → {window.get('end', '?')}"),
+        ("trained", str(card.get("created_at", ""))[:16].replace("T", " ")),
+        ("data window", f"{str(window.get('start', '?'))[:10]} → {str(window.get('end', '?'))[:10]}"),
         ("leads / positives", f"{counts.get('n', '?')} / {counts.get('positives', '?')}"),
+        ("features (known at)", ", ".join(f"{f.get('name')} ({f.get('known_at')})" for f in features
+                                          if isinstance(f, dict)) or "–"),
+        ("config hash", card.get("config_hash")),
     ]
     out.append(_table([[_e(k), _e(v)] for k, v in facts], ["", "value"], text_cols=2))
     metric_rows = [[_e(k), num(m.get(k), 3), num(b.get(k), 3)]
@@ -287,7 +295,7 @@ def _uploads_section(data: ReportData) -> str:
         rows = [[_e(r["destination"]), _e(r["status"]), _e(r["platform_code"]), _e(r["message"]),
                  integer(r["n"])] for _, r in data.rejections.iterrows()]
         out.append(_table(rows, ["destination", "status", "code", "platform message", "conversions"],
-                          text_cols=4))
+                          text_cols=4, wide=3))
     return "".join(out) + "</section>"
 
 
