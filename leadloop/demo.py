@@ -15,6 +15,7 @@ import time
 import tomllib
 from collections import Counter
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,8 @@ from leadloop.jobs import run_cycle
 from leadloop.store import make_engine
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
-_SANDBOX_SECRETS = (
-    "LEADLOOP_SANDBOX_HUBSPOT_TOKEN",
-    "LEADLOOP_SANDBOX_GOOGLE_TOKEN",
-    "LEADLOOP_SANDBOX_META_TOKEN",
-)
+_HUBSPOT_TOKEN_ENV = "LEADLOOP_SANDBOX_HUBSPOT_TOKEN"
+_PLATFORM_TOKEN_ENVS = ("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "LEADLOOP_SANDBOX_META_TOKEN")
 
 
 def _fresh_output(out: Path) -> None:
@@ -65,23 +63,22 @@ def run_demo(out: Path, *, n_leads: int = 5000, seed: int = 7) -> str:
 
     started = time.monotonic()
     _fresh_output(out)
-    funnel = simulate(n_leads, seed=seed)
-    tokens = {name: secrets.token_urlsafe(24) for name in _SANDBOX_SECRETS}
-    os.environ.update(tokens)
+    # The funnel ends now, so the newest stages are recent enough for every platform's window.
+    funnel = simulate(n_leads, seed=seed, end=datetime.now(UTC).replace(microsecond=0))
+    # Fresh random sandbox credentials, passed the way real ones are: through the environment.
+    hubspot_token, platform_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    os.environ[_HUBSPOT_TOKEN_ENV] = hubspot_token
+    os.environ.update(dict.fromkeys(_PLATFORM_TOKEN_ENVS, platform_token))
     with ExitStack() as stack:
-        hubspot = stack.enter_context(
-            FakeHubSpot(funnel, token=tokens["LEADLOOP_SANDBOX_HUBSPOT_TOKEN"])
-        )
-        platforms = stack.enter_context(
-            FakePlatforms(
-                google_token=tokens["LEADLOOP_SANDBOX_GOOGLE_TOKEN"],
-                meta_token=tokens["LEADLOOP_SANDBOX_META_TOKEN"],
-            )
-        )
-        settings = _demo_settings(out, hubspot.base_url, platforms.base_urls)
+        hubspot = stack.enter_context(FakeHubSpot(funnel, token=hubspot_token))
+        platforms = stack.enter_context(FakePlatforms(require_token=platform_token))
+        settings = _demo_settings(out, hubspot.base_url, platforms.urls)
         ctx = Context(settings=settings, engine=make_engine(settings.database.url), out_dir=out)
         results = run_cycle(ctx)
-        received = platforms.received_counts()
+        received = {
+            name: len(platforms.ledgers[settings.destination_kind(name)])
+            for name in settings.destinations
+        }
     failed = [r for r in results if not r.ok]
     if failed:
         raise LeadloopError(
