@@ -160,6 +160,7 @@ class Harness(abc.ABC):
 HARNESSES: dict[str, str] = {
     "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
     "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
+    "hubspot": "tests.crm_harnesses.hubspot:HubSpotHarness",
 }
 
 
