@@ -85,7 +85,9 @@ class PipedriveSource:
                                 statuses=frozenset({500, 502, 503, 504}))
         self.page_size = min(crm.page_size or MAX_LIMIT, MAX_LIMIT)
         rate = crm.requests_per_10s or DEFAULT_REQUESTS_PER_10S
-        self.limiter = RateLimiter(rate, 10.0, burst=max(1.0, rate / 5))  # one 2-s window
+        # Bursts are counted per 2-s window: a bucket of capacity B at rate r sends up to
+        # B + 2r in a window, so keep B at a tenth of the window's allowance.
+        self.limiter = RateLimiter(rate, 10.0, burst=max(1.0, rate / 5 * 0.1))
         self.sleep = time.sleep
         self.requests = 0
         self.throttled = 0
