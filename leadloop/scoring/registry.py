@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
+_TRUSTED_NAMES = {"functools.partial"}  # HistGradientBoosting keeps its loss as a partial
 
 
 def models_dir(settings: Settings) -> Path:
@@ -150,7 +151,7 @@ def load_model(settings: Settings, card: dict[str, Any]) -> Any:
     if not path.is_file():
         raise ModelError(f"model artifact {path} is missing")
     untrusted = sio.get_untrusted_types(file=path)
-    foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
+    foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES) and t not in _TRUSTED_NAMES]
     if foreign:
         raise ModelError(f"model artifact {path.name} contains unexpected types {foreign[:5]}; "
                          "refusing to load it")
