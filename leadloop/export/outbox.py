@@ -164,8 +164,13 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
 
     conv = Conversion.__table__  # type: ignore[attr-defined]
     existing: dict[tuple[str, int, str], list[Any]] = defaultdict(list)
+    cols = ("id", "destination", "lead_id", "stage", "revision", "kind", "status",
+            "conversion_action", "conversion_time", "value", "currency", "click_id_kind",
+            "click_id", "hold_rule")
     for row in session.execute(
-        select(conv).where(conv.c.destination.in_(list(destinations))).order_by(conv.c.revision)
+        select(*[conv.c[c] for c in cols])
+        .where(conv.c.destination.in_(list(destinations)))
+        .order_by(conv.c.revision)
     ):
         existing[(row.destination, row.lead_id, row.stage)].append(row)
 

@@ -12,8 +12,9 @@ real thing.
 Tests script answers: `fail_next(kind, "429" | "500" | "fast_fail", ...)` for whole-request
 failures and `reject(kind, order_id, code)` for a per-row error.
 
-    platforms = FakePlatforms().start()        # {kind: base_url}
-    ... [destinations.x] base_url = platforms.urls["meta"] ...
+    platforms = FakePlatforms()
+    urls = platforms.start()        # {kind: base_url}; [destinations.x] base_url = urls["meta"]
+    ...
     platforms.stop()
 """
 
@@ -61,9 +62,10 @@ class FakePlatforms:
 
     # -- lifecycle and scripting ----------------------------------------------------------
 
-    def start(self) -> FakePlatforms:
+    def start(self) -> dict[str, str]:
+        """Start every fake; return {destination kind: base_url} (also kept in `.urls`)."""
         self.urls = {k: s.start() for k, s in self.servers.items()}
-        return self
+        return dict(self.urls)
 
     def stop(self) -> None:
         """Stop every server at once (each shutdown waits for its poll loop)."""
@@ -84,7 +86,8 @@ class FakePlatforms:
         self._requests_status.clear()
 
     def __enter__(self) -> FakePlatforms:
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
