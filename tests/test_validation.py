@@ -1,0 +1,129 @@
+"""Micro→macro validation: planted effects recovered, false discoveries controlled, statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlmodel import Session, select
+
+from leadloop.errors import LeadloopError
+from leadloop.sandbox.simulator import MICRO_CONVERSIONS
+from leadloop.tables import ValidationResult
+from leadloop.validation import (
+    add_q_values_and_verdicts,
+    analyse,
+    trend_check,
+    two_by_two,
+    validate_csv,
+)
+from tests.conftest import SHARED_DATA
+from tests.scoring_helpers import demo_context, load_funnel
+
+XED = SHARED_DATA / "x_education_leads" / "Leads.csv"
+
+
+def test_planted_effects_are_recovered_from_the_store(sqlite_engine, tmp_path) -> None:
+    from leadloop.validation import run_validation
+
+    ctx = demo_context(sqlite_engine, tmp_path)
+    ctx.job_run_id = 42
+    load_funnel(ctx, 6000, seed=11)
+    counts = run_validation(ctx)
+    assert counts["tests"] > 5 and counts["segment_tests"] > 0
+    with Session(sqlite_engine) as s:
+        rows = {r.micro: r for r in s.exec(select(ValidationResult).where(
+            ValidationResult.segment == "all"))}
+    assert set(rows) == set(MICRO_CONVERSIONS)
+    for name, (_share, odds_ratio) in MICRO_CONVERSIONS.items():
+        r = rows[name]
+        assert r.job_run_id == 42 and r.reason
+        if odds_ratio > 1:
+            assert r.verdict == "predictive" and r.lift > 1 and r.q_value < 0.05, name
+        elif odds_ratio < 1:
+            assert r.verdict == "negative" and r.lift < 1 and r.q_value < 0.05, name
+        else:
+            assert r.verdict == "no signal" and r.role == "retire", name
+    assert rows["pricing_view"].role == "primary goal"
+    assert rows["pricing_view"].median_days_to_macro > 0
+    assert rows["pricing_view"].details["trend"]["lag_weeks"] == 2
+    assert counts["predictive"] == 3 and counts["negative"] == 1 and counts["no_signal"] == 1
+
+
+def test_run_validation_writes_rows_on_both_databases(engine, tmp_path) -> None:
+    from leadloop.validation import run_validation
+
+    ctx = demo_context(engine, tmp_path)
+    load_funnel(ctx, 800, seed=5)
+    counts = run_validation(ctx)
+    with Session(engine) as s:
+        n = len(s.exec(select(ValidationResult)).all())
+    assert n == counts["tests"] >= len(MICRO_CONVERSIONS)
+
+
+def test_null_micro_conversions_keep_false_discoveries_under_5_percent() -> None:
+    y = pd.read_csv(XED, usecols=["Converted"])["Converted"].to_numpy()
+    rng = np.random.default_rng(2024)
+    discoveries, total = 0, 0
+    for _ in range(20):  # 20 analyses × 25 null micro-conversions, each with its own BH
+        flags = {f"null_{i}": rng.random(len(y)) < rng.uniform(0.02, 0.4) for i in range(25)}
+        rows = analyse(y, flags, min_events=10, min_group=30)
+        add_q_values_and_verdicts(rows, alpha=0.05)
+        discoveries += sum(r["verdict"] in ("predictive", "weak", "negative") for r in rows)
+        total += len(rows)
+    assert discoveries / total <= 0.05
+
+
+def test_two_by_two_statistics() -> None:
+    has = np.array([True] * 100 + [False] * 900)
+    y = np.array([1] * 30 + [0] * 70 + [1] * 90 + [0] * 810)
+    r = two_by_two(has, y, min_events=10, min_group=30)
+    assert r["rate_with"] == 0.3 and r["rate_without"] == 0.1
+    assert r["lift"] == pytest.approx(3.0) and r["lift_ci_low"] < 3 < r["lift_ci_high"]
+    assert r["lift_ci_low"] > 2 and r["test"] == "chi-square" and r["p_value"] < 1e-6
+    assert r["phi"] == pytest.approx((30 * 810 - 70 * 90) / np.sqrt(100 * 900 * 120 * 880))
+    # small counts: Fisher, and an empty cell keeps the CI finite
+    has = np.array([True] * 12 + [False] * 60)
+    y = np.array([0] * 12 + [1] * 10 + [0] * 50)
+    r = two_by_two(has, y, min_events=10, min_group=30)
+    assert r["test"] == "fisher" and np.isfinite(r["lift_ci_high"]) and r["lift"] < 1
+    few = two_by_two(has[:20], y[:20], min_events=10, min_group=30)
+    assert few["enough"] is False and few["p_value"] is None
+    rows = [{"micro": "few", "segment": "all", **few}]
+    add_q_values_and_verdicts(rows, alpha=0.05)
+    assert rows[0]["verdict"] == "not enough data" and rows[0]["role"] == "diagnostic only"
+
+
+def test_validate_csv_on_x_education() -> None:
+    rows = validate_csv(XED, label="Converted", micros=[
+        'guide=`A free copy of Mastering The Interview` == "Yes"',
+        "engaged=`Total Time Spent on Website` > 600",
+    ])
+    by = {r["micro"]: r for r in rows}
+    assert by["engaged"]["verdict"] == "predictive" and by["engaged"]["lift"] > 1.5
+    assert by["guide"]["verdict"] == "negative"  # this dataset's guide takers convert less
+    for r in rows:
+        assert r["q_value"] >= r["p_value"] and r["reason"].endswith(".")
+
+
+def test_validate_csv_names_the_bad_micro(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    pd.DataFrame({"won": ["yes", "no"] * 50, "a": range(100)}).to_csv(path, index=False)
+    with pytest.raises(LeadloopError, match="micro-conversion broken"):
+        validate_csv(path, label="won", micros=["broken=`no such column` > 1"])
+    with pytest.raises(LeadloopError, match="NAME=EXPR"):
+        validate_csv(path, label="won", micros=["just-a-name"])
+
+
+def test_trend_check_sees_a_lagged_relation() -> None:
+    rng = np.random.default_rng(0)
+    weeks = pd.date_range("2026-01-05", periods=40, freq="W-MON", tz="UTC")
+    micro_counts = rng.integers(20, 200, len(weeks))
+    macro_counts = np.roll(micro_counts, 2) // 4 + rng.integers(0, 3, len(weeks))
+    micro = pd.Series(np.repeat(weeks + pd.Timedelta(days=2), micro_counts))
+    macro = pd.Series(np.repeat(weeks + pd.Timedelta(days=2), macro_counts))
+    t = trend_check(micro, macro, lag_weeks=2)
+    assert t["verdict"] == "moves with macro" and t["spearman_rho"] > 0.5
+    assert trend_check(micro, macro.iloc[:0], 2)["verdict"] == "not enough weeks"
