@@ -1,0 +1,91 @@
+"""Stage mapping of raw stage rows, and the data-driven stage value suggestions."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from leadloop.config import settings_from_dict
+from leadloop.context import Context
+from leadloop.crm.base import LeadIn, Page, StageIn, apply_page
+from leadloop.store import session_scope
+from leadloop.values import (
+    load_stage_rows,
+    macro_value,
+    map_stage_rows,
+    stage_keys,
+    suggest_stage_values,
+    suggest_stage_values_toml,
+    wilson_interval,
+)
+from tests.conftest import BASE_CONFIG
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_stage_keys_use_the_stage_field_or_both_crm_stage_properties(make_settings) -> None:
+    stages = [*BASE_CONFIG["stages"], {"name": "Demo", "crm_values": ["demo"]}]
+    keys = stage_keys(make_settings(stages=stages))
+    assert keys[("lifecyclestage", "salesqualifiedlead")] == ["Qualified"]
+    assert keys[("dealstage", "closedwon")] == ["Won"]
+    assert ("lifecyclestage", "closedwon") not in keys
+    assert keys[("lifecyclestage", "demo")] == keys[("dealstage", "demo")] == ["Demo"]
+    frame = map_stage_rows(make_settings(), [
+        (1, "lifecyclestage", "salesqualifiedlead", T0, None, None, "", False),
+        (1, "lifecyclestage", "unknown", T0, None, None, "", False),
+        (1, "dealstage", "closedwon", T0, Decimal("10.5"), "EUR", "d1", False)])
+    assert list(frame["stage"]) == ["Qualified", "Won"] and frame["amount"].iloc[1] == 10.5
+
+
+def _funnel_page() -> Page:
+    """10 leads reach Lead; 6 of them Qualified; 3 of those win deals of 1000, 2000, 3000."""
+    page = Page()
+    for i in range(10):
+        page.leads.append(LeadIn(crm_id=str(i), created_at=T0))
+        page.stages.append(StageIn(str(i), "lifecyclestage", "lead", T0))
+        if i < 6:
+            page.stages.append(StageIn(str(i), "lifecyclestage", "salesqualifiedlead",
+                                       T0 + timedelta(days=3)))
+        if i < 3:
+            page.stages.append(StageIn(str(i), "dealstage", "closedwon", T0 + timedelta(days=9),
+                                       f"d{i}", Decimal(1000 * (i + 1)), "EUR"))
+        if i == 5:  # a lost deal is not a win
+            page.stages.append(StageIn(str(i), "dealstage", "closedlost", T0 + timedelta(days=9),
+                                       "d5", Decimal(9999), "EUR", True))
+    return page
+
+
+def test_suggestions_and_ready_to_paste_toml(engine, make_settings) -> None:
+    ctx = Context(settings=make_settings(), engine=engine)
+    with session_scope(engine) as session:
+        apply_page(session, ctx, "hubspot", "contacts", _funnel_page())
+    by = {s.stage.name: s for s in suggest_stage_values(engine, ctx.settings)}
+    assert (by["Lead"].reached, by["Lead"].won) == (10, 3)
+    assert (by["Qualified"].reached, by["Qualified"].won) == (6, 3)
+    assert by["Qualified"].value == pytest.approx(0.5 * 2000.0)
+    assert by["Qualified"].p_low < 0.5 < by["Qualified"].p_high
+    assert by["Lead"].value == pytest.approx(0.3 * 2000.0)
+    text = suggest_stage_values_toml(ctx)
+    parsed = tomllib.loads(text)
+    settings = settings_from_dict({"crm": BASE_CONFIG["crm"], "stages": parsed["stages"]})
+    values = {s.name: s.value for s in settings.stages}
+    assert values == {"Lead": 600.0, "Qualified": 1000.0, "Won": "deal_amount"}
+    assert "3 of 6 leads that reached it won" in text
+    # the macro stage's value, and what a "deal_amount" macro stage would be worth
+    rows = load_stage_rows(engine, ctx.settings)
+    assert macro_value(ctx.settings, rows) == (100.0, "fixed stage value")
+    stages = [dict(s) for s in BASE_CONFIG["stages"]]
+    stages[1] = {**stages[1], "value": "deal_amount"}
+    value, how = macro_value(make_settings(stages=stages), rows)
+    assert value == pytest.approx(2000.0) and "won" in how
+
+
+def test_wilson_interval_is_sane_at_the_edges() -> None:
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and lo > 0.8
