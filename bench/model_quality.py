@@ -1,0 +1,142 @@
+"""Model quality on the real datasets next to the data README's floors, and train/score times
+on simulated leads.
+
+    .venv/bin/python bench/model_quality.py [--leads 1000000] [--skip-real]
+
+X Education: pre-contact columns only, stratified 5-fold CV (as the floors were measured).
+Olist: origin + landing page, time split at 2018-03-01 (and 5-fold CV for reference).
+Simulated: the store-free path of `train_and_register`/`score_leads` (feature build, time-split
+evaluation with candidate choice and calibration, final fit, scoring), timed at --leads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from leadloop.config import settings_from_dict
+from leadloop.sandbox.simulator import lead_in, simulate
+from leadloop.scoring.evaluate import evaluate_frame, fit_final
+from leadloop.scoring.features import Feature, LeadData, build_features, frame_for, resolve_features
+from leadloop.scoring.model import evaluate_csv
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+XED_PRE_CONTACT = [
+    "Lead Origin", "Lead Source", "Do Not Email", "Do Not Call", "TotalVisits",
+    "Total Time Spent on Website", "Page Views Per Visit", "Country", "Specialization",
+    "How did you hear about X Education", "What is your current occupation",
+    "What matters most to you in choosing a course", "City", "Search", "Magazine",
+    "Newspaper Article", "X Education Forums", "Newspaper", "Digital Advertisement",
+    "Through Recommendations", "Receive More Updates About Our Courses",
+    "Update me on Supply Chain Content", "Get updates on DM Content",
+    "I agree to pay the amount through cheque", "A free copy of Mastering The Interview",
+]
+
+
+def _row(name: str, m: dict, floor: str, seconds: float) -> None:
+    print(f"{name:<34} roc_auc {m['roc_auc']:.3f}  pr_auc {m['pr_auc']:.3f}  "
+          f"ece {m['ece']:.3f}  brier {m['brier']:.3f}  | floor {floor}  ({seconds:.1f} s)")
+
+
+def real_data() -> None:
+    path = DATA / "x_education_leads" / "Leads.csv"
+    cols = pd.read_csv(path, nrows=0).columns
+    t = time.perf_counter()
+    m = evaluate_csv(path, label="Converted",
+                     exclude=[c for c in cols if c not in XED_PRE_CONTACT and c != "Converted"])
+    _row(f"X Education pre-contact ({m['model']})", m, "LR 0.865 / HGB 0.873 (5-fold)",
+         time.perf_counter() - t)
+    olist = DATA / "olist_marketing_funnel"
+    mql = pd.read_csv(olist / "olist_marketing_qualified_leads_dataset.csv")
+    deals = pd.read_csv(olist / "olist_closed_deals_dataset.csv")
+    feats = [Feature("origin", "category", "created"), Feature("landing_page_id", "category", "created")]
+    x, y = frame_for(mql, feats), mql["mql_id"].isin(deals["mql_id"]).astype(int).to_numpy()
+    times = pd.to_datetime(mql["first_contact_date"], utc=True)
+    t = time.perf_counter()
+    ev = evaluate_frame(x, y, feats, times=times, split_at=pd.Timestamp("2018-03-01", tz="UTC"))
+    _row(f"Olist time split ({ev.best})", ev.metrics, "LR 0.667 / HGB 0.653 (time split)",
+         time.perf_counter() - t)
+    t = time.perf_counter()
+    ev = evaluate_frame(x, y, feats)
+    _row(f"Olist 5-fold ({ev.best})", ev.metrics, "LR 0.682 / HGB 0.668 (5-fold)",
+         time.perf_counter() - t)
+
+
+def simulated(n: int) -> None:
+    end = datetime(2026, 10, 1, tzinfo=UTC)
+    t = time.perf_counter()
+    funnel = simulate(n, seed=7, end=end)
+    rows, events, macro = [], [], {}
+    for i, lead in enumerate(funnel.leads):
+        li = lead_in(lead)
+        rows.append({"lead_id": i, "created_at": li.created_at, "attributes": li.attributes,
+                     **{k: getattr(li, k) for k in ("utm_source", "utm_medium", "utm_campaign",
+                        "landing_page", "country", "gclid", "gbraid", "wbraid", "fbclid", "fbc",
+                        "meta_lead_id", "msclkid", "li_fat_id")}})
+        events += [(i, name, at) for name, at in lead.micro_events]
+        macro_at = [at for v, at in lead.lifecycle if v == "salesqualifiedlead"]
+        if macro_at:
+            macro[i] = macro_at[0]
+    leads = pd.DataFrame(rows).set_index("lead_id")
+    leads["created_at"] = pd.to_datetime(leads["created_at"], utc=True)
+    ev_frame = pd.DataFrame(events, columns=["lead_id", "name", "occurred_at"])
+    ev_frame["occurred_at"] = pd.to_datetime(ev_frame["occurred_at"], utc=True)
+    data = LeadData(leads=leads, events=ev_frame)
+    print(f"simulate + frame {n:,} leads: {time.perf_counter() - t:.1f} s")
+
+    settings = settings_from_dict({
+        "crm": {"kind": "hubspot"},
+        "stages": [{"name": "SQL", "crm_values": ["salesqualifiedlead"], "macro": True}],
+        "micro_conversions": [{"name": m, "event": m} for m in
+                              ("guide_download", "pricing_view", "webinar_signup",
+                               "newsletter_signup", "careers_page_view")],
+    })
+    horizon = pd.Timedelta(days=90)
+    macro_s = pd.to_datetime(pd.Series(macro, dtype=object), utc=True).reindex(leads.index)
+    deadline = leads["created_at"] + horizon
+    eligible = deadline <= pd.Timestamp(end)
+    converted = macro_s.notna() & (macro_s <= deadline)
+    moment = macro_s.where(converted, deadline)[eligible]
+    t = time.perf_counter()
+    feats = resolve_features(settings, data)
+    x, _ = build_features(data, feats, moment)
+    y = converted[eligible].astype(int).to_numpy()
+    t_feat = time.perf_counter() - t
+    t = time.perf_counter()
+    ev = evaluate_frame(x, y, feats, times=leads.loc[moment.index, "created_at"])
+    t_eval = time.perf_counter() - t
+    t = time.perf_counter()
+    model = fit_final(x, y, feats, ev.best)
+    t_fit = time.perf_counter() - t
+    t = time.perf_counter()
+    now = pd.Series(pd.Timestamp(end), index=leads.index)
+    xs, _ = build_features(data, feats, now)
+    p = model.predict_proba(frame_for(xs, feats))[:, 1]
+    t_score = time.perf_counter() - t
+    print(f"train on {len(y):,} decided leads ({int(y.sum()):,} converted): features "
+          f"{t_feat:.1f} s, evaluation (choice + calibration + test) {t_eval:.1f} s, "
+          f"final fit {t_fit:.1f} s; chosen {ev.best}")
+    print(f"  simulated holdout: roc_auc {ev.metrics['roc_auc']:.3f} pr_auc "
+          f"{ev.metrics['pr_auc']:.3f} ece {ev.metrics['ece']:.3f} (baseline roc_auc "
+          f"{ev.baseline['roc_auc']:.3f})")
+    print(f"score {len(p):,} leads (features + predict): {t_score:.1f} s "
+          f"({len(p) / t_score:,.0f} leads/s); mean p {np.mean(p):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--leads", type=int, default=1_000_000)
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_real:
+        real_data()
+    simulated(args.leads)
+
+
+if __name__ == "__main__":
+    main()
