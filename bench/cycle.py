@@ -1,0 +1,208 @@
+"""Benchmark one full leadloop cycle at scale (issue #8): sync, score, validate, export, report.
+
+    .venv/bin/python bench/cycle.py --leads 100000 --db sqlite
+    .venv/bin/python bench/cycle.py --leads 1000000 --db postgres   # uses leadloop_bench_g
+
+The sandbox funnel is served by the fake HubSpot in a CHILD process, so the peak RSS printed for
+leadloop is leadloop's own (the fake's is printed apart). The fake runs with no rate limits and
+the connector's client-side limiters are opened just as wide: the bench measures leadloop, not
+HubSpot's request budget (bench/sync.py measures sync under a real plan's limits).
+
+Stages are the job functions the CLI and the daemon call, on the demo's configuration
+(config/demo.toml: four stages, five micro-conversions, Google Data Manager + Meta). Export is a
+dry run (payload files written under a temporary directory, nothing sent).
+
+The floor is the simplest loop that does the same I/O as the sync: the very requests the connector
+made, replayed with `requests` against the same fake, each page's results bulk-inserted with
+`executemany` into one key/JSON table. The ratio printed is sync time / floor time.
+
+A second cycle then runs with nothing changed in the CRM (the incremental case), timed per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sqlite3
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg
+import requests
+from sqlmodel import SQLModel
+
+from leadloop.config import settings_from_dict
+from leadloop.context import Context
+from leadloop.crm.base import sync_source
+from leadloop.crm.hubspot import HubSpotSource
+from leadloop.export import run_export
+from leadloop.report import write_reports
+from leadloop.scoring.model import score_leads
+from leadloop.store import make_engine
+from leadloop.validation import run_validation
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "pat-bench-cycle-token"
+TOKEN_ENV = "LEADLOOP_BENCH_HUBSPOT_TOKEN"
+PG_URL = os.environ.get("LEADLOOP_BENCH_POSTGRES_URL",
+                        "postgresql://postgres@127.0.0.1:54329/leadloop_bench_g")
+Call = tuple[str, str, bytes]  # method, path?query, body
+
+
+def _serve(n: int, seed: int, conn: Any) -> None:
+    """Child process: simulate the funnel, serve it without limits, answer control messages."""
+    from leadloop.sandbox.fake_hubspot import FakeHubSpot
+    from leadloop.sandbox.simulator import simulate
+
+    t = time.perf_counter()
+    funnel = simulate(n, seed=seed, end=datetime.now(UTC).replace(microsecond=0))
+    fake = FakeHubSpot(funnel, token=TOKEN, requests_per_window=None, search_per_second=None,
+                       daily_limit=None)
+    with fake:
+        conn.send((fake.base_url, time.perf_counter() - t))
+        while True:
+            msg = conn.recv()
+            if msg == "calls":
+                conn.send([(r.method, r.path + ("?" + urlencode(r.query, doseq=True) if r.query else ""),
+                            r.body) for r in fake.received])
+            elif msg == "clear":
+                fake.received.clear()
+                conn.send(True)
+            else:
+                break
+
+
+def _settings(base_url: str, db_url: str, out: Path) -> Any:
+    data = tomllib.loads((ROOT / "config" / "demo.toml").read_text())
+    data["database"]["url"] = db_url
+    data["crm"].update(base_url=base_url, token_env=TOKEN_ENV, requests_per_10s=1e7,
+                       daily_request_limit=None)
+    data["crm"] = {k: v for k, v in data["crm"].items() if v is not None}
+    for section in data["destinations"].values():
+        section.pop("token_env", None)  # dry run: payload files only, nothing validated remotely
+    data["model"]["dir"] = str(out / "models")
+    data["report"]["out_dir"] = str(out)
+    return settings_from_dict(data, source="bench/cycle.py", base_dir=ROOT / "config")
+
+
+def _reset_postgres() -> None:
+    engine = make_engine(PG_URL)
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def _stages(ctx: Context, out: Path) -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("sync", lambda: sync_source(ctx, HubSpotSource(ctx, search_per_second=1e6))),
+        ("score", lambda: score_leads(ctx)),
+        ("validate", lambda: run_validation(ctx)),
+        ("export (dry run)", lambda: run_export(ctx)),
+        ("report", lambda: write_reports(ctx, out)),
+    ]
+
+
+def _cycle(ctx: Context, out: Path, label: str) -> dict[str, float]:
+    times: dict[str, float] = {}
+    print(f"-- {label}")
+    for name, run in _stages(ctx, out):
+        t = time.perf_counter()
+        result = run()
+        times[name] = time.perf_counter() - t
+        summary = result if isinstance(result, dict) else {"files": len(result)}
+        brief = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "files"}
+        print(f"   {name:<17} {times[name]:8.1f} s   {json.dumps(brief, default=str)[:150]}")
+    print(f"   {'total':<17} {sum(times.values()):8.1f} s")
+    return times
+
+
+def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[float, int]:
+    """Replay the connector's requests with plain `requests`; executemany each page's results."""
+    if db == "sqlite":
+        con: Any = sqlite3.connect(tmp / "floor.db")
+        con.execute("create table page_row (kind text, id text, body text, primary key (kind, id))")
+        sql = "insert or replace into page_row values (?, ?, ?)"
+    else:
+        con = psycopg.connect(PG_URL)
+        con.execute("drop table if exists floor_page_row")
+        con.execute("create table floor_page_row (kind text, id text, body text, primary key (kind, id))")
+        sql = ("insert into floor_page_row values (%s, %s, %s) on conflict (kind, id) "
+               "do update set body = excluded.body")
+    h = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    started, rows_in = time.perf_counter(), 0
+    with requests.Session() as s:
+        for method, path, body in calls:
+            data = s.request(method, base_url + path, data=body or None, headers=h).json()
+            kind = path.split("?")[0]
+            rows = [(kind, str(r.get("id") or r.get("from", {}).get("id")), json.dumps(r))
+                    for r in data.get("results", [])]
+            if rows:
+                con.cursor().executemany(sql, rows)
+            con.commit()
+            rows_in += len(rows)
+    elapsed = time.perf_counter() - started
+    if db == "postgres":
+        con.execute("drop table floor_page_row")
+        con.commit()
+    con.close()
+    return elapsed, rows_in
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--leads", type=int, default=100_000)
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args()
+
+    parent, child = mp.get_context("fork").Pipe()
+    server = mp.get_context("fork").Process(target=_serve, args=(args.leads, args.seed, child))
+    server.start()
+    base_url, sim_s = parent.recv()
+    print(f"leads {args.leads:,}  db {args.db}  cores {os.cpu_count()}  "
+          f"(fake HubSpot in pid {server.pid}, funnel simulated and loaded in {sim_s:.1f} s)")
+    os.environ[TOKEN_ENV] = TOKEN
+    with tempfile.TemporaryDirectory(prefix="leadloop-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.db == "postgres":
+            _reset_postgres()
+            db_url = PG_URL
+        else:
+            db_url = f"sqlite:///{tmp / 'bench.db'}"
+        settings = _settings(base_url, db_url, tmp)
+        ctx = Context(settings=settings, engine=make_engine(db_url), dry_run=True, out_dir=tmp)
+        first = _cycle(ctx, tmp, "first cycle (empty store)")
+        parent.send("calls")
+        calls: list[Call] = parent.recv()
+        rss_after_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        parent.send("clear")
+        parent.recv()
+        second = _cycle(ctx, tmp, "incremental cycle (nothing changed in the CRM)")
+        parent.send("calls")
+        n_incr = len(parent.recv())
+        floor_s, floor_rows = floor_run(calls, base_url, args.db, tmp)
+        ctx.engine.dispose()
+        if args.db == "postgres":
+            _reset_postgres()
+    parent.send("stop")
+    server.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fake_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"floor: {len(calls):,} requests replayed, {floor_rows:,} rows executemany'd in {floor_s:.1f} s; "
+          f"sync/floor = {first['sync'] / floor_s:.2f}")
+    print(f"incremental sync made {n_incr} requests; incremental cycle "
+          f"{sum(second.values()):.1f} s (sync {second['sync']:.2f} s)")
+    print(f"peak RSS leadloop process: {rss_after_first:,.0f} MB after first cycle, {peak:,.0f} MB overall "
+          f"(includes the floor loop); fake HubSpot child: {fake_peak:,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
