@@ -102,10 +102,9 @@ def _summary(out: Path, counts: dict[str, dict], received: dict[str, int], secon
         f"  validated   {validate.get('tests', validate.get('micros', 0))} micro→macro tests",
     ]
     for dest, n in sorted(received.items()):
-        built = export.get(dest, {}) if isinstance(export.get(dest), dict) else {}
-        extra = ", ".join(f"{k} {v}" for k, v in built.items() if isinstance(v, int))
+        held = export.get("destinations", {}).get(dest, {}).get("held", 0)
         lines.append(f"  exported    {dest}: {n} conversions accepted in {payload_files[dest]} "
-                     f"requests" + (f" ({extra})" if extra else ""))
+                     f"requests, {held} held back by platform rules (see the report)")
     lines += [
         f"  report      {out / 'report.html'}",
         f"  validation  {out / 'validation.csv'}",

@@ -54,7 +54,10 @@ def google(row: OutRow, now: datetime, send_user_data: bool) -> str | None:
             send_user_data and _has_identity(row, ("email_google_sha256", "phone_e164_sha256"))
         ):
             return "no_click_id"
-        if row.google_click is not None and row.conversion_time - row.lead_created_at > 90 * DAY:
+        # Google imports a click conversion only while the click is inside the action's click-through
+        # window (at most 90 days) at upload time; older ones fail async as EVENT_TOO_OLD/EXPIRED_EVENT.
+        # The lead's creation stands in for the click time.
+        if row.google_click is not None and now - row.lead_created_at > 90 * DAY:
             return "click_too_old"
     else:
         age = now - row.conversion_time
