@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
 from sqlalchemy import update
@@ -151,6 +151,16 @@ class CrmSource(Protocol):
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
         """Yield pages of records modified at or after `since` (None: backfill everything)."""
         ...
+
+
+def parse_decimal(value: Any) -> Decimal | None:
+    """A CRM amount (number or string) as Decimal; None when empty or not a number."""
+    if value in (None, ""):
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
 
 
 # -- the engine -------------------------------------------------------------------------------

@@ -22,13 +22,12 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import requests
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn
+from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn, parse_decimal
 from leadloop.errors import (
     FatalSourceError,
     QuotaExhaustedError,
@@ -259,7 +258,7 @@ class PipedriveSource:
         stage = stages.get(int(raw.get("stage_id") or 0))
         if stage is None:
             raise RecordRejected(ref, f"unknown stage_id {raw.get('stage_id')}")
-        amount = _decimal(raw.get("value"))
+        amount = parse_decimal(raw.get("value"))
         currency = raw.get("currency")
         out: dict[tuple[str, str], StageIn] = {}
 
@@ -283,10 +282,3 @@ def _header_float(response: requests.Response, name: str) -> float | None:
         return None
 
 
-def _decimal(value: Any) -> Decimal | None:
-    if value in (None, ""):
-        return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
-        return None

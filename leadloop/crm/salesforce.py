@@ -22,14 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
 import requests
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn
+from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn, parse_decimal
 from leadloop.errors import (
     ConfigError,
     FatalSourceError,
@@ -452,14 +452,14 @@ class SalesforceSource:
         """An opportunity and its history rows -> the lead's deal stage facts (first entry of
         each stage wins). Pure; raises RecordRejected."""
         opp_id = str(raw["Id"])
-        amount = _decimal(raw.get("Amount"))
+        amount = parse_decimal(raw.get("Amount"))
         first: dict[str, tuple[datetime, Decimal | None]] = {}
         try:
             for h in history:
                 when = parse_sf_datetime(h.get("CreatedDate"))
                 stage = h.get("StageName")
                 if when is not None and stage and stage not in first:
-                    first[str(stage)] = (when, _decimal(h.get("Amount")))
+                    first[str(stage)] = (when, parse_decimal(h.get("Amount")))
             current = raw.get("StageName")
             if current and current not in first:
                 created = parse_sf_datetime(raw.get("CreatedDate"))
@@ -480,13 +480,6 @@ class SalesforceSource:
         return out
 
 
-def _decimal(value: Any) -> Decimal | None:
-    if value in (None, ""):
-        return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
-        return None
 
 
 def _public(raw: dict[str, Any]) -> dict[str, Any]:

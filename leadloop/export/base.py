@@ -84,6 +84,18 @@ class RowResult:
     request_id: str | None = None
 
 
+def classify_row(
+    order_id: str, code: str, message: str, *, duplicate: frozenset[str], retry_after: dict[str, float]
+) -> RowResult:
+    """A platform's per-row error code as our outcome: "already there" counts as sent, known
+    transient codes are retried after their wait, anything else is a permanent rejection."""
+    if code in duplicate:
+        return RowResult(order_id, "sent", code, message)
+    if code in retry_after:
+        return RowResult(order_id, "retry", code, message, retry_after[code])
+    return RowResult(order_id, "rejected", code, message)
+
+
 class BatchRejected(DestinationError):
     """The platform refused the whole request for its content (no per-row partial failure)."""
 

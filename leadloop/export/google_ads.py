@@ -16,6 +16,7 @@ from leadloop.export.base import (
     BatchRejected,
     OutRow,
     RowResult,
+    classify_row,
     google_ads_time,
     json_value,
 )
@@ -58,11 +59,7 @@ def _index(error: dict[str, Any]) -> int | None:
 
 
 def classify(order_id: str, code: str, message: str) -> RowResult:
-    if code in DUPLICATE:
-        return RowResult(order_id, "sent", code, message)
-    if code in RETRY_AFTER:
-        return RowResult(order_id, "retry", code, message, RETRY_AFTER[code])
-    return RowResult(order_id, "rejected", code, message)
+    return classify_row(order_id, code, message, duplicate=DUPLICATE, retry_after=RETRY_AFTER)
 
 
 class GoogleAdsDestination(BaseDestination):

@@ -17,6 +17,7 @@ from leadloop.export.base import (
     BatchRejected,
     OutRow,
     RowResult,
+    classify_row,
     json_value,
     rfc3339,
 )
@@ -31,11 +32,7 @@ FATAL = frozenset({"AuthenticationTokenExpired", "InvalidCredentials", "UserIsNo
 
 
 def classify(order_id: str, code: str, message: str) -> RowResult:
-    if code in DUPLICATE:
-        return RowResult(order_id, "sent", code, message)
-    if code in RETRY_AFTER:
-        return RowResult(order_id, "retry", code, message, RETRY_AFTER[code])
-    return RowResult(order_id, "rejected", code, message)
+    return classify_row(order_id, code, message, duplicate=DUPLICATE, retry_after=RETRY_AFTER)
 
 
 class MicrosoftDestination(BaseDestination):
