@@ -13,8 +13,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# msads (Microsoft's SDK, used only to check our payloads against its models) declares enum34,
+# pytest and Sphinx as runtime requirements; its models need none of them, so it goes in --no-deps.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps 'msads==13.0.30.1'
 	touch $@ $(VENV)/.installed
 
 ## make demo: set up and run one full cycle on the built-in sandbox (no account, no network)
