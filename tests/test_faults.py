@@ -424,15 +424,28 @@ def _files_text(out: Path) -> Iterator[tuple[Path, str]]:
 
 
 @pytest.mark.slow
-def test_no_secret_or_clear_pii_after_a_full_demo_run(tmp_path, caplog, capfd, monkeypatch) -> None:
+def test_no_secret_or_clear_pii_after_a_full_demo_run(tmp_path, capfd, monkeypatch) -> None:
+    """What leadloop writes: its own log handler at DEBUG (urllib3's request lines included, with
+    Meta's `?access_token=`), the database, the reports and the payload files."""
+    import logging
+
     from leadloop.demo import run_demo
+    from leadloop.logs import setup_logging
 
     for name in ("LEADLOOP_SANDBOX_HUBSPOT_TOKEN", "LEADLOOP_SANDBOX_GOOGLE_TOKEN",
                  "LEADLOOP_SANDBOX_META_TOKEN"):
         monkeypatch.delenv(name, raising=False)  # the demo sets fresh ones; restored afterwards
-    caplog.set_level("DEBUG")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    setup_logging("DEBUG", "text")
+    logging.getLogger("urllib3").setLevel(logging.DEBUG)
     n, seed = 1200, 7
-    summary = run_demo(tmp_path, n_leads=n, seed=seed)
+    try:
+        summary = run_demo(tmp_path, n_leads=n, seed=seed)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("urllib3").setLevel(logging.NOTSET)
     secrets = {os.environ[k] for k in ("LEADLOOP_SANDBOX_HUBSPOT_TOKEN", "LEADLOOP_SANDBOX_GOOGLE_TOKEN",
                                        "LEADLOOP_SANDBOX_META_TOKEN")}
     funnel = simulate(n, seed=seed)
@@ -441,7 +454,8 @@ def test_no_secret_or_clear_pii_after_a_full_demo_run(tmp_path, caplog, capfd, m
     digits = {re.sub(r"\D", "", p) for p in phones}
     assert len(emails) > 1000 and len(phones) > 50
     out, err = capfd.readouterr()
-    places = {"logs": caplog.text + out + err + summary, "database": _db_text(tmp_path / "leadloop.db")}
+    assert "access_token=***" in err  # the request lines were logged, masked
+    places = {"logs": out + err + summary, "database": _db_text(tmp_path / "leadloop.db")}
     places.update({str(p.relative_to(tmp_path)): t for p, t in _files_text(tmp_path)})
     assert any(k.startswith("payloads") for k in places)
     for where, body in places.items():
