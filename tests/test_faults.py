@@ -167,12 +167,14 @@ def test_kill_9_during_export_100_times_loses_nothing_and_sends_each_conversion_
             for _ in range(kills_wanted):
                 before = len(platforms.received("google_data_manager"))
                 pid = zygote.start()
-                # wait for this run's first request (its set-up done), then a random moment on
-                deadline = time.monotonic() + 20
-                while (len(platforms.received("google_data_manager")) == before
+                # wait for this run's k-th request (k random: 1-3), then kill at a random moment
+                # soon after: while sending, while committing a batch, or between two batches.
+                # Counting requests (not time) keeps enough work left for 100 kills on any machine.
+                k, deadline = rng.randint(1, 3), time.monotonic() + 20
+                while (len(platforms.received("google_data_manager")) < before + k
                        and _alive(pid) and time.monotonic() < deadline):
-                    time.sleep(0.002)
-                time.sleep(rng.uniform(0.0, 0.02))
+                    time.sleep(0.001)
+                time.sleep(rng.uniform(0.0, 0.01))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 status = zygote.wait()
