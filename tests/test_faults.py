@@ -271,7 +271,14 @@ def test_crm_faults_leave_the_store_equal_to_the_source(tmp_path, make_settings,
             stop.set()
             t.join()
         answered_429 = hs.rate_limited
+        source_ids = {cid for cid, obj in hs.contacts.items() if obj.archived_at is None}
     assert answered_429 > 0 and min(injected) >= 2  # the faults really happened
+    with session_scope(faulty_engine) as s:
+        stored = set(s.exec(select(Lead.crm_id)).all())
+        rejected = set(s.exec(select(RejectedRecord.record_ref)
+                              .where(RejectedRecord.object_type == "contacts")).all())
+    # every source contact is stored or kept as a rejected record with its reason; nothing else
+    assert stored | rejected == source_ids and not stored & rejected
     clean, faulty = _dump(clean_engine), _dump(faulty_engine)
     assert len(clean[0]) == 3000
     assert faulty == clean
