@@ -51,6 +51,7 @@ from leadloop.tables import (
 UNSENT = (ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed)
 BUILD_RULES = frozenset({"no_score", "no_value"})  # decided by the outbox, not by platform rules
 _CENT = Decimal("0.01")
+_INSERT_CHUNK = 10_000  # new rows are written as they are built, in the same transaction: bounded memory
 
 
 def order_id(destination: str, source: str, crm_id: str, stage: str, revision: int) -> str:
@@ -188,6 +189,9 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
             adjustable = destinations[dest]
             keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
             for lead_id in keys:
+                if len(inserts) >= _INSERT_CHUNK:
+                    insert_ignore(session, Conversion, inserts, conflict=("order_id",))
+                    inserts.clear()
                 lead = leads.get(lead_id)
                 if lead is None:
                     continue
