@@ -44,6 +44,7 @@ DESTINATIONS: dict[str, type[BaseDestination]] = {
 }
 _BACKOFF_START = 300.0  # seconds before the first retry of a transient failure
 _BACKOFF_CAP = 6 * 3600.0
+_RULES_CHUNK = 20_000  # outbox rows checked per read in apply_rules
 
 
 def build_destination(ctx: Context, name: str) -> BaseDestination:
@@ -112,29 +113,33 @@ def rule_set(dest: BaseDestination) -> str:
 
 
 def apply_rules(session: Any, dest: BaseDestination, now: datetime) -> int:
-    """Hold or release pending/held rows of one destination; return how many are held now."""
-    rows = load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.held])
+    """Hold or release pending/held rows of one destination; return how many are held now.
+    Rows are read in chunks of `_RULES_CHUNK` ids so memory stays flat with the outbox's size."""
     current = dict(session.execute(
         select(Conversion.id, Conversion.hold_rule).where(  # type: ignore[call-overload]
             Conversion.destination == dest.name,
             Conversion.status.in_([ConversionStatus.pending, ConversionStatus.held]),  # type: ignore[attr-defined]
         )
     ).all())
-    updates, held = [], 0
+    held, after = 0, 0
     kind = rule_set(dest)
-    for row in rows:
-        was = current.get(row.id)
-        if was in BUILD_RULES:
-            held += 1
-            continue
-        rule = check(kind, row, now, consent_required=dest.cfg.consent_required,
-                     send_user_data=dest.cfg.send_user_data)
-        if rule:
-            held += 1
-        if rule != was:
-            updates.append({"id": row.id, "hold_rule": rule,
-                            "status": ConversionStatus.held if rule else ConversionStatus.pending})
-    _bulk_update(session, updates)
+    while rows := load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.held],
+                            after_id=after, limit=_RULES_CHUNK):
+        updates = []
+        for row in rows:
+            was = current.get(row.id)
+            if was in BUILD_RULES:
+                held += 1
+                continue
+            rule = check(kind, row, now, consent_required=dest.cfg.consent_required,
+                         send_user_data=dest.cfg.send_user_data)
+            if rule:
+                held += 1
+            if rule != was:
+                updates.append({"id": row.id, "hold_rule": rule,
+                                "status": ConversionStatus.held if rule else ConversionStatus.pending})
+        _bulk_update(session, updates)
+        after = rows[-1].id
     return held
 
 

@@ -337,11 +337,14 @@ def _bulk_update(session: Session, updates: list[dict[str, Any]]) -> None:
 
 
 def load_rows(session: Session, destination: str, statuses: Sequence[ConversionStatus],
-              *, due_before: datetime | None = None, limit: int | None = None) -> list[OutRow]:
-    """Outbox rows of one destination joined with their lead, oldest first."""
+              *, due_before: datetime | None = None, limit: int | None = None,
+              after_id: int | None = None) -> list[OutRow]:
+    """Outbox rows of one destination joined with their lead, oldest first (ids > `after_id`)."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
     lead = Lead.__table__  # type: ignore[attr-defined]
     cond = [conv.c.destination == destination, conv.c.status.in_([s.value for s in statuses])]
+    if after_id is not None:
+        cond.append(conv.c.id > after_id)
     if due_before is not None:
         cond.append(or_(conv.c.next_attempt_at.is_(None), conv.c.next_attempt_at <= due_before))
     stmt = (
