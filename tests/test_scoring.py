@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 from sqlmodel import Session, func, select
 
+from leadloop.crm.base import EventIn, Page, apply_page
 from leadloop.errors import LeakageError, ModelError
 from leadloop.scoring import registry
 from leadloop.scoring.evaluate import evaluate_frame, fit_final
@@ -22,9 +24,10 @@ from leadloop.scoring.features import (
     resolve_features,
 )
 from leadloop.scoring.model import evaluate_csv, score_leads, train_and_register
+from leadloop.store import session_scope
 from leadloop.tables import Lead, Score
 from tests.conftest import SHARED_DATA
-from tests.scoring_helpers import demo_context, load_funnel
+from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 
 XED = SHARED_DATA / "x_education_leads" / "Leads.csv"
 OLIST = SHARED_DATA / "olist_marketing_funnel"
@@ -148,7 +151,15 @@ def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     # demo.toml: the macro stage is worth a fixed 400 USD
     assert float(r.expected_value) == pytest.approx(r.probability * 400.0, abs=1e-3)
     assert r.currency == "USD" and r.value_band in {"A", "B", "C", "D"}
-    assert score_leads(ctx)["scored"] == 3000  # re-scoring upserts, no duplicates
+    assert score_leads(ctx)["scored"] == 0  # nothing changed: nothing re-scored
+    # one lead gets a new micro-conversion: only that lead is re-scored, by upsert
+    ctx.now = lambda: SIM_END + timedelta(hours=1)
+    with Session(ctx.engine) as s:
+        crm_id = s.exec(select(Lead.crm_id).order_by(Lead.id)).first()
+    with session_scope(ctx.engine) as session:
+        apply_page(session, ctx, "hubspot", "contacts",
+                   Page(events=[EventIn(crm_id, "pricing_view", SIM_END - timedelta(days=1))]))
+    assert score_leads(ctx)["scored"] == 1
     with Session(ctx.engine) as s:
         assert s.exec(select(func.count()).select_from(Score)).one() == 3000
     assert card["version"] in registry.format_model_list(ctx)

@@ -311,6 +311,15 @@ def apply_page(
     insert_ignore(session, LeadEvent, event_rows, conflict=("lead_id", "name", "occurred_at"))
     counts["events"] = len(event_rows)
 
+    # A new stage or event changes what the lead is worth: mark it changed for the score job.
+    touched = {r["lead_id"] for r in stage_rows} | {r["lead_id"] for r in event_rows}
+    touched_ids = sorted(touched - {ids[r["crm_id"]] for r in rows if r["crm_id"] in ids})
+    for i in range(0, len(touched_ids), 5000):
+        session.execute(
+            update(Lead).where(Lead.id.in_(touched_ids[i : i + 5000]))  # type: ignore[union-attr]
+            .values(updated_at=now)
+        )
+
     for r in page.rejects:
         reject(r.record_ref, r.reason, r.payload)
     session.add_all(rejects)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from sqlalchemy import or_, select
 
 from leadloop.context import Context
 from leadloop.errors import ModelError
@@ -34,7 +35,7 @@ from leadloop.scoring.features import (
     resolve_features,
 )
 from leadloop.store import session_scope, upsert
-from leadloop.tables import LeadStatus, Score
+from leadloop.tables import Lead, LeadStatus, Score
 from leadloop.values import first_reached, load_stage_rows, macro_reached_at, macro_value
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,25 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def _leads_due(ctx: Context, version: str) -> set[int]:
+    """Active leads with no score from `version`, or changed (re-synced, new stage or event)
+    since they were scored. Features depend only on the lead's own data, so an unchanged lead's
+    score cannot change: skipping it keeps an incremental cycle cheap on a large store."""
+    lead, score = Lead.__table__, Score.__table__  # type: ignore[attr-defined]
+    stmt = (
+        select(lead.c.id)
+        .select_from(lead.outerjoin(score, (score.c.lead_id == lead.c.id)
+                                    & (score.c.model_version == version)))
+        .where(lead.c.status == LeadStatus.active,
+               or_(score.c.id.is_(None), lead.c.updated_at > score.c.scored_at))
+    )
+    with ctx.engine.connect() as conn:
+        return {row[0] for row in conn.execute(stmt)}
+
+
 def score_leads(ctx: Context) -> dict[str, Any]:
-    """Score every active lead with the current model (training one first when there is no
-    model card at all) and upsert its `Score` rows."""
+    """Score the active leads that are new or changed since the current model scored them
+    (training a model first when there is no model card at all); upsert their `Score` rows."""
     settings = ctx.settings
     card = registry.current_card(settings)
     trained = None
@@ -141,6 +158,10 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     assert card is not None
     if not card.get("chosen"):
         return {"scored": 0, "model_version": None, "fallback": card.get("fallback_reason"),
+                **({"trained": trained["leads"]} if trained else {})}
+    due = _leads_due(ctx, card["version"])
+    if not due:
+        return {"scored": 0, "model_version": card["version"], "fallback": None,
                 **({"trained": trained["leads"]} if trained else {})}
     model = registry.load_model(settings, card)
     features = [Feature(f["name"], f["kind"], f["known_at"]) for f in card["features"]]
@@ -153,7 +174,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     value = Decimal(str(round(card["macro_value"], 4)))
     currency, version, bands = card["currency"], card["version"], card.get("value_bands") or []
     scored = 0
-    ids = data.leads.index.to_numpy()
+    ids = data.leads.index[data.leads.index.isin(due)].to_numpy()
     with track("score leads", total=len(ids)) as progress:
         for start in range(0, len(ids), SCORE_BATCH):
             part = moments.loc[ids[start:start + SCORE_BATCH]]
