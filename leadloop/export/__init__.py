@@ -10,6 +10,7 @@ exists" answer is recorded as sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -18,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 from leadloop.context import Context
 from leadloop.errors import FatalDestinationError
@@ -29,11 +30,11 @@ from leadloop.export.google_data_manager import DataManagerDestination
 from leadloop.export.linkedin import LinkedInDestination
 from leadloop.export.meta import MetaDestination
 from leadloop.export.microsoft import MicrosoftDestination
-from leadloop.export.outbox import BUILD_RULES, _bulk_update, build_outbox, load_rows
-from leadloop.export.rules import check
+from leadloop.export.outbox import BUILD_RULES, _bulk_update, build_outbox, changed_leads, load_rows
+from leadloop.export.rules import CLEAR_WITH_TIME, check
 from leadloop.progress import track
 from leadloop.store import session_scope
-from leadloop.tables import Conversion, ConversionStatus, RejectedRecord
+from leadloop.tables import Conversion, ConversionStatus, RejectedRecord, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,32 @@ class PayloadWriter:
         (self.dir / f"{self.n:04d}.json").write_text(json.dumps(payload, indent=1, default=str))
 
 
+def _outbox_key(ctx: Context, dests: dict[str, BaseDestination]) -> str:
+    """A fingerprint of what the outbox is built from in the config: the stage-to-value mapping
+    and the enabled destinations. Editing either forces a full rebuild."""
+    mapping = {
+        "stages": [s.model_dump(mode="json") for s in ctx.settings.stages],
+        "destinations": {n: d.cfg.model_dump(mode="json") for n, d in sorted(dests.items())},
+        "crm": [ctx.settings.crm.lead_stage_property, ctx.settings.crm.deal_stage_property],
+    }
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_export(ctx: Context) -> dict[str, int | dict]:
     settings = ctx.settings
     now = ctx.now()
     dests = {name: build_destination(ctx, name)
              for name, cfg in settings.destinations.items() if cfg.enabled}
+    # Incremental: only leads changed since the last build (same config) are rebuilt and
+    # re-checked. The watermark is the previous build's start, stored with the build itself.
     with session_scope(ctx.engine) as session:
+        state = session.get(SyncState, ("outbox", _outbox_key(ctx, dests))) or SyncState(
+            source="outbox", object_type=_outbox_key(ctx, dests))
+        since = state.cursor_updated_at
         built = build_outbox(session, settings, {n: d.supports_adjustments for n, d in dests.items()},
-                             now, ctx.job_run_id)
+                             now, ctx.job_run_id, changed_since=since)
+        state.cursor_updated_at, state.last_success_at = now, now
+        session.add(state)
     totals: dict[str, Any] = {**built, "held": 0, "sent": 0, "rejected": 0, "failed": 0, "dead": 0,
                               "requests": 0, "destinations": {}}
     fatal: list[str] = []
@@ -92,7 +111,7 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
         if ctx.stopping:
             break
         with session_scope(ctx.engine) as session:
-            held = apply_rules(session, dest, now)
+            held = apply_rules(session, dest, now, changed_since=since)
         per: dict[str, Any] = {"held": held}
         try:
             per.update(_send_due(ctx, dest, now))
@@ -112,35 +131,46 @@ def rule_set(dest: BaseDestination) -> str:
     return f"file:{dest.cfg.file_platform}" if dest.kind == "csv_files" else dest.kind
 
 
-def apply_rules(session: Any, dest: BaseDestination, now: datetime) -> int:
+def apply_rules(session: Any, dest: BaseDestination, now: datetime,
+                changed_since: datetime | None = None) -> int:
     """Hold or release pending/held rows of one destination; return how many are held now.
-    Rows are read in chunks of `_RULES_CHUNK` ids so memory stays flat with the outbox's size."""
+
+    With `changed_since`, a held row is re-checked only if its hold can clear with time or its
+    lead changed since then; pending rows are always checked. Rows are read in chunks of
+    `_RULES_CHUNK` ids so memory stays flat with the outbox's size."""
+    conv = Conversion.__table__  # type: ignore[attr-defined]
+    narrow = None
+    if changed_since is not None:
+        narrow = or_(conv.c.status == ConversionStatus.pending.value,
+                     conv.c.hold_rule.in_(CLEAR_WITH_TIME),
+                     conv.c.lead_id.in_(changed_leads(changed_since)))
+    unsent = [ConversionStatus.pending.value, ConversionStatus.held.value]
     current = dict(session.execute(
-        select(Conversion.id, Conversion.hold_rule).where(  # type: ignore[call-overload]
-            Conversion.destination == dest.name,
-            Conversion.status.in_([ConversionStatus.pending, ConversionStatus.held]),  # type: ignore[attr-defined]
-        )
+        select(conv.c.id, conv.c.hold_rule).where(
+            conv.c.destination == dest.name, conv.c.status.in_(unsent),
+            *([narrow] if narrow is not None else []))
     ).all())
-    held, after = 0, 0
+    after = 0
     kind = rule_set(dest)
     while rows := load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.held],
-                            after_id=after, limit=_RULES_CHUNK):
+                            after_id=after, limit=_RULES_CHUNK, where=narrow):
         updates = []
         for row in rows:
             was = current.get(row.id)
             if was in BUILD_RULES:
-                held += 1
                 continue
             rule = check(kind, row, now, consent_required=dest.cfg.consent_required,
                          send_user_data=dest.cfg.send_user_data)
-            if rule:
-                held += 1
             if rule != was:
                 updates.append({"id": row.id, "hold_rule": rule,
                                 "status": ConversionStatus.held if rule else ConversionStatus.pending})
         _bulk_update(session, updates)
         after = rows[-1].id
-    return held
+    session.flush()
+    return int(session.execute(
+        select(func.count()).select_from(conv).where(
+            conv.c.destination == dest.name, conv.c.status == ConversionStatus.held.value)
+    ).scalar_one())
 
 
 def _send_due(ctx: Context, dest: BaseDestination, now: datetime) -> dict[str, int]:

@@ -32,7 +32,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Select, and_, or_, select, union, update
 from sqlmodel import Session
 
 from leadloop.config import Settings, StageConfig
@@ -87,7 +87,19 @@ _CLICK_BY_KIND = {
 }
 
 
-def _stage_facts(session: Session, settings: Settings, stage: StageConfig) -> dict[int, _Fact]:
+def changed_leads(since: datetime) -> Select[Any]:
+    """Ids of leads re-synced, given a new stage or event, erased, or re-scored at or after
+    `since`: the only leads whose conversions can have changed since a build at `since`."""
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    score = Score.__table__  # type: ignore[attr-defined]
+    return union(
+        select(lead.c.id).where(lead.c.updated_at >= since),
+        select(score.c.lead_id).where(score.c.scored_at >= since),
+    )  # type: ignore[return-value]
+
+
+def _stage_facts(session: Session, settings: Settings, stage: StageConfig,
+                 only: Select[Any] | None = None) -> dict[int, _Fact]:
     crm = settings.crm
     sc = StageChange.__table__  # type: ignore[attr-defined]
     if stage.field:
@@ -98,7 +110,8 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig) -> di
     facts: dict[int, _Fact] = {}
     rows = session.execute(
         select(sc.c.lead_id, sc.c.entered_at, sc.c.amount, sc.c.currency, sc.c.deal_id)
-        .where(cond, sc.c.value.in_(stage.crm_values))
+        .where(cond, sc.c.value.in_(stage.crm_values),
+               *([sc.c.lead_id.in_(only)] if only is not None else []))
         .order_by(sc.c.lead_id, sc.c.entered_at)
     )
     for lead_id, entered_at, amount, currency, deal_id in rows:
@@ -107,7 +120,8 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig) -> di
     deal_facts = {f.deal_id: lid for lid, f in facts.items() if f.deal_id}
     if deal_facts:
         lost = session.execute(
-            select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(sc.c.is_lost.is_(True))
+            select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(
+                sc.c.is_lost.is_(True), *([sc.c.lead_id.in_(only)] if only is not None else []))
         )
         for lead_id, deal_id, entered_at in lost:
             fact = facts.get(lead_id)
@@ -116,13 +130,13 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig) -> di
     return facts
 
 
-def _latest_scores(session: Session) -> dict[int, tuple[Decimal | None, str | None]]:
+def _latest_scores(session: Session, only: Select[Any] | None = None
+                   ) -> dict[int, tuple[Decimal | None, str | None]]:
     out: dict[int, tuple[Decimal | None, str | None]] = {}
-    rows = session.execute(
-        select(Score.lead_id, Score.expected_value, Score.currency).order_by(  # type: ignore[call-overload]
-            Score.scored_at, Score.id
-        )
-    )
+    stmt = select(Score.lead_id, Score.expected_value, Score.currency)  # type: ignore[call-overload]
+    if only is not None:
+        stmt = stmt.where(Score.lead_id.in_(only))  # type: ignore[attr-defined]
+    rows = session.execute(stmt.order_by(Score.scored_at, Score.id))
     for lead_id, ev, cur in rows:
         out[lead_id] = (ev, cur)
     return out
@@ -150,18 +164,22 @@ def _changed(a: Decimal | None, b: Decimal | None) -> bool:
 
 
 def build_outbox(session: Session, settings: Settings, destinations: dict[str, bool],
-                 now: datetime, job_run_id: int | None = None) -> dict[str, int]:
+                 now: datetime, job_run_id: int | None = None,
+                 changed_since: datetime | None = None) -> dict[str, int]:
     """Insert new conversions and revisions, refresh or withdraw unsent ones.
 
-    `destinations` maps each enabled destination name to whether it supports adjustments.
+    `destinations` maps each enabled destination name to whether it supports adjustments. With
+    `changed_since`, only leads changed since then are looked at (see `changed_leads`); the
+    result is the same as a full build when the previous build ran at `changed_since`.
     Returns counts: built (new rows), revisions, refreshed, withdrawn.
     """
     counts = dict.fromkeys(("built", "revisions", "refreshed", "withdrawn"), 0)
     stages = [s for s in settings.stages if any(d in destinations for d in s.destinations)]
     if not stages:
         return counts
-    scores = _latest_scores(session) if any(s.value == "predicted" for s in stages) else {}
-    facts = {s.name: _stage_facts(session, settings, s) for s in stages}
+    only = changed_leads(changed_since) if changed_since is not None else None
+    scores = _latest_scores(session, only) if any(s.value == "predicted" for s in stages) else {}
+    facts = {s.name: _stage_facts(session, settings, s, only) for s in stages}
 
     conv = Conversion.__table__  # type: ignore[attr-defined]
     existing: dict[tuple[str, int, str], list[Any]] = defaultdict(list)
@@ -170,7 +188,8 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
             "click_id", "hold_rule")
     for row in session.execute(
         select(*[conv.c[c] for c in cols])
-        .where(conv.c.destination.in_(list(destinations)))
+        .where(conv.c.destination.in_(list(destinations)),
+               *([conv.c.lead_id.in_(only)] if only is not None else []))
         .order_by(conv.c.revision)
     ):
         existing[(row.destination, row.lead_id, row.stage)].append(row)
@@ -338,11 +357,14 @@ def _bulk_update(session: Session, updates: list[dict[str, Any]]) -> None:
 
 def load_rows(session: Session, destination: str, statuses: Sequence[ConversionStatus],
               *, due_before: datetime | None = None, limit: int | None = None,
-              after_id: int | None = None) -> list[OutRow]:
-    """Outbox rows of one destination joined with their lead, oldest first (ids > `after_id`)."""
+              after_id: int | None = None, where: Any = None) -> list[OutRow]:
+    """Outbox rows of one destination joined with their lead, oldest first (ids > `after_id`),
+    narrowed by an extra `where` clause when given."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
     lead = Lead.__table__  # type: ignore[attr-defined]
     cond = [conv.c.destination == destination, conv.c.status.in_([s.value for s in statuses])]
+    if where is not None:
+        cond.append(where)
     if after_id is not None:
         cond.append(conv.c.id > after_id)
     if due_before is not None:

@@ -21,6 +21,8 @@ from leadloop.export.base import OutRow
 
 _META_LEAD_ID = re.compile(r"^\d{15,17}$")
 DAY = timedelta(days=1)
+# Holds that clear with time alone; every other hold clears only when the lead's data changes.
+CLEAR_WITH_TIME = frozenset({"in_future", "adjustment_too_recent"})
 Rule = Callable[[OutRow, datetime, bool], str | None]
 
 

@@ -1,0 +1,58 @@
+"""The export job looks only at leads changed since its last build, with the same result."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlmodel import Session, func, select
+
+from leadloop.crm.base import Page, StageIn, apply_page
+from leadloop.export import run_export
+from leadloop.export.outbox import build_outbox
+from leadloop.sandbox.fake_platforms import FakePlatforms
+from leadloop.store import session_scope
+from leadloop.tables import Conversion, Lead
+from tests.scoring_helpers import SIM_END, demo_context, load_funnel
+
+
+def _count(engine) -> int:
+    with Session(engine) as s:
+        return s.exec(select(func.count()).select_from(Conversion)).one()
+
+
+def test_incremental_export_equals_a_full_build(sqlite_engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "t0ken-g")
+    monkeypatch.setenv("LEADLOOP_SANDBOX_META_TOKEN", "t0ken-m")
+    with FakePlatforms(now=lambda: SIM_END) as platforms:
+        ctx = demo_context(sqlite_engine, tmp_path, destinations={
+            "google_data_manager": {"base_url": platforms.urls["google_data_manager"],
+                                    "operating_account_id": "1234567890",
+                                    "token_env": "LEADLOOP_SANDBOX_GOOGLE_TOKEN"},
+            "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
+                     "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
+        load_funnel(ctx, 600)
+        first = run_export(ctx)
+        assert first["built"] > 0
+        total = _count(sqlite_engine)
+
+        ctx.now = lambda: SIM_END + timedelta(minutes=5)
+        again = run_export(ctx)  # nothing changed: nothing built, nothing sent
+        assert (again["built"], again["sent"], again["refreshed"]) == (0, 0, 0)
+        assert again["held"] == first["held"]
+
+        # one lead reaches the macro stage: exactly its conversions are built
+        with Session(sqlite_engine) as s:
+            crm_id = s.exec(select(Lead.crm_id).where(Lead.current_stage == "lead")).first()
+        with session_scope(sqlite_engine) as session:
+            apply_page(session, ctx, "hubspot", "contacts", Page(stages=[
+                StageIn(crm_id, "lifecyclestage", "salesqualifiedlead", SIM_END)]))
+        ctx.now = lambda: SIM_END + timedelta(minutes=10)
+        third = run_export(ctx)
+        assert third["built"] == 2  # Sales qualified -> Google and Meta
+        assert _count(sqlite_engine) == total + 2
+
+    # a full build over the same store now finds nothing left to do
+    with session_scope(sqlite_engine) as session:
+        full = build_outbox(session, ctx.settings, {"google_data_manager": False, "meta": False},
+                            ctx.now())
+    assert (full["built"], full["revisions"], full["refreshed"], full["withdrawn"]) == (0, 0, 0, 0)
