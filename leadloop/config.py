@@ -327,6 +327,9 @@ class ModelConfig(_Model):
     features: list[str] | None = Field(None, description="lead attributes used; default: all")
     random_state: int = 0
     value_bands: bool = True
+    max_training_rows: int = Field(
+        200_000, ge=1000, description="train on the most recent decided leads only, to bound memory"
+    )
 
 
 class ValidationConfig(_Model):

@@ -196,3 +196,19 @@ def test_too_little_data_falls_back_to_stage_values(sqlite_engine, tmp_path) -> 
     assert card["chosen"] is None and card["artifact"] is None
     assert not list((tmp_path / "models").glob("*.skops"))
     assert json.loads((tmp_path / "models" / f"{card['version']}.json").read_text())["counts"]["n"] < 1000
+
+
+def test_training_uses_only_the_most_recent_decided_leads_past_the_cap(sqlite_engine, tmp_path
+                                                                        ) -> None:
+    ctx = demo_context(sqlite_engine, tmp_path,
+                       model={"min_leads": 300, "min_conversions": 30, "max_training_rows": 1000})
+    load_funnel(ctx, 3000)
+    train_and_register(ctx)
+    card = registry.current_card(ctx.settings)
+    assert card is not None
+    assert card["counts"]["n"] == 1000 < card["counts"]["decided"]
+    with Session(ctx.engine) as s:
+        oldest, newest = s.exec(select(func.min(Lead.created_at), func.max(Lead.created_at))).one()
+    # the window is the newest decided leads, not the oldest ones
+    assert oldest.isoformat() < card["data_window"]["start"] < card["data_window"]["end"] <= \
+        newest.isoformat()

@@ -73,6 +73,11 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     settings, cfg = ctx.settings, ctx.settings.model
     data, labels, stage_rows, features = _training_set(ctx)
     labelled = labels[labels["eligible"]]
+    decided = len(labelled)
+    if decided > cfg.max_training_rows:
+        # The most recent decided leads: the funnel as it is now, in bounded memory.
+        newest = data.leads.loc[labelled.index, "created_at"].nlargest(cfg.max_training_rows).index
+        labelled = labelled.loc[labelled.index.isin(newest)]
     n, positives = len(labelled), int(labelled["y"].sum())
     value, value_source = macro_value(settings, stage_rows)
     now = ctx.now()
@@ -84,7 +89,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         "macro_stage": settings.macro_stage.name,
         "horizon_days": cfg.horizon_days,
         "data_window": {"start": None, "end": None},
-        "counts": {"n": n, "positives": positives, "leads_total": len(labels),
+        "counts": {"n": n, "positives": positives, "leads_total": len(labels), "decided": decided,
                    "undecided": int((~labels["eligible"]).sum())},
         "features": [f.as_dict() for f in features],
         "metrics": None, "baseline": None, "candidates": None, "split": None,
