@@ -6,7 +6,7 @@ upserts use each dialect's `INSERT ... ON CONFLICT`, so re-running a page or a j
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -132,6 +132,14 @@ def insert_ignore(
 ) -> None:
     """Insert rows, skipping any that already exist (`ON CONFLICT DO NOTHING`)."""
     upsert(session, model, rows, conflict=conflict, update=[])
+
+
+def id_chunks(ids: Collection[int] | None, size: int = 5000) -> list[list[int] | None]:
+    """`ids` sorted in IN-list sized chunks; `[None]` (meaning: no filter) when `ids` is None."""
+    if ids is None:
+        return [None]
+    ordered = sorted(ids)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def lead_ids(session: Session, source: str, crm_ids: Iterable[str]) -> dict[str, int]:

@@ -16,8 +16,9 @@ Lead → Qualified → Won); its deal amounts are the observed won values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
+from leadloop.store import id_chunks
 from leadloop.tables import Lead, LeadStatus, StageChange
 
 STAGE_COLUMNS = ["lead_id", "stage", "entered_at", "amount", "currency", "deal_id", "is_lost"]
@@ -57,16 +59,22 @@ def map_stage_rows(settings: Settings, rows: Iterable[tuple]) -> pd.DataFrame:
     return frame
 
 
-def load_stage_rows(engine: Engine, settings: Settings) -> pd.DataFrame:
-    """Every configured-stage occurrence in the store (see `map_stage_rows`)."""
+def load_stage_rows(engine: Engine, settings: Settings, ids: Collection[int] | None = None
+                    ) -> pd.DataFrame:
+    """Every configured-stage occurrence in the store, of leads `ids` only when given (see
+    `map_stage_rows`)."""
     sc = StageChange.__table__  # type: ignore[attr-defined]
     fields = sorted({f for f, _ in stage_keys(settings)})
-    stmt = select(sc.c.lead_id, sc.c.field, sc.c.value, sc.c.entered_at, sc.c.amount,
-                  sc.c.currency, sc.c.deal_id, sc.c.is_lost).where(sc.c.field.in_(fields))
+    rows: list[Any] = []
     with engine.connect() as conn:
-        result = conn.execute(stmt)
-        # UTCDateTime returns aware datetimes already; amounts come back as Decimal.
-        return map_stage_rows(settings, result)
+        for part in id_chunks(ids):
+            stmt = select(sc.c.lead_id, sc.c.field, sc.c.value, sc.c.entered_at, sc.c.amount,
+                          sc.c.currency, sc.c.deal_id, sc.c.is_lost).where(sc.c.field.in_(fields))
+            if part is not None:
+                stmt = stmt.where(sc.c.lead_id.in_(part))
+            # UTCDateTime returns aware datetimes already; amounts come back as Decimal.
+            rows += conn.execute(stmt).all()
+    return map_stage_rows(settings, rows)
 
 
 def first_reached(stage_rows: pd.DataFrame) -> pd.DataFrame:

@@ -15,8 +15,9 @@ now (or the macro time for leads that already converted). Only what was known by
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings
 from leadloop.errors import LeakageError
+from leadloop.store import id_chunks
 from leadloop.tables import Lead, LeadEvent, LeadStatus
 
 MISSING = "(missing)"
@@ -62,17 +64,26 @@ class LeadData:
     events: pd.DataFrame  # lead_id, name, occurred_at
 
 
-def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatus.active,)
-                   ) -> LeadData:
+def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatus.active,),
+                   ids: Collection[int] | None = None) -> LeadData:
+    """Leads of `statuses` (only `ids` when given) and their events."""
     lead = Lead.__table__  # type: ignore[attr-defined]
     ev = LeadEvent.__table__  # type: ignore[attr-defined]
+    rows: list[Any] = []
+    event_rows: list[Any] = []
     with engine.connect() as conn:
-        rows = conn.execute(select(*[lead.c[c] for c in _LEAD_COLUMNS])
-                            .where(lead.c.status.in_(list(statuses)))).all()
+        for part in id_chunks(ids):
+            lead_stmt = select(*[lead.c[c] for c in _LEAD_COLUMNS]).where(
+                lead.c.status.in_(list(statuses)))
+            ev_stmt = select(ev.c.lead_id, ev.c.name, ev.c.occurred_at)
+            if part is not None:
+                lead_stmt = lead_stmt.where(lead.c.id.in_(part))
+                ev_stmt = ev_stmt.where(ev.c.lead_id.in_(part))
+            rows += conn.execute(lead_stmt).all()
+            event_rows += conn.execute(ev_stmt).all()
         leads = pd.DataFrame(rows, columns=list(_LEAD_COLUMNS)).set_index("id")
         leads.index.name = "lead_id"
-        events = pd.DataFrame(conn.execute(select(ev.c.lead_id, ev.c.name, ev.c.occurred_at)).all(),
-                              columns=["lead_id", "name", "occurred_at"])
+        events = pd.DataFrame(event_rows, columns=["lead_id", "name", "occurred_at"])
     leads["created_at"] = pd.to_datetime(leads["created_at"], utc=True)
     events["occurred_at"] = pd.to_datetime(events["occurred_at"], utc=True)
     events = events[events["lead_id"].isin(leads.index)]

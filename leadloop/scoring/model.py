@@ -170,8 +170,10 @@ def score_leads(ctx: Context) -> dict[str, Any]:
                 **({"trained": trained["leads"]} if trained else {})}
     model = registry.load_model(settings, card)
     features = [Feature(f["name"], f["kind"], f["known_at"]) for f in card["features"]]
-    data = load_lead_data(ctx.engine, (LeadStatus.active,))
-    stage_rows = load_stage_rows(ctx.engine, settings)
+    # A few changed leads: read only those (an IN list); many: one full read is cheaper.
+    only = due if len(due) <= 50_000 else None
+    data = load_lead_data(ctx.engine, (LeadStatus.active,), ids=only)
+    stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     # a converted lead is scored as of its conversion, like the training examples
