@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
 from leadloop.redact import redact_text
 from leadloop.store import session_scope
-from leadloop.tables import JobOutcome, JobRun
+from leadloop.tables import JobOutcome, JobRun, Lead
 
 log = logging.getLogger("leadloop.jobs")
 
@@ -85,9 +87,26 @@ def _retrain(ctx: Context) -> dict[str, Any]:
     return train_and_register(ctx)
 
 
+def _unchanged_since_last_ok(ctx: Context, name: str) -> bool:
+    """True when no lead changed (sync bumps `lead.updated_at` for new data, stages and events)
+    since the start of the last successful run of job `name`."""
+    with session_scope(ctx.engine) as session:
+        last_ok = session.execute(
+            select(func.max(JobRun.started_at)).where(
+                JobRun.name == name, JobRun.outcome == JobOutcome.ok)
+        ).scalar_one()
+        if last_ok is None:
+            return False
+        changed = session.execute(select(func.max(Lead.updated_at))).scalar_one()
+    return changed is None or changed < last_ok
+
+
 def _validate(ctx: Context) -> dict[str, Any]:
     from leadloop.validation import run_validation
 
+    # The analysis reads only leads, their events and stages: same data, same answer.
+    if _unchanged_since_last_ok(ctx, "validate"):
+        return {"skipped": "no lead changed since the last validation"}
     return run_validation(ctx)
 
 
