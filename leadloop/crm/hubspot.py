@@ -328,46 +328,45 @@ class HubSpotSource:
                       ) -> Iterator[tuple[list[dict], int]]:
         """One query's pages, stopping before the 10k cap; repeated pages are re-read."""
         path = self._path("objects", f"{object_type}/search")
-        after: str | None = None
-        previous_ids: list[str] | None = None
-        repeats = 0
-        while True:
+
+        def fetch(after: str | None) -> dict[str, Any]:
             body = dict(request, after=after) if after else request
-            data = self._call("POST", path, body=body, search=True)
-            results = data.get("results", [])
-            nxt = (data.get("paging") or {}).get("next", {}).get("after")
-            ids = [r["id"] for r in results]
-            if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
-                repeats += 1
-                if repeats > _MAX_REPEATS:
-                    raise RetriableSourceError(f"HubSpot search kept repeating the page after {after}")
-                log.warning("HubSpot repeated a search page (after=%s); reading it again", after)
-                continue
-            repeats = 0
-            previous_ids = ids
-            yield results, int(data.get("total") or 0)
-            if not nxt or int(nxt) + SEARCH_PAGE > SEARCH_CAP:
+            return self._call("POST", path, body=body, search=True)
+
+        for data, nxt in self._paged(fetch, "search"):
+            yield data.get("results", []), int(data.get("total") or 0)
+            if nxt and int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                 return
-            after = nxt
 
     def _list_pages(self, object_type: str, params: dict[str, Any]) -> Iterator[list[dict]]:
         path = self._path("objects", object_type)
+
+        def fetch(after: str | None) -> dict[str, Any]:
+            return self._call("GET", path, params={**params, **({"after": after} if after else {})})
+
+        for data, _ in self._paged(fetch, "list"):
+            yield data.get("results", [])
+
+    @staticmethod
+    def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """Follow `paging.next.after`. A page the server sends twice (same cursor back, or the same
+        ids again) is read again, not stored twice; repeated more than _MAX_REPEATS times, the
+        sync fails as retriable."""
         after: str | None = None
         previous_ids: list[str] | None = None
         repeats = 0
         while True:
-            data = self._call("GET", path, params={**params, **({"after": after} if after else {})})
-            results = data.get("results", [])
+            data = fetch(after)
             nxt = (data.get("paging") or {}).get("next", {}).get("after")
-            ids = [r["id"] for r in results]
+            ids = [r["id"] for r in data.get("results", [])]
             if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
                 repeats += 1
                 if repeats > _MAX_REPEATS:
-                    raise RetriableSourceError(f"HubSpot kept repeating the list page after {after}")
+                    raise RetriableSourceError(f"HubSpot kept repeating the {what} page after {after}")
+                log.warning("HubSpot repeated a %s page (after=%s); reading it again", what, after)
                 continue
-            repeats = 0
-            previous_ids = ids
-            yield results
+            repeats, previous_ids = 0, ids
+            yield data, nxt
             if not nxt:
                 return
             after = nxt
