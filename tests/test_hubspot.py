@@ -291,3 +291,25 @@ def test_rate_limiter_keeps_90_percent_of_the_allowed_rate_and_draws_no_429(
         n = len(fake.received)
         assert fake.rate_limited == 0
         assert n / (elapsed * allowed / window) >= 0.9, (n, elapsed)
+
+
+def test_an_archived_deal_takes_its_stages_with_it(engine, make_settings, fake, clock, env) -> None:
+    ctx = make_ctx(engine, make_settings, fake, clock)
+    ids = sorted(live_contacts(fake), key=int)
+    deal = fake.add_deal(ids[0], "closedwon", 900.0)
+    clock.tick()
+    sync_source(ctx, source(ctx))
+    with session_scope(engine) as s:
+        assert s.exec(select(StageChange).where(StageChange.deal_id == deal)).all()
+        before = s.exec(select(Lead).where(Lead.crm_id == ids[0])).one().updated_at
+    clock.tick()
+    fake.archive(deal, "deals")
+    clock.tick()
+    counts = sync_source(ctx, source(ctx))
+    assert counts["deals_deleted"] >= 1
+    with session_scope(engine) as s:
+        assert not s.exec(select(StageChange).where(StageChange.deal_id == deal)).all()
+        lead = s.exec(select(Lead).where(Lead.crm_id == ids[0])).one()
+        assert lead.status == LeadStatus.active and lead.updated_at > before
+        # the other deals and the lead's own stages are untouched
+        assert s.exec(select(func.count()).select_from(StageChange)).one() > 0

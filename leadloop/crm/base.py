@@ -131,6 +131,7 @@ class Page:
     events: list[EventIn] = field(default_factory=list)
     rejects: list[RecordRejected] = field(default_factory=list)
     deleted_crm_ids: list[str] = field(default_factory=list)
+    deleted_deal_ids: list[str] = field(default_factory=list)  # deals deleted/archived in the CRM
     cursor: Cursor | None = None
     total: int | None = None  # the source's own count, when it tells one (for progress)
 
@@ -205,6 +206,26 @@ def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) ->
     return result.rowcount or 0
 
 
+def _forget_deals(session: Session, source: str, deal_ids: Sequence[str], now: datetime) -> int:
+    """A deal deleted in the CRM no longer puts its leads in its stages: drop those stage rows
+    and mark the leads changed, so the outbox withdraws unsent conversions and retracts sent ones."""
+    sc = StageChange.__table__  # type: ignore[attr-defined]
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    forgotten = 0
+    for i in range(0, len(deal_ids), 5000):
+        part = list(deal_ids[i : i + 5000])
+        owned = select(lead.c.id).where(lead.c.source == source)
+        affected = [row[0] for row in session.execute(
+            select(sc.c.lead_id).distinct().where(sc.c.deal_id.in_(part), sc.c.lead_id.in_(owned)))]
+        if not affected:
+            continue
+        result = session.execute(
+            sc.delete().where(sc.c.deal_id.in_(part), sc.c.lead_id.in_(affected)))
+        forgotten += result.rowcount or 0
+        session.execute(update(lead).where(lead.c.id.in_(affected)).values(updated_at=now))
+    return forgotten
+
+
 def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page
 ) -> dict[str, int]:
@@ -216,7 +237,8 @@ def apply_page(
     now = ctx.now()
     region = ctx.settings.crm.default_region
     counts = dict.fromkeys(
-        ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn"), 0
+        ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
+         "deals_deleted"), 0
     )
     rejects: list[RejectedRecord] = []
 
@@ -281,6 +303,9 @@ def apply_page(
         )
         counts["deleted"] = len(gone)
         counts["withdrawn"] += _withdraw_unsent(session, gone, "lead deleted or archived in the CRM")
+
+    if page.deleted_deal_ids:
+        counts["deals_deleted"] = _forget_deals(session, source, page.deleted_deal_ids, now)
 
     stage_rows = []
     for s in page.stages:

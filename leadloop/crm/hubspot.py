@@ -19,6 +19,8 @@ Streams, in order:
   into the same page, so no stage is rejected for a missing lead.
 - `contacts_archived`: archived contacts never appear in search and do not bump their modified
   date, so the list endpoint with `archived=true` is read in full each run → `deleted_crm_ids`.
+- `deals_archived`: the same for deals → `deleted_deal_ids`; the engine drops their stages, so
+  their conversions are withdrawn (unsent) or retracted (sent).
 
 Limits: a client-side token bucket keeps requests under `crm.requests_per_10s` (default 100, the
 Free/Starter plan) and search under 5/s, so a sync runs near the allowed rate without drawing
@@ -126,6 +128,8 @@ class HubSpotSource:
         out = [o for o in ("contacts", "deals") if o in self.crm.objects]
         if "contacts" in out:
             out.append("contacts_archived")
+        if "deals" in out:
+            out.append("deals_archived")
         return out
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
@@ -135,6 +139,8 @@ class HubSpotSource:
             yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
         elif stream == "contacts_archived":
             yield from self._archived_pages()
+        elif stream == "deals_archived":
+            yield from self._archived_deal_pages()
         else:
             raise FatalSourceError(f"HubSpot has no stream {stream!r} (config key crm.objects)")
 
@@ -375,6 +381,11 @@ class HubSpotSource:
         params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}
         for results in self._list_pages("contacts", params):
             yield Page(deleted_crm_ids=[str(r["id"]) for r in results])
+
+    def _archived_deal_pages(self) -> Iterator[Page]:
+        params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}
+        for results in self._list_pages("deals", params):
+            yield Page(deleted_deal_ids=[str(r["id"]) for r in results])
 
     # -- conversion ----------------------------------------------------------------------------
 
