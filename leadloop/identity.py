@@ -69,7 +69,9 @@ def e164(raw: str, default_region: str = "US") -> str:
     try:
         number = phonenumbers.parse(text, None if text.startswith("+") else default_region)
     except phonenumbers.NumberParseException as exc:
-        raise IdentityError(f"phone cannot be parsed ({exc.error_type.name})") from None
+        # phonenumbers' message names the problem, never the number itself
+        problem = str(exc).split(") ", 1)[-1]  # "(1) The string supplied did not seem to be ..."
+        raise IdentityError(f"phone cannot be parsed: {problem}") from None
     if not phonenumbers.is_possible_number(number):
         raise IdentityError("phone is not a possible number for its country")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
 from leadloop.config import Settings, settings_from_dict
 from leadloop.context import Context
 from leadloop.store import make_engine
+
+# CI replays the same fuzz examples every run (a red run must mean a change broke something);
+# developers' runs explore new ones, and hypothesis keeps what it finds in .hypothesis/.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") == "true":
+    hypothesis_settings.load_profile("ci")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 POSTGRES_URL = os.environ.get("LEADLOOP_TEST_POSTGRES_URL")

@@ -68,3 +68,11 @@ def test_a_bad_phone_does_not_cost_the_email() -> None:
     identity, problems = hash_identity("Jane@Example.com", "12")
     assert identity.email_sha256 == sha256_hex("jane@example.com")
     assert identity.phone_e164_sha256 is None and problems and "12" not in problems[0]
+
+
+def test_an_unparsable_phone_is_an_identity_error_without_the_number():
+    from leadloop.identity import IdentityError, e164
+
+    with pytest.raises(IdentityError, match="did not seem to be a phone number") as info:
+        e164("+", "US")
+    assert "+" not in str(info.value).replace("phone cannot be parsed:", "")
