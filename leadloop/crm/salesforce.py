@@ -305,11 +305,7 @@ class SalesforceSource:
                 lead.merged_crm_ids = survivors.get(lead.crm_id, [])
                 page.leads.append(lead)
                 page.stages.extend(stages)
-            if batch:
-                last = batch[-1]
-                stamp = parse_sf_datetime(last.get("SystemModstamp"))
-                if stamp is not None:
-                    page.cursor = Cursor(stamp, str(last["Id"]))
+            page.cursor = _batch_cursor(batch)
             yield page
 
     def _survivors(self, live: list[dict], merged: list[dict]) -> dict[str, list[str]]:
@@ -407,11 +403,7 @@ class SalesforceSource:
                         raw, lead_id, history.get(opp_id, []), stage_meta))
                 except RecordRejected as exc:
                     page.rejects.append(exc)
-            if batch:
-                last = batch[-1]
-                stamp = parse_sf_datetime(last.get("SystemModstamp"))
-                if stamp is not None:
-                    page.cursor = Cursor(stamp, str(last["Id"]))
+            page.cursor = _batch_cursor(batch)
             yield page
 
     def _stage_metadata(self) -> dict[str, tuple[bool, bool]]:
@@ -487,3 +479,10 @@ def _public(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("Email", "Phone", "MobilePhone", "Name",
                                                        "FirstName", "LastName", "attributes")}
 
+
+def _batch_cursor(batch: list[dict]) -> Cursor | None:
+    """The stream position after a batch ordered by (SystemModstamp, Id): its last row's."""
+    if not batch:
+        return None
+    stamp = parse_sf_datetime(batch[-1].get("SystemModstamp"))
+    return Cursor(stamp, str(batch[-1]["Id"])) if stamp is not None else None
