@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import JSON, Text, cast, event, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
@@ -101,12 +101,19 @@ def upsert(
     *,
     conflict: Sequence[str],
     update: Sequence[str] | None = None,
-) -> None:
+    when_changed: Sequence[str] = (),
+    returning: str | None = None,
+) -> list[Any]:
     """Insert rows; on a conflict of `conflict` columns update `update` columns (all others
-    by default), or do nothing when `update` is empty."""
+    by default), or do nothing when `update` is empty.
+
+    `when_changed`: an existing row is updated only if one of these columns differs, so a
+    record read again unchanged keeps its `updated_at` (and does not look changed to the jobs
+    downstream). `returning`: a column whose values come back for the rows actually inserted
+    or updated."""
     rows = _uniform(rows)
     if not rows:
-        return
+        return []
     table = model.__table__  # type: ignore[attr-defined]
     cols = update if update is not None else [k for k in rows[0] if k not in conflict]
     # One statement compiled once and executed with a parameter list: SQLAlchemy batches it
@@ -114,13 +121,26 @@ def upsert(
     # per cell, which made a 9,000-row page take seconds.
     stmt = _insert_for(session, table)
     if cols:
+        differs = or_(*(_as_text(table.c[c]).is_distinct_from(_as_text(stmt.excluded[c]))
+                        for c in when_changed)) if when_changed else None
         stmt = stmt.on_conflict_do_update(
-            index_elements=list(conflict), set_={c: stmt.excluded[c] for c in cols}
+            index_elements=list(conflict), set_={c: stmt.excluded[c] for c in cols}, where=differs
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
+    if returning is not None:
+        stmt = stmt.returning(table.c[returning])
+    out: list[Any] = []
     for chunk in _chunks(rows):
-        session.execute(stmt, list(chunk))
+        result = session.execute(stmt, list(chunk))
+        if returning is not None:
+            out.extend(result.scalars())
+    return out
+
+
+def _as_text(column: Any) -> Any:
+    """JSON has no equality operator in PostgreSQL: compare its text instead."""
+    return cast(column, Text) if isinstance(column.type, JSON) else column
 
 
 def insert_ignore(
@@ -129,9 +149,10 @@ def insert_ignore(
     rows: Iterable[dict[str, Any]],
     *,
     conflict: Sequence[str],
-) -> None:
+    returning: str | None = None,
+) -> list[Any]:
     """Insert rows, skipping any that already exist (`ON CONFLICT DO NOTHING`)."""
-    upsert(session, model, rows, conflict=conflict, update=[])
+    return upsert(session, model, rows, conflict=conflict, update=[], returning=returning)
 
 
 def id_chunks(ids: Collection[int] | None, size: int = 5000) -> list[list[int] | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from sqlmodel import select
 
@@ -100,3 +101,32 @@ def test_deletes_and_merges_mark_leads(engine, make_context):
     assert status["1"] == (LeadStatus.active, None)
     assert status["2"] == (LeadStatus.merged, survivor)
     assert status["3"][0] == LeadStatus.deleted
+
+
+def test_a_record_read_again_unchanged_does_not_look_changed(engine, make_context):
+    """The look-back window re-reads records every run: only a real difference (a field, a new
+    stage, a changed deal amount, a new event) may move `lead.updated_at`, which drives the
+    incremental score, validate, export and report jobs."""
+    from leadloop.crm.base import EventIn
+
+    def read(day: int, pages: list[Page]) -> dict[str, datetime]:
+        ctx = make_context(engine)
+        ctx.now = lambda: T0 + timedelta(days=day)
+        sync_source(ctx, ScriptedSource(pages))
+        with session_scope(engine) as s:
+            return {lead.crm_id: lead.updated_at for lead in s.exec(select(Lead)).all()}
+
+    def page(stage_amount: str = "10.00", utm: str = "ads", events: int = 1) -> Page:
+        return Page(
+            leads=[_lead(1, utm_source=utm, attributes={"size": "50"}), _lead(2), _lead(3)],
+            stages=[StageIn("1", "dealstage", "won", T0, deal_id="d1", amount=Decimal(stage_amount)),
+                    StageIn("2", "lifecyclestage", "lead", T0)],
+            events=[EventIn("3", "pricing_view", T0 + timedelta(minutes=m)) for m in range(events)],
+        )
+
+    first = read(1, [page()])
+    assert set(first.values()) == {T0 + timedelta(days=1)}
+    assert read(2, [page(), page()]) == first  # the same records, twice: nothing changed
+    changed = read(3, [page(stage_amount="12.50", utm="mail", events=2)])
+    day3 = T0 + timedelta(days=3)
+    assert changed == {"1": day3, "2": first["2"], "3": day3}

@@ -265,9 +265,12 @@ def apply_page(
             reject(lead.crm_id, f"{problem}; lead kept without it", kind=f"{object_type}.identity")
     # Later rows for the same id win (a page can repeat a record the server re-sent).
     rows = list({r["crm_id"]: r for r in rows}.values())
-    upsert(session, Lead, rows, conflict=("source", "crm_id"), update=[
-        k for k in (rows[0] if rows else {}) if k not in ("source", "crm_id", "ingested_at")
-    ])
+    columns = [k for k in (rows[0] if rows else {}) if k not in ("source", "crm_id", "ingested_at")]
+    # A record re-read unchanged (the look-back window, a repeated page) is left alone, so it
+    # does not look changed to scoring, validation, export and the report.
+    written = set(upsert(session, Lead, rows, conflict=("source", "crm_id"), update=columns,
+                         when_changed=[c for c in columns if c != "updated_at"],
+                         returning="crm_id"))
     counts["leads"] = len(rows)
 
     referenced = {s.crm_id for s in page.stages} | {e.crm_id for e in page.events}
@@ -321,8 +324,10 @@ def apply_page(
         })
     stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
                        for r in stage_rows}.values())
-    upsert(session, StageChange, stage_rows, conflict=("lead_id", "field", "value", "deal_id"),
-           update=["entered_at", "amount", "currency", "is_lost"])
+    stage_cols = ["entered_at", "amount", "currency", "is_lost"]
+    changed_stage_leads = upsert(
+        session, StageChange, stage_rows, conflict=("lead_id", "field", "value", "deal_id"),
+        update=stage_cols, when_changed=stage_cols, returning="lead_id")
     counts["stages"] = len(stage_rows)
 
     event_rows = []
@@ -333,12 +338,14 @@ def apply_page(
             continue
         event_rows.append({"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at,
                            "value": e.value})
-    insert_ignore(session, LeadEvent, event_rows, conflict=("lead_id", "name", "occurred_at"))
+    new_event_leads = insert_ignore(session, LeadEvent, event_rows,
+                                    conflict=("lead_id", "name", "occurred_at"), returning="lead_id")
     counts["events"] = len(event_rows)
 
-    # A new stage or event changes what the lead is worth: mark it changed for the score job.
-    touched = {r["lead_id"] for r in stage_rows} | {r["lead_id"] for r in event_rows}
-    touched_ids = sorted(touched - {ids[r["crm_id"]] for r in rows if r["crm_id"] in ids})
+    # A new or changed stage or event changes what the lead is worth: mark the lead changed for
+    # the jobs downstream (leads whose own row was just written already are).
+    touched = set(changed_stage_leads) | set(new_event_leads)
+    touched_ids = sorted(touched - {ids[c] for c in written if c in ids})
     for i in range(0, len(touched_ids), 5000):
         session.execute(
             update(Lead).where(Lead.id.in_(touched_ids[i : i + 5000]))  # type: ignore[union-attr]
