@@ -13,20 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
 from leadloop.redact import redact_text
 from leadloop.store import session_scope
-from leadloop.tables import JobOutcome, JobRun, Lead
+from leadloop.tables import JobOutcome, JobRun
 
 log = logging.getLogger("leadloop.jobs")
 
 CYCLE = ("sync", "score", "validate", "export", "report")
 
 
-def _record(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]]) -> JobResult:
+def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]]) -> JobResult:
+    """Run `body` as job `name`, recorded in `job_run` (`run_job` for the jobs by name)."""
     with session_scope(ctx.engine) as session:
         run = JobRun(name=name, started_at=ctx.now())
         session.add(run)
@@ -76,9 +75,22 @@ def _sync(ctx: Context) -> dict[str, Any]:
 
 
 def _score(ctx: Context) -> dict[str, Any]:
+    from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
     from leadloop.scoring.model import score_leads
+    from leadloop.scoring.registry import current_card
 
-    return score_leads(ctx)
+    # A lead's score depends on its own data and the model: same leads, same model, same scores.
+    leads = store_marks(ctx.engine)["leads"]
+    card = current_card(ctx.settings)
+    if card is not None and card.get("chosen"):
+        inputs = fingerprint(card["version"], leads)
+        if inputs == last_ok_inputs(ctx.engine, "score"):
+            return {"skipped": "no lead changed since the last scoring with this model",
+                    "model_version": card["version"], "inputs": inputs}
+    counts = score_leads(ctx)
+    if counts.get("model_version"):
+        counts["inputs"] = fingerprint(counts["model_version"], leads)
+    return counts
 
 
 def _retrain(ctx: Context) -> dict[str, Any]:
@@ -87,27 +99,19 @@ def _retrain(ctx: Context) -> dict[str, Any]:
     return train_and_register(ctx)
 
 
-def _unchanged_since_last_ok(ctx: Context, name: str) -> bool:
-    """True when no lead changed (sync bumps `lead.updated_at` for new data, stages and events)
-    since the start of the last successful run of job `name`."""
-    with session_scope(ctx.engine) as session:
-        last_ok = session.execute(
-            select(func.max(JobRun.started_at)).where(
-                JobRun.name == name, JobRun.outcome == JobOutcome.ok)
-        ).scalar_one()
-        if last_ok is None:
-            return False
-        changed = session.execute(select(func.max(Lead.updated_at))).scalar_one()
-    return changed is None or changed < last_ok
-
-
 def _validate(ctx: Context) -> dict[str, Any]:
+    from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
     from leadloop.validation import run_validation
 
-    # The analysis reads only leads, their events and stages: same data, same answer.
-    if _unchanged_since_last_ok(ctx, "validate"):
-        return {"skipped": "no lead changed since the last validation"}
-    return run_validation(ctx)
+    # The analysis reads only leads, their events and stages, under this configuration.
+    s = ctx.settings
+    inputs = fingerprint(
+        [m.model_dump(mode="json") for m in s.micro_conversions],
+        [st.model_dump(mode="json") for st in s.stages],
+        s.validation.model_dump(mode="json"), store_marks(ctx.engine)["leads"])
+    if inputs == last_ok_inputs(ctx.engine, "validate"):
+        return {"skipped": "no lead changed since the last validation", "inputs": inputs}
+    return {**run_validation(ctx), "inputs": inputs}
 
 
 def _export(ctx: Context) -> dict[str, Any]:
@@ -117,11 +121,20 @@ def _export(ctx: Context) -> dict[str, Any]:
 
 
 def _report(ctx: Context) -> dict[str, Any]:
-    from leadloop.report import write_reports
+    from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
+    from leadloop.report import REPORT_FILES, write_reports
+    from leadloop.scoring.registry import current_card
 
-    out = ctx.out_dir or ctx.settings.resolve_path(ctx.settings.report.out_dir)
-    paths = write_reports(ctx, Path(out))
-    return {"files": [str(p) for p in paths]}
+    out = Path(ctx.out_dir or ctx.settings.resolve_path(ctx.settings.report.out_dir))
+    card = current_card(ctx.settings) or {}
+    inputs = fingerprint(ctx.settings.model_dump(mode="json"), store_marks(ctx.engine),
+                         card.get("version"), str(out.resolve()))
+    if inputs == last_ok_inputs(ctx.engine, "report") and all(
+            (out / name).exists() for name in REPORT_FILES):
+        return {"skipped": "nothing the report shows changed since it was written",
+                "inputs": inputs}
+    paths = write_reports(ctx, out)
+    return {"files": [str(p) for p in paths], "inputs": inputs}
 
 
 JOBS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -135,7 +148,7 @@ JOBS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 
 def run_job(ctx: Context, name: str) -> JobResult:
-    return _record(ctx, name, JOBS[name])
+    return record_run(ctx, name, JOBS[name])
 
 
 def run_cycle(ctx: Context, names: tuple[str, ...] = CYCLE) -> list[JobResult]:

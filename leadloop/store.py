@@ -32,7 +32,8 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """Create the engine and the schema (no migrations yet: `create_all` is idempotent)."""
+    """Create the engine and the schema (no migrations yet: `create_all` is idempotent, and
+    indexes added since a store was created are created on it)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -53,6 +54,10 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     else:
         raise ConfigError("database.url", "must start with sqlite:/// or postgresql://")
     SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
     return engine
 
 

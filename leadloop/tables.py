@@ -160,7 +160,7 @@ class Score(SQLModel, table=True):
     expected_value: Decimal | None = _money()
     currency: str | None = None
     value_band: str | None = None
-    scored_at: datetime = _ts_now()
+    scored_at: datetime = _ts_now(index=True)
 
 
 class SyncState(SQLModel, table=True):

@@ -111,7 +111,7 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
         if ctx.stopping:
             break
         with session_scope(ctx.engine) as session:
-            held = apply_rules(session, dest, now, changed_since=since)
+            held = apply_rules(session, dest, now, changed_since=since, job_run_id=ctx.job_run_id)
         per: dict[str, Any] = {"held": held}
         try:
             per.update(_send_due(ctx, dest, now))
@@ -132,7 +132,7 @@ def rule_set(dest: BaseDestination) -> str:
 
 
 def apply_rules(session: Any, dest: BaseDestination, now: datetime,
-                changed_since: datetime | None = None) -> int:
+                changed_since: datetime | None = None, job_run_id: int | None = None) -> int:
     """Hold or release pending/held rows of one destination; return how many are held now.
 
     With `changed_since`, a held row is re-checked only if its hold can clear with time or its
@@ -164,7 +164,7 @@ def apply_rules(session: Any, dest: BaseDestination, now: datetime,
             if rule != was:
                 updates.append({"id": row.id, "hold_rule": rule,
                                 "status": ConversionStatus.held if rule else ConversionStatus.pending})
-        _bulk_update(session, updates)
+        _bulk_update(session, updates, job_run_id)
         after = rows[-1].id
     session.flush()
     return int(session.execute(
@@ -288,7 +288,7 @@ def _apply_results(ctx: Context, session: Any, dest: BaseDestination, batch: Seq
                           platform_response={**(res.response or {}), "first_failed_at": first})
             counts["dead" if dead else "failed"] += 1
         updates.append(change)
-    _bulk_update(session, updates)
+    _bulk_update(session, updates, ctx.job_run_id)
     return counts
 
 
@@ -310,6 +310,7 @@ def _diagnose(ctx: Context, dest: Any, limit: int = 50) -> int:
             rows = session.execute(select(Conversion.id).where(  # type: ignore[call-overload]
                 Conversion.destination == dest.name, Conversion.request_id == request_id)).all()
             _bulk_update(session, [{"id": i, "platform_code": status["requestStatus"],
-                                    "platform_response": {"diagnostics": status}} for (i,) in rows])
+                                    "platform_response": {"diagnostics": status}} for (i,) in rows],
+                         ctx.job_run_id)
         done += 1
     return done

@@ -284,7 +284,7 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
                     })
                     counts["revisions"] += 1
     insert_ignore(session, Conversion, inserts, conflict=("order_id",))
-    _bulk_update(session, updates)
+    _bulk_update(session, updates, job_run_id)
     return counts
 
 
@@ -346,7 +346,11 @@ def _load_leads(session: Session, ids: Iterable[int]) -> dict[int, _Lead]:
     return out
 
 
-def _bulk_update(session: Session, updates: list[dict[str, Any]]) -> None:
+def _bulk_update(session: Session, updates: list[dict[str, Any]], job_run_id: int | None
+                 ) -> None:
+    """Update outbox rows by id, stamping each with the job run that wrote it (the report's
+    change mark, see `freshness.py`)."""
+    updates = [{**u, "job_run_id": job_run_id} for u in updates]
     by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for u in updates:
         by_keys[tuple(sorted(u))].append(u)

@@ -19,7 +19,10 @@ from leadloop.context import Context
 from leadloop.errors import ConfigError
 from leadloop.report.data import VALIDATION_COLUMNS, ReportData, build_report_data
 
-__all__ = ["build_report_data", "render_report", "report_json", "write_csvs", "write_reports"]
+__all__ = ["REPORT_FILES", "build_report_data", "render_report", "report_json", "write_csvs",
+           "write_reports"]
+
+REPORT_FILES = ("report.html", "report.json", "validation.csv")  # what users' scripts open
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
