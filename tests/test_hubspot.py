@@ -313,3 +313,31 @@ def test_an_archived_deal_takes_its_stages_with_it(engine, make_settings, fake, 
         assert lead.status == LeadStatus.active and lead.updated_at > before
         # the other deals and the lead's own stages are untouched
         assert s.exec(select(func.count()).select_from(StageChange)).one() > 0
+
+
+def test_a_deal_with_more_than_500_contacts_is_paged_and_every_contact_gets_its_stage_once(
+        engine, make_settings, clock, env) -> None:
+    with FakeHubSpot(token=TOKEN, now=clock, requests_per_window=None, search_per_second=None) as fake:
+        contacts = [fake.add_contact() for _ in range(1_203)]
+        big = fake.add_deal(contacts[0], "closedwon", 5000.0)
+        for cid in contacts[1:]:
+            fake.associate(big, cid)
+        small = fake.add_deal(contacts[1], "qualifiedtobuy", 10.0)
+        clock.tick()
+        # deals only: the contacts come along through the association batch read
+        ctx = make_ctx(engine, make_settings, fake, clock, objects=["deals"])
+        sync_source(ctx, source(ctx))
+        with session_scope(engine) as s:
+            rows = s.exec(select(Lead.crm_id, StageChange.value).join(Lead)
+                          .where(StageChange.deal_id == big)).all()
+            small_rows = s.exec(select(Lead.crm_id).join(StageChange)
+                                .where(StageChange.deal_id == small)).all()
+        assert sorted(c for c, _ in rows) == sorted(contacts, key=str)  # each once, none lost
+        assert {v for _, v in rows} == {"closedwon"}
+        assert small_rows == [contacts[1]]
+        reads = [r.json()["inputs"] for r in fake.received
+                 if r.path == "/crm/v4/associations/deals/contacts/batch/read"]
+        # 500 + 500 + 203: two follow-ups, each for the big deal alone, with its cursor
+        assert len(reads) == 3
+        assert sorted(i["id"] for i in reads[0]) == sorted([big, small])
+        assert all(len(r) == 1 and r[0]["id"] == big and r[0]["after"] for r in reads[1:])

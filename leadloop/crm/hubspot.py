@@ -15,7 +15,8 @@ Streams, in order:
 - `deals`: the same search on `hs_lastmodifieddate`. Stage ids come from `GET pipelines/deals`
   (metadata strings `isClosed`/`probability`: closed at 0.0 = lost), stage times from
   `hs_v2_date_entered_<stage id>`; each deal's stages are attributed to its associated contacts
-  (v4 associations batch read, ≤ 1,000 ids). Contacts the store does not know yet are batch-read
+  (v4 associations batch read, ≤ 1,000 ids, following each deal's own `paging.next.after` past
+  500 contacts). Contacts the store does not know yet are batch-read
   into the same page, so no stage is rejected for a missing lead.
 - `contacts_archived`: archived contacts never appear in search and do not bump their modified
   date, so the list endpoint with `archived=true` is read in full each run → `deleted_crm_ids`.
@@ -237,14 +238,32 @@ class HubSpotSource:
         return self._stages
 
     def associated(self, from_type: str, to_type: str, ids: Sequence[str]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for lo in range(0, len(ids), ASSOC_BATCH_MAX):
-            chunk = ids[lo:lo + ASSOC_BATCH_MAX]
-            data = self._call("POST", self._path("associations", f"{from_type}/{to_type}/batch/read"),
-                              body={"inputs": [{"id": i} for i in chunk]})
+        """Every `to_type` id associated with each of `ids` (v4 batch read, ≤ 1,000 inputs).
+
+        HubSpot returns at most 500 associations per input per response; an input with more gets
+        its own `paging.next.after`, sent back next to its id. Follow-ups are batched like first
+        reads. Ids come back once each even if the server repeats a page."""
+        path = self._path("associations", f"{from_type}/{to_type}/batch/read")
+        out: dict[str, dict[str, None]] = {}  # insertion-ordered sets
+        pending: list[dict[str, str]] = [{"id": i} for i in ids]
+        repeats = 0
+        while pending:
+            chunk, pending = pending[:ASSOC_BATCH_MAX], pending[ASSOC_BATCH_MAX:]
+            sent_after = {item["id"]: item.get("after") for item in chunk}
+            data = self._call("POST", path, body={"inputs": chunk})
             for r in data.get("results", []):
-                out.setdefault(str(r["from"]["id"]), []).extend(str(t["toObjectId"]) for t in r.get("to", []))
-        return out
+                fid = str(r["from"]["id"])
+                out.setdefault(fid, {}).update(dict.fromkeys(str(t["toObjectId"]) for t in r.get("to", [])))
+                nxt = ((r.get("paging") or {}).get("next") or {}).get("after")
+                if nxt and nxt == sent_after.get(fid):
+                    repeats += 1
+                    if repeats > _MAX_REPEATS:
+                        raise RetriableSourceError(
+                            f"HubSpot kept repeating the {from_type}→{to_type} associations of {fid}")
+                    log.warning("HubSpot repeated an associations page of %s %s", from_type, fid)
+                if nxt:
+                    pending.append({"id": fid, "after": nxt})
+        return {fid: list(to) for fid, to in out.items()}
 
     # -- properties ----------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ It answers with HubSpot's request and response shapes (see shared/specs/crm_apis
   Optional index lag: records modified in the last `index_lag_seconds` are not searchable yet.
 - `POST .../{type}/batch/read` (≤ 100 inputs; 207 with OBJECT_NOT_FOUND errors for unknown ids).
 - `GET /crm/v3/pipelines/deals` (stage `metadata` strings `isClosed`, `probability`).
-- `POST /crm/v4/associations/{from}/{to}/batch/read` (≤ 1,000 inputs; also the date version).
+- `POST /crm/v4/associations/{from}/{to}/batch/read` (≤ 1,000 inputs `{id, after?}`; also the date
+  version): at most 500 associations per input per response; an input with more gets its own
+  `paging.next.after` (opaque), which the client sends back as that input's `after`.
 - `POST /oauth/v1/token` (refresh-token grant; access tokens expire after `token_ttl` seconds).
 
 Every property value is a string (or null). Datetimes are ISO-8601 with milliseconds and `Z`;
@@ -66,6 +68,7 @@ VERSION = r"(?:v3|(?:\d{4}-\d{2}))"
 CONTACT_TYPES = ("contacts", "0-1")
 DEAL_TYPES = ("deals", "0-3")
 SEARCH_CAP = 10_000
+ASSOC_PAGE = 500  # associations per input per batch-read response
 CONTACT_DEFAULTS = ("createdate", "email", "firstname", "hs_object_id", "lastmodifieddate", "lastname")
 DEAL_DEFAULTS = ("amount", "closedate", "createdate", "dealname", "dealstage", "hs_lastmodifieddate",
                  "hs_object_id", "pipeline")
@@ -293,6 +296,13 @@ class FakeHubSpot:
             self.contacts[cid].assoc.add(did)
             self._changed()
             return did
+
+    def associate(self, did: str, cid: str) -> None:
+        """Associate deal `did` with contact `cid` (both directions, as HubSpot does)."""
+        with self._lock:
+            self.deals[did].assoc.add(cid)
+            self.contacts[cid].assoc.add(did)
+            self._changed()
 
     def move_deal(self, did: str, stage: str) -> None:
         with self._lock:
@@ -702,12 +712,25 @@ class FakeHubSpot:
                 if obj is None:
                     missing.append(str(item.get("id")))
                     continue
-                to = [x for x in obj.assoc if x in target and target[x].archived_at is None]
-                if to:
-                    results.append({"from": {"id": obj.id}, "to": [
+                to = sorted((x for x in obj.assoc if x in target and target[x].archived_at is None),
+                            key=int)
+                after = item.get("after")
+                if after:
+                    try:
+                        last = int(base64.urlsafe_b64decode(str(after).encode()).decode())
+                    except ValueError:
+                        return self._error(400, f"invalid after token {after!r}", "VALIDATION_ERROR")
+                    to = [x for x in to if int(x) > last]
+                page, more = to[:ASSOC_PAGE], len(to) > ASSOC_PAGE
+                if page:
+                    result: dict[str, Any] = {"from": {"id": obj.id}, "to": [
                         {"toObjectId": int(x), "associationTypes": [
                             {"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}]}
-                        for x in sorted(to, key=int)]})
+                        for x in page]}
+                    if more:  # `paging` only when there is a next page, as HubSpot documents
+                        token = base64.urlsafe_b64encode(page[-1].encode()).decode()
+                        result["paging"] = {"next": {"after": token}}
+                    results.append(result)
         out: dict[str, Any] = {"status": "COMPLETE", "results": results,
                                "startedAt": iso(datetime.now(UTC)), "completedAt": iso(datetime.now(UTC))}
         if missing:
