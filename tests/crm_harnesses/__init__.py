@@ -161,6 +161,7 @@ HARNESSES: dict[str, str] = {
     "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
     "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
     "hubspot": "tests.crm_harnesses.hubspot:HubSpotHarness",
+    "csv": "tests.crm_harnesses.csv:CsvHarness",
 }
 
 
