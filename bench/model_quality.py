@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from x_education import LABEL, not_pre_contact
 
 from leadloop.config import settings_from_dict
 from leadloop.sandbox.simulator import lead_in, simulate
@@ -26,16 +27,6 @@ from leadloop.scoring.features import Feature, LeadData, build_features, frame_f
 from leadloop.scoring.model import evaluate_csv
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-XED_PRE_CONTACT = [
-    "Lead Origin", "Lead Source", "Do Not Email", "Do Not Call", "TotalVisits",
-    "Total Time Spent on Website", "Page Views Per Visit", "Country", "Specialization",
-    "How did you hear about X Education", "What is your current occupation",
-    "What matters most to you in choosing a course", "City", "Search", "Magazine",
-    "Newspaper Article", "X Education Forums", "Newspaper", "Digital Advertisement",
-    "Through Recommendations", "Receive More Updates About Our Courses",
-    "Update me on Supply Chain Content", "Get updates on DM Content",
-    "I agree to pay the amount through cheque", "A free copy of Mastering The Interview",
-]
 
 
 def _row(name: str, m: dict, floor: str, seconds: float) -> None:
@@ -45,10 +36,8 @@ def _row(name: str, m: dict, floor: str, seconds: float) -> None:
 
 def real_data() -> None:
     path = DATA / "x_education_leads" / "Leads.csv"
-    cols = pd.read_csv(path, nrows=0).columns
     t = time.perf_counter()
-    m = evaluate_csv(path, label="Converted",
-                     exclude=[c for c in cols if c not in XED_PRE_CONTACT and c != "Converted"])
+    m = evaluate_csv(path, label=LABEL, exclude=not_pre_contact(path))
     _row(f"X Education pre-contact ({m['model']})", m, "LR 0.865 / HGB 0.873 (5-fold)",
          time.perf_counter() - t)
     olist = DATA / "olist_marketing_funnel"

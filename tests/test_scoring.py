@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sqlmodel import Session, func, select
 
+from bench.x_education import not_pre_contact
 from leadloop.crm.base import EventIn, Page, apply_page
 from leadloop.errors import LeakageError, ModelError
 from leadloop.scoring import registry
@@ -31,17 +32,6 @@ from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 
 XED = SHARED_DATA / "x_education_leads" / "Leads.csv"
 OLIST = SHARED_DATA / "olist_marketing_funnel"
-# known before any sales contact (data README); everything else is excluded
-XED_PRE_CONTACT = [
-    "Lead Origin", "Lead Source", "Do Not Email", "Do Not Call", "TotalVisits",
-    "Total Time Spent on Website", "Page Views Per Visit", "Country", "Specialization",
-    "How did you hear about X Education", "What is your current occupation",
-    "What matters most to you in choosing a course", "City", "Search", "Magazine",
-    "Newspaper Article", "X Education Forums", "Newspaper", "Digital Advertisement",
-    "Through Recommendations", "Receive More Updates About Our Courses",
-    "Update me on Supply Chain Content", "Get updates on DM Content",
-    "I agree to pay the amount through cheque", "A free copy of Mastering The Interview",
-]
 CARD_KEYS = {"version", "created_at", "chosen", "fallback_reason", "data_window", "counts",
              "features", "metrics", "baseline", "calibration", "lift_by_decile",
              "permutation_importance", "library_versions", "config_hash", "value_bands"}
@@ -49,8 +39,7 @@ CARD_KEYS = {"version", "created_at", "chosen", "fallback_reason", "data_window"
 
 @pytest.mark.slow
 def test_x_education_pre_contact_beats_the_floor_without_leaky_columns() -> None:
-    columns = pd.read_csv(XED, nrows=0).columns
-    exclude = [c for c in columns if c not in XED_PRE_CONTACT and c != "Converted"]
+    exclude = not_pre_contact(XED)  # known before any sales contact (data README)
     assert {"Tags", "Lead Quality", "Last Activity"} <= set(exclude)
     m = evaluate_csv(XED, label="Converted", exclude=exclude)
     assert not set(m["features"]) & {"Tags", "Lead Quality", "Lead Profile", "Last Activity"}
@@ -96,7 +85,7 @@ def test_a_field_filled_after_contact_is_refused(tmp_path: Path, sqlite_engine) 
     ctx = demo_context(sqlite_engine, tmp_path, model={"leaky_fields": ["lead_quality"],
                                                        "features": ["lead_quality", "industry"]})
     data = LeadData(leads=pd.DataFrame({"created_at": [pd.Timestamp("2026-01-01", tz="UTC")],
-                                        "attributes": [{"lead_quality": "hot"}]}, index=[1]),
+                                        "attr_lead_quality": ["hot"]}, index=[1]),
                     events=pd.DataFrame(columns=["lead_id", "name", "occurred_at"]))
     with pytest.raises(LeakageError, match="lead_quality"):
         resolve_features(ctx.settings, data)
