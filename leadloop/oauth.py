@@ -43,6 +43,9 @@ class OAuthTokenProvider:
         extra: more form fields sent with each token request (e.g. `scope`).
         default_lifetime: seconds a token is assumed to live when the server omits `expires_in`.
         clock: monotonic seconds, injectable for tests.
+        secret_envs: config key -> environment variable of each credential (e.g.
+            `{"crm.client_secret_env": "SF_CLIENT_SECRET"}`), named in the hint when the grant
+            is refused, so the message says what to fix.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class OAuthTokenProvider:
         *,
         default_lifetime: float = _DEFAULT_LIFETIME,
         clock: Callable[[], float] = time.monotonic,
+        secret_envs: Mapping[str, str] | None = None,
     ) -> None:
         if grant == "refresh_token" and not refresh_token:
             raise ValueError("the refresh_token grant needs a refresh token")
@@ -69,6 +73,7 @@ class OAuthTokenProvider:
         self._extra = dict(extra or {})
         self._default_lifetime = default_lifetime
         self._clock = clock
+        self._secret_envs = dict(secret_envs or {})
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = 0.0
@@ -120,7 +125,7 @@ class OAuthTokenProvider:
             raise FatalSourceError(
                 redact_text(f"OAuth {self.grant} grant refused by {self.token_url}: "
                             f"{response.status_code} {code} {desc}".rstrip()),
-                hint="check the client id/secret (and refresh token) environment variables",
+                hint=self._refusal_hint(),
             )
         token = str(body["access_token"])
         register_secret(token)
@@ -137,3 +142,9 @@ class OAuthTokenProvider:
                       if k not in ("access_token", "refresh_token", "id_token", "signature")}
         self.refreshes += 1
         log.info("OAuth %s grant: new access token (valid %.0f s)", self.grant, lifetime)
+
+    def _refusal_hint(self) -> str:
+        if not self._secret_envs:
+            return "check the client id/secret (and refresh token) environment variables"
+        names = ", ".join(f"{key} ({env})" for key, env in self._secret_envs.items())
+        return f"check the credentials in {names}"
