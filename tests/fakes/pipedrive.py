@@ -6,15 +6,14 @@ injectable faults. Shapes follow shared/specs/crm_apis.md §3."""
 from __future__ import annotations
 
 import base64
-import itertools
 import json
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from leadloop.sandbox.server import LocalServer, Reply, Request
+from leadloop.sandbox.server import Reply, Request
+from tests.fakes.base import FakeServer
 
 TOKEN_COST = {"/persons": 10, "/deals": 10, "/deals/archived": 10, "/stages": 5, "/pipelines": 5}
 STAGES = [(1, "Lead In", 1), (2, "Contact Made", 2), (3, "Proposal Made", 3), (4, "Negotiations", 4)]
@@ -29,41 +28,25 @@ def _fail(status: int, message: str, headers: dict[str, str] | None = None) -> R
                           "data": None, "additional_data": None}, headers or {})
 
 
-class FakePipedrive:
+class FakePipedrive(FakeServer):
     def __init__(self, clock: Callable[[], datetime], *, token: str = "pd-fake-api-token-123",
                  burst: int = 40, daily_budget: int = 30_000) -> None:
-        self.clock = clock
+        super().__init__(clock)
         self.token = token
         self.burst = burst
         self.daily_budget = daily_budget
         self.tokens_used = 0
         self._window: list[float] = []
-        self._ids = itertools.count(1)
-        self._lock = threading.RLock()
         self.persons: dict[int, dict] = {}
         self.deals: dict[int, dict] = {}
         self.history: dict[int, list[str]] = {}  # deal id -> stage names entered (truth)
         self.stages = [{"id": i, "order_nr": o, "name": n, "pipeline_id": 1, "deal_probability": 10 * o,
                         "is_deleted": False, "add_time": "2025-01-01T00:00:00Z",
                         "update_time": "2025-01-01T00:00:00Z"} for i, n, o in STAGES]
-        self.server_errors = 0
-        self.dropped_connections = 0
         self.rate_limited = 0
-        self.repeated_pages = 0
         self.throttled = 0
-        self.server = LocalServer()
         for path in TOKEN_COST:
             self.server.route("GET", f"/api/v2{path}", self._handler(path))
-
-    def start(self) -> str:
-        return self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
 
     # -- data -------------------------------------------------------------------------------
 
@@ -111,6 +94,9 @@ class FakePipedrive:
 
     # -- HTTP -------------------------------------------------------------------------------
 
+    def _server_error(self) -> Reply:
+        return _fail(502, "Bad gateway")
+
     def _limits(self) -> dict[str, str]:
         now = time.monotonic()
         self._window = [t for t in self._window if now - t < 2.0]
@@ -122,12 +108,8 @@ class FakePipedrive:
     def _handler(self, path: str) -> Callable[[Request], Reply]:
         def handle(req: Request) -> Reply:
             with self._lock:
-                if self.dropped_connections:
-                    self.dropped_connections -= 1
-                    return Reply(drop_connection=True)
-                if self.server_errors:
-                    self.server_errors -= 1
-                    return _fail(502, "Bad gateway")
+                if (fault := self._take_fault()) is not None:
+                    return fault
                 if req.header("x-api-token") != self.token:
                     return _fail(401, "Unauthorized")
                 headers = self._limits()

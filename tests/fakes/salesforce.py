@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import itertools
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from leadloop.sandbox.server import LocalServer, Reply, Request
+from leadloop.sandbox.server import Reply, Request
+from tests.fakes.base import FakeServer
 
 API = "v66.0"
 _SELECT = re.compile(
@@ -64,13 +64,13 @@ class _Locator:
     last_batch: list[dict] = field(default_factory=list)
 
 
-class FakeSalesforce:
+class FakeSalesforce(FakeServer):
     """The org's data plus the HTTP server. Times come from `clock()` (aware UTC)."""
 
     def __init__(self, clock: Callable[[], datetime], *, client_id: str = "3MVG9fake",
                  client_secret: str = "fake-client-secret", refresh_token: str = "5Aep-fake-refresh",
                  daily_limit: int = 15000, lead_history: bool = True) -> None:
-        self.clock = clock
+        super().__init__(clock)
         self.client_id, self.client_secret, self.refresh_token = client_id, client_secret, refresh_token
         self.daily_limit = daily_limit
         self.api_usage = 0
@@ -80,34 +80,15 @@ class FakeSalesforce:
             self.tables["OpportunityStage"][f"01J{i:012d}"] = {
                 "Id": f"01J{i:012d}", "MasterLabel": label, "ApiName": label, "IsClosed": closed,
                 "IsWon": won, "IsActive": True, "SortOrder": i, "DefaultProbability": 10 * i}
-        self._ids = itertools.count(1)
-        self._lock = threading.RLock()
         self.tokens: set[str] = set()
         self._token_seq = itertools.count(1)
         self.locators: dict[str, _Locator] = {}
         self.locators_die_on_refresh = False
-        # faults, each used up as served
-        self.server_errors = 0
-        self.dropped_connections = 0
-        self.repeated_pages = 0
         self.queries: list[str] = []
         self.records_served = 0
-        self.server = LocalServer()
         self.server.route("POST", r"/services/oauth2/token", self._token)
         self.server.route("GET", rf"/services/data/{API}/(query|queryAll)", self._query)
         self.server.route("GET", rf"/services/data/{API}/query/(?P<loc>[\w-]+)", self._more)
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def start(self) -> str:
-        return self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
 
     # -- data helpers (used by harnesses and tests) -----------------------------------------
 
@@ -174,15 +155,8 @@ class FakeSalesforce:
     def _headers(self) -> dict[str, str]:
         return {"Sforce-Limit-Info": f"api-usage={self.api_usage}/{self.daily_limit}"}
 
-    def _faults(self) -> Reply | None:
-        with self._lock:
-            if self.dropped_connections:
-                self.dropped_connections -= 1
-                return Reply(drop_connection=True)
-            if self.server_errors:
-                self.server_errors -= 1
-                return _error(503, "SERVER_UNAVAILABLE", "Server temporarily unavailable")
-        return None
+    def _server_error(self) -> Reply:
+        return _error(503, "SERVER_UNAVAILABLE", "Server temporarily unavailable")
 
     def _token(self, req: Request) -> Reply:
         form = {k: v[0] for k, v in _form(req.body).items()}
@@ -216,7 +190,7 @@ class FakeSalesforce:
         return token, None
 
     def _query(self, req: Request) -> Reply:
-        if (fault := self._faults()) is not None:
+        if (fault := self._take_fault()) is not None:
             return fault
         token, err = self._auth(req)
         if err is not None:
@@ -235,7 +209,7 @@ class FakeSalesforce:
         return self._serve(loc, f"01g{next(self._ids):015d}")
 
     def _more(self, req: Request) -> Reply:
-        if (fault := self._faults()) is not None:
+        if (fault := self._take_fault()) is not None:
             return fault
         _, err = self._auth(req)
         if err is not None:
