@@ -189,10 +189,14 @@ class FakeSalesforce(FakeServer):
             self.api_usage += 1
         return token, None
 
-    def _query(self, req: Request) -> Reply:
+    def _admit(self, req: Request) -> tuple[str | None, Reply | None]:
+        """An injected fault first, then the session check: (token, None) or (None, reply)."""
         if (fault := self._take_fault()) is not None:
-            return fault
-        token, err = self._auth(req)
+            return None, fault
+        return self._auth(req)
+
+    def _query(self, req: Request) -> Reply:
+        token, err = self._admit(req)
         if err is not None:
             return err
         soql = req.arg("q") or ""
@@ -209,9 +213,7 @@ class FakeSalesforce(FakeServer):
         return self._serve(loc, f"01g{next(self._ids):015d}")
 
     def _more(self, req: Request) -> Reply:
-        if (fault := self._take_fault()) is not None:
-            return fault
-        _, err = self._auth(req)
+        _, err = self._admit(req)
         if err is not None:
             return err
         loc_id = req.match.group("loc").rsplit("-", 1)[0] if req.match else ""
