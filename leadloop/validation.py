@@ -33,7 +33,7 @@ from leadloop.context import Context
 from leadloop.csvio import parse_label, read_csv
 from leadloop.errors import LeadloopError
 from leadloop.scoring.csvframe import MISSING_VALUES
-from leadloop.scoring.features import load_lead_data
+from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data
 from leadloop.store import session_scope
 from leadloop.tables import LeadStatus, ValidationResult
 from leadloop.values import first_reached, load_stage_rows, macro_reached_at
@@ -181,13 +181,14 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     moment = macro.where(converted, deadline)
     leads = data.leads[eligible]
     y = converted[eligible].astype(int).to_numpy()
-    attrs = pd.DataFrame(list(leads["attributes"].map(lambda a: a or {})), index=leads.index)
+    attrs = data.attributes()[eligible]
     flags: dict[str, np.ndarray] = {}
     days: dict[str, np.ndarray] = {}
     event_times: dict[str, pd.Series] = {}
     for micro in settings.micro_conversions:
         if micro.expr:
-            frame = pd.concat([leads.drop(columns=["attributes"]), attrs], axis=1)
+            frame = pd.concat([leads.drop(columns=[c for c in leads if c.startswith(ATTRIBUTE_PREFIX)]),
+                               attrs], axis=1)
             flags[micro.name] = _eval_flag(frame, micro.expr, micro.name)
             continue
         name = micro.event or micro.name

@@ -16,17 +16,16 @@ Lead → Qualified → Won); its deal amounts are the observed won values.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
+from leadloop.frames import read_frame
 from leadloop.store import id_chunks
 from leadloop.tables import Lead, LeadStatus, StageChange
 
@@ -45,36 +44,38 @@ def stage_keys(settings: Settings) -> dict[tuple[str, str], list[str]]:
     return keys
 
 
-def map_stage_rows(settings: Settings, rows: Iterable[tuple]) -> pd.DataFrame:
-    """Turn raw rows `(lead_id, field, value, entered_at, amount, currency, deal_id, is_lost)`
-    into one row per (lead, configured stage, deal) occurrence; unmatched rows are dropped."""
-    keys = stage_keys(settings)
-    out = []
-    for lead_id, field, value, entered_at, amount, currency, deal_id, is_lost in rows:
-        for name in keys.get((field, value), ()):
-            out.append((lead_id, name, entered_at, float(amount) if amount is not None else np.nan,
-                        currency, deal_id, bool(is_lost)))
-    frame = pd.DataFrame(out, columns=STAGE_COLUMNS)
+RAW_STAGE_COLUMNS = ["lead_id", "field", "value", "entered_at", "amount", "currency", "deal_id",
+                     "is_lost"]
+
+
+def map_stage_rows(settings: Settings, raw: pd.DataFrame) -> pd.DataFrame:
+    """Turn raw stage changes (`RAW_STAGE_COLUMNS`) into one row per (lead, configured stage,
+    deal) occurrence; unmatched rows are dropped."""
+    keys = pd.DataFrame([(f, v, name) for (f, v), names in stage_keys(settings).items()
+                         for name in names], columns=["field", "value", "stage"])
+    frame = raw.merge(keys, on=["field", "value"], how="inner")
+    frame["amount"] = pd.to_numeric(frame["amount"], errors="coerce").astype(float)
+    frame["is_lost"] = frame["is_lost"].astype(bool)
     frame["entered_at"] = pd.to_datetime(frame["entered_at"], utc=True)
-    return frame
+    return frame[STAGE_COLUMNS].reset_index(drop=True)
 
 
 def load_stage_rows(engine: Engine, settings: Settings, ids: Collection[int] | None = None
                     ) -> pd.DataFrame:
     """Every configured-stage occurrence in the store, of leads `ids` only when given (see
-    `map_stage_rows`)."""
+    `map_stage_rows`). Read in partitions, so memory follows the matched rows only."""
     sc = StageChange.__table__  # type: ignore[attr-defined]
     fields = sorted({f for f, _ in stage_keys(settings)})
-    rows: list[Any] = []
+    parts = []
     with engine.connect() as conn:
         for part in id_chunks(ids):
-            stmt = select(sc.c.lead_id, sc.c.field, sc.c.value, sc.c.entered_at, sc.c.amount,
-                          sc.c.currency, sc.c.deal_id, sc.c.is_lost).where(sc.c.field.in_(fields))
+            stmt = select(*[sc.c[c] for c in RAW_STAGE_COLUMNS]).where(sc.c.field.in_(fields))
             if part is not None:
                 stmt = stmt.where(sc.c.lead_id.in_(part))
-            # UTCDateTime returns aware datetimes already; amounts come back as Decimal.
-            rows += conn.execute(stmt).all()
-    return map_stage_rows(settings, rows)
+            parts.append(read_frame(conn, stmt, RAW_STAGE_COLUMNS, times=["entered_at"],
+                                    numbers=["amount"],
+                                    convert=lambda raw, _: map_stage_rows(settings, raw)))
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def first_reached(stage_rows: pd.DataFrame) -> pd.DataFrame:

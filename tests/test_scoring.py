@@ -95,8 +95,8 @@ def test_leaky_fields_are_never_used_and_late_events_do_not_count(tmp_path, sqli
     ctx = demo_context(sqlite_engine, tmp_path, model={"leaky_fields": ["lead_quality"]})
     t0 = pd.Timestamp("2026-01-01", tz="UTC")
     data = LeadData(
-        leads=pd.DataFrame({"created_at": [t0, t0], "attributes": [
-            {"lead_quality": "hot", "industry": "saas"}, {"lead_quality": "cold", "industry": "retail"}],
+        leads=pd.DataFrame({"created_at": [t0, t0], "attr_lead_quality": ["hot", "cold"],
+                            "attr_industry": ["saas", "retail"],
             **{c: [None, None] for c in ("utm_source", "utm_medium", "utm_campaign", "landing_page",
                                            "country", "gclid", "gbraid", "wbraid", "fbclid", "fbc",
                                            "meta_lead_id", "msclkid", "li_fat_id")}}, index=[1, 2]),

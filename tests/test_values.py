@@ -6,6 +6,7 @@ import tomllib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pandas as pd
 import pytest
 
 from leadloop.config import settings_from_dict
@@ -13,6 +14,7 @@ from leadloop.context import Context
 from leadloop.crm.base import LeadIn, Page, StageIn, apply_page
 from leadloop.store import session_scope
 from leadloop.values import (
+    RAW_STAGE_COLUMNS,
     load_stage_rows,
     macro_value,
     map_stage_rows,
@@ -33,10 +35,11 @@ def test_stage_keys_use_the_stage_field_or_both_crm_stage_properties(make_settin
     assert keys[("dealstage", "closedwon")] == ["Won"]
     assert ("lifecyclestage", "closedwon") not in keys
     assert keys[("lifecyclestage", "demo")] == keys[("dealstage", "demo")] == ["Demo"]
-    frame = map_stage_rows(make_settings(), [
+    frame = map_stage_rows(make_settings(), pd.DataFrame([
         (1, "lifecyclestage", "salesqualifiedlead", T0, None, None, "", False),
         (1, "lifecyclestage", "unknown", T0, None, None, "", False),
-        (1, "dealstage", "closedwon", T0, Decimal("10.5"), "EUR", "d1", False)])
+        (1, "dealstage", "closedwon", T0, Decimal("10.5"), "EUR", "d1", False)],
+        columns=RAW_STAGE_COLUMNS))
     assert list(frame["stage"]) == ["Qualified", "Won"] and frame["amount"].iloc[1] == 10.5
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings
 from leadloop.errors import LeakageError
+from leadloop.frames import SharedStrings, read_frame
 from leadloop.store import id_chunks
 from leadloop.tables import Lead, LeadEvent, LeadStatus
 
@@ -58,19 +59,39 @@ class Feature:
 
 @dataclass
 class LeadData:
-    """Raw lead rows (index lead_id) and their events, as read from the store."""
+    """Lead rows (index lead_id) and their events, as read from the store.
+
+    `leads` holds created_at, the category columns, the click-id columns as presence only (1.0
+    or NaN: the model and the reports use whether a click id exists, never its value), and each
+    CRM attribute as a column `attr_<key>`."""
 
     leads: pd.DataFrame
     events: pd.DataFrame  # lead_id, name, occurred_at
 
+    def attributes(self) -> pd.DataFrame:
+        """The CRM attributes under their own names."""
+        cols = [c for c in self.leads.columns if c.startswith(ATTRIBUTE_PREFIX)]
+        return self.leads[cols].rename(columns=lambda c: c.removeprefix(ATTRIBUTE_PREFIX))
+
+
+_CLICK_COLUMNS = sorted({c for cols in CLICK_FLAGS.values() for c in cols})
+
+
+def _compact_leads(part: pd.DataFrame, shared: SharedStrings) -> pd.DataFrame:
+    for col in _CLICK_COLUMNS:
+        part[col] = np.where(part[col].notna(), 1.0, np.nan)
+    attrs = pd.DataFrame.from_records([a or {} for a in part.pop("attributes")], index=part.index)
+    for key in attrs.columns:
+        part[ATTRIBUTE_PREFIX + str(key)] = shared.column(attrs[key])
+    return part
+
 
 def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatus.active,),
                    ids: Collection[int] | None = None) -> LeadData:
-    """Leads of `statuses` (only `ids` when given) and their events."""
+    """Leads of `statuses` (only `ids` when given) and their events, in compact frames."""
     lead = Lead.__table__  # type: ignore[attr-defined]
     ev = LeadEvent.__table__  # type: ignore[attr-defined]
-    rows: list[Any] = []
-    event_rows: list[Any] = []
+    lead_parts, event_parts = [], []
     with engine.connect() as conn:
         for part in id_chunks(ids):
             lead_stmt = select(*[lead.c[c] for c in _LEAD_COLUMNS]).where(
@@ -79,13 +100,14 @@ def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatu
             if part is not None:
                 lead_stmt = lead_stmt.where(lead.c.id.in_(part))
                 ev_stmt = ev_stmt.where(ev.c.lead_id.in_(part))
-            rows += conn.execute(lead_stmt).all()
-            event_rows += conn.execute(ev_stmt).all()
-        leads = pd.DataFrame(rows, columns=list(_LEAD_COLUMNS)).set_index("id")
-        leads.index.name = "lead_id"
-        events = pd.DataFrame(event_rows, columns=["lead_id", "name", "occurred_at"])
-    leads["created_at"] = pd.to_datetime(leads["created_at"], utc=True)
-    events["occurred_at"] = pd.to_datetime(events["occurred_at"], utc=True)
+            lead_parts.append(read_frame(conn, lead_stmt, _LEAD_COLUMNS, times=["created_at"],
+                                         convert=_compact_leads))
+            event_parts.append(read_frame(conn, ev_stmt, ["lead_id", "name", "occurred_at"],
+                                          times=["occurred_at"]))
+    leads = pd.concat(lead_parts) if len(lead_parts) > 1 else lead_parts[0]
+    leads = leads.set_index("id")
+    leads.index.name = "lead_id"
+    events = pd.concat(event_parts, ignore_index=True) if len(event_parts) > 1 else event_parts[0]
     events = events[events["lead_id"].isin(leads.index)]
     return LeadData(leads=leads, events=events)
 
@@ -132,8 +154,7 @@ def resolve_features(settings: Settings, data: LeadData) -> list[Feature]:
     feats += [Feature(f, "numeric", "created") for f in CLICK_FLAGS]
     feats += [Feature("created_hour", "numeric", "created"),
               Feature("created_weekday", "category", "created")]
-    attrs = pd.DataFrame(list(data.leads["attributes"].map(lambda a: a or {})),
-                         index=data.leads.index)
+    attrs = data.attributes()
     for key in sorted(attrs.columns):
         if key in leaky or (wanted is not None and key not in wanted):
             continue
@@ -153,7 +174,6 @@ def build_features(data: LeadData, features: list[Feature], moments: pd.Series
     created = leads["created_at"]
     x = pd.DataFrame(index=leads.index)
     known = pd.DataFrame(index=leads.index)
-    attrs: pd.DataFrame | None = None
     for f in features:
         if f.known_at == "after_contact":
             raise LeakageError(f"feature {f.name} is known only after sales contact; refused")
@@ -176,11 +196,7 @@ def build_features(data: LeadData, features: list[Feature], moments: pd.Series
         elif f.name == "created_weekday":
             col = created.dt.day_name()
         elif f.name.startswith(ATTRIBUTE_PREFIX):
-            if attrs is None:
-                attrs = pd.DataFrame(list(leads["attributes"].map(lambda a: a or {})),
-                                     index=leads.index)
-            key = f.name.removeprefix(ATTRIBUTE_PREFIX)
-            col = attrs[key] if key in attrs else pd.Series(np.nan, index=leads.index)
+            col = leads[f.name] if f.name in leads else pd.Series(np.nan, index=leads.index)
         else:
             raise LeakageError(f"feature {f.name} has no declared source; refused")
         x[f.name] = _coerce(col, f.kind)
