@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
+from leadloop.frames import read_frame
 from leadloop.tables import (
     Conversion,
     ConversionKind,
@@ -107,10 +108,9 @@ class ReportData:
 # -- reading the store ---------------------------------------------------------------------------
 
 
-def _frame(engine: Engine, stmt: Any, columns: list[str]) -> pd.DataFrame:
+def _frame(engine: Engine, stmt: Any, columns: list[str], **kw: Any) -> pd.DataFrame:
     with engine.connect() as conn:
-        rows = conn.execute(stmt).all()
-    return pd.DataFrame([tuple(r) for r in rows], columns=columns)
+        return read_frame(conn, stmt, columns, **kw)
 
 
 def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
@@ -124,8 +124,7 @@ def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
     df = _frame(engine, stmt, [
         "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
         "consent_ad_user_data", "consent_ad_personalization",
-    ])
-    df["created_at"] = pd.to_datetime(df["created_at"], utc=True)
+    ], times=["created_at"])
     df["landing_page"] = df["landing_page"].map(clean_landing_page)
     df["month"] = df["created_at"].dt.strftime("%Y-%m")
     return df
@@ -158,6 +157,7 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
         select(StageChange.lead_id, StageChange.field, StageChange.value, StageChange.entered_at,
                StageChange.deal_id, StageChange.amount, StageChange.is_lost),
         ["lead_id", "field", "value", "entered_at", "deal_id", "amount", "is_lost"],
+        times=["entered_at"], numbers=["amount"],
     )
     raw = raw[raw["lead_id"].isin(set(lead_ids)) & ~raw["is_lost"].astype(bool)]
     parts = []
@@ -165,8 +165,6 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
         hit = raw[_stage_matches(stage, raw["field"], raw["value"])]
         if hit.empty:
             continue
-        hit = hit.assign(amount=pd.to_numeric(hit["amount"].map(
-            lambda a: None if a is None else float(a)), errors="coerce"))
         per_deal = hit.groupby(["lead_id", "deal_id"], as_index=False).agg(
             entered_at=("entered_at", "min"), amount=("amount", "max"))
         per_lead = per_deal.groupby("lead_id", as_index=False).agg(
@@ -207,12 +205,11 @@ def _load_scores(engine: Engine) -> pd.DataFrame:
         engine,
         select(Score.lead_id, Score.probability, Score.expected_value, Score.scored_at, Score.id),
         ["lead_id", "probability", "expected_value", "scored_at", "id"],
+        times=["scored_at"], numbers=["probability", "expected_value"],
     )
     if df.empty:
         return pd.DataFrame(columns=["lead_id", "probability", "expected_value"])
     df = df.sort_values(["scored_at", "id"]).drop_duplicates("lead_id", keep="last")
-    df["expected_value"] = df["expected_value"].map(lambda v: None if v is None else float(v))
-    df["expected_value"] = pd.to_numeric(df["expected_value"], errors="coerce")
     return df[["lead_id", "probability", "expected_value"]]
 
 
@@ -220,14 +217,18 @@ def _load_conversions(engine: Engine, lead_ids: pd.Series) -> pd.DataFrame:
     cols = ["lead_id", "destination", "stage", "kind", "conversion_action", "conversion_time",
             "value", "status", "hold_rule", "attempts", "platform_code", "last_error", "order_id",
             "click_id", "created_at"]
-    df = _frame(engine, select(*[getattr(Conversion, c) for c in cols]), cols)
-    df = df[df["lead_id"].isin(set(lead_ids))].copy()
-    df["value"] = pd.to_numeric(df["value"].map(lambda v: None if v is None else float(v)),
-                                errors="coerce")
+    df = _frame(engine, select(*[getattr(Conversion, c) for c in cols]), cols,
+                times=["conversion_time", "created_at"], numbers=["value"],
+                convert=_compact_conversions)
+    return df[df["lead_id"].isin(set(lead_ids))].reset_index(drop=True)
+
+
+def _compact_conversions(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
+    """Enums as their values; each order id (unique, long, only ever counted) as a 64-bit hash."""
     for c in ("status", "kind"):
-        df[c] = df[c].map(lambda s: getattr(s, "value", s))
-    df["conversion_time"] = pd.to_datetime(df["conversion_time"], utc=True)
-    return df
+        part[c] = part[c].map(lambda s: getattr(s, "value", s))
+    part["order_id"] = pd.util.hash_pandas_object(part["order_id"], index=False).to_numpy()
+    return part
 
 
 def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | None]:
