@@ -29,6 +29,7 @@ from leadloop.daemon import (
 from leadloop.errors import ConfigError, LeaseHeldError, SourceError
 from leadloop.store import session_scope
 from leadloop.tables import JobOutcome, JobRun
+from tests.daemon_helpers import gdm_stage, ingested_ids
 
 FAST = {"sync": "1s", "export": "1s", "score": "1s", "validate": None, "retrain": None,
         "report": None, "lease_seconds": 3, "stop_timeout_seconds": 10}
@@ -318,20 +319,7 @@ lookback_minutes = 1
 [crm.properties]
 consent_ad_user_data = "ll_consent_ad_user_data"
 consent_ad_personalization = "ll_consent_ad_personalization"
-
-[[stages]]
-name = "Sales qualified"
-crm_values = ["salesqualifiedlead"]
-field = "lifecyclestage"
-macro = true
-value = 400.0
-destinations = {{ google_data_manager = "700000002" }}
-
-[destinations.google_data_manager]
-base_url = "{dm}"
-operating_account_id = "1234567890"
-token_env = "LEADLOOP_E2E_TOKEN"
-batch_size = 3
+{stage}
 
 [schedule]
 sync = "2s"
@@ -402,8 +390,10 @@ def test_daemon_process_runs_cycles_refuses_a_twin_and_stops_cleanly_mid_export(
 
     cfg = tmp_path / "leadloop.toml"
     db = tmp_path / "leadloop.db"
-    cfg.write_text(E2E_CONFIG.format(db=db, hubspot=hubspot.base_url, tmp=tmp_path,
-                                     dm=platforms.urls["google_data_manager"]))
+    stage = gdm_stage(stage="Sales qualified", value=400.0, destination="google_data_manager",
+                      customer="700000002", url=platforms.urls["google_data_manager"],
+                      token_env="LEADLOOP_E2E_TOKEN", batch_size=3)
+    cfg.write_text(E2E_CONFIG.format(db=db, hubspot=hubspot.base_url, tmp=tmp_path, stage=stage))
     engine = make_engine(f"sqlite:///{db}")
     adding = threading.Event()
 
@@ -467,10 +457,8 @@ def test_daemon_process_runs_cycles_refuses_a_twin_and_stops_cleanly_mid_export(
         (c.status, c.hold_rule, c.last_error) for c in conversions if c.status != ConversionStatus.sent]
     ledger = platforms.ledgers["google_data_manager"]
     assert set(ledger) == {c.order_id for c in conversions}
-    sent_ids = [ev["transactionId"] for req in platforms.received("google_data_manager")
-                if req.path.endswith(":ingest") and not req.json().get("validateOnly")
-                for ev in req.json()["events"]]
-    assert len(sent_ids) == len(set(sent_ids)) == len(added)
+    sent = ingested_ids(platforms)
+    assert len(sent) == len(added) and set(sent.values()) == {1}
 
     status = leadloop(cfg, "status", "--json")
     out, err = status.communicate(timeout=30)

@@ -38,6 +38,7 @@ from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.sandbox.simulator import simulate
 from leadloop.store import make_engine, session_scope
 from leadloop.tables import Conversion, ConversionStatus, Lead, LeadEvent, RejectedRecord, StageChange
+from tests.daemon_helpers import gdm_stage, ingested_ids
 from tests.export_helpers import add_lead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,21 +53,7 @@ url = "sqlite:///{db}"
 [crm]
 kind = "hubspot"
 base_url = "http://127.0.0.1:1"
-
-[[stages]]
-name = "Qualified"
-crm_values = ["salesqualifiedlead"]
-field = "lifecyclestage"
-macro = true
-value = 100.0
-destinations = {{ gdm = "7001" }}
-
-[destinations.gdm]
-kind = "google_data_manager"
-base_url = "{url}"
-operating_account_id = "1234567890"
-token_env = "LEADLOOP_CRASH_TOKEN"
-batch_size = {batch}
+{stage}
 
 [model]
 dir = "{tmp}/models"
@@ -134,17 +121,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ingested_ids(platforms: FakePlatforms) -> Counter[str]:
-    """Every transaction id the fake received in a real (not validate-only) ingest request."""
-    seen: Counter[str] = Counter()
-    for req in platforms.received("google_data_manager"):
-        if req.method == "POST":
-            body = req.json() or {}
-            if not body.get("validateOnly"):
-                seen.update(ev["transactionId"] for ev in body.get("events", []))
-    return seen
-
-
 @pytest.mark.slow
 def test_kill_9_during_export_100_times_loses_nothing_and_sends_each_conversion_once(
         tmp_path: Path) -> None:
@@ -159,8 +135,10 @@ def test_kill_9_during_export_100_times_loses_nothing_and_sends_each_conversion_
     rng = random.Random(8)
     with FakePlatforms(require_token=CRASH_TOKEN) as platforms:
         cfg = tmp_path / "crash.toml"
-        cfg.write_text(CRASH_CONFIG.format(db=db, url=platforms.urls["google_data_manager"],
-                                           batch=batch, tmp=tmp_path))
+        stage = gdm_stage(stage="Qualified", value=100.0, destination="gdm", customer="7001",
+                          url=platforms.urls["google_data_manager"], token_env="LEADLOOP_CRASH_TOKEN",
+                          batch_size=batch)
+        cfg.write_text(CRASH_CONFIG.format(db=db, stage=stage, tmp=tmp_path))
         zygote = Zygote(cfg, tmp_path / "export.log")
         kills, in_flight = 0, 0
         try:
@@ -201,7 +179,7 @@ def test_kill_9_during_export_100_times_loses_nothing_and_sends_each_conversion_
         ledger = platforms.ledgers["google_data_manager"]
         assert set(ledger) == order_ids  # every conversion, once per order id, none missing
         # a re-send happens only for the batch in flight when its process died
-        sent = _ingested_ids(platforms)
+        sent = ingested_ids(platforms)
         assert set(sent) == order_ids
         resent = sum(sent.values()) - len(sent)
         assert resent <= in_flight * batch, (resent, in_flight)
