@@ -114,7 +114,11 @@ class _SalesforceClient:
             self.oauth = OAuthTokenProvider(
                 self.session, crm.token_url or DEFAULT_TOKEN_URL,
                 client_id.get_secret_value(), client_secret.get_secret_value(),
-                refresh.get_secret_value() if refresh else None, grant=crm.auth_flow)
+                refresh.get_secret_value() if refresh else None, grant=crm.auth_flow,
+                secret_envs={"crm.client_id_env": str(crm.client_id_env),
+                             "crm.client_secret_env": str(crm.client_secret_env),
+                             **({"crm.refresh_token_env": str(crm.refresh_token_env)}
+                                if refresh else {})})
 
     def _token(self) -> str:
         if self.oauth is not None:
