@@ -57,7 +57,7 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
             elif name in numbers:
                 part[name] = np.array([np.nan if v is None else float(v) for v in part[name]],
                                       dtype=float)
-            elif part[name].dtype == object:
+            elif part[name].dtype == object or pd.api.types.is_string_dtype(part[name]):
                 part[name] = shared.column(part[name])
         parts.append(convert(part, shared) if convert else part)
     if not parts:

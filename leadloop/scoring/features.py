@@ -78,8 +78,8 @@ _CLICK_COLUMNS = sorted({c for cols in CLICK_FLAGS.values() for c in cols})
 
 
 def _compact_leads(part: pd.DataFrame, shared: SharedStrings) -> pd.DataFrame:
-    for col in _CLICK_COLUMNS:
-        part[col] = np.where(part[col].notna(), 1.0, np.nan)
+    for col in _CLICK_COLUMNS:  # selected as "is present": the values are never needed here
+        part[col] = np.where(part[col].astype(bool), 1.0, np.nan)
     attrs = pd.DataFrame.from_records([a or {} for a in part.pop("attributes")], index=part.index)
     for key in attrs.columns:
         part[ATTRIBUTE_PREFIX + str(key)] = shared.column(attrs[key])
@@ -94,7 +94,8 @@ def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatu
     lead_parts, event_parts = [], []
     with engine.connect() as conn:
         for part in id_chunks(ids):
-            lead_stmt = select(*[lead.c[c] for c in _LEAD_COLUMNS]).where(
+            lead_stmt = select(*[lead.c[c].is_not(None).label(c) if c in _CLICK_COLUMNS
+                                 else lead.c[c] for c in _LEAD_COLUMNS]).where(
                 lead.c.status.in_(list(statuses)))
             ev_stmt = select(ev.c.lead_id, ev.c.name, ev.c.occurred_at)
             if part is not None:
