@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select, union, update
+from sqlalchemy import Select, and_, func, or_, select, union, update
 from sqlmodel import Session
 
 from leadloop.config import Settings, StageConfig
@@ -52,6 +52,8 @@ UNSENT = (ConversionStatus.pending, ConversionStatus.held, ConversionStatus.fail
 BUILD_RULES = frozenset({"no_score", "no_value"})  # decided by the outbox, not by platform rules
 _CENT = Decimal("0.01")
 _INSERT_CHUNK = 10_000  # new rows are written as they are built, in the same transaction: bounded memory
+_LEAD_CHUNK = 50_000  # lead ids per build step
+Scope = Callable[[Any], Any]  # a column of lead ids -> the condition that keeps this step's leads
 
 
 def order_id(destination: str, source: str, crm_id: str, stage: str, revision: int) -> str:
@@ -98,8 +100,8 @@ def changed_leads(since: datetime) -> Select[Any]:
     )  # type: ignore[return-value]
 
 
-def _stage_facts(session: Session, settings: Settings, stage: StageConfig,
-                 only: Select[Any] | None = None) -> dict[int, _Fact]:
+def _stage_facts(session: Session, settings: Settings, stage: StageConfig, scope: Scope
+                 ) -> dict[int, _Fact]:
     crm = settings.crm
     sc = StageChange.__table__  # type: ignore[attr-defined]
     if stage.field:
@@ -110,8 +112,7 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig,
     facts: dict[int, _Fact] = {}
     rows = session.execute(
         select(sc.c.lead_id, sc.c.entered_at, sc.c.amount, sc.c.currency, sc.c.deal_id)
-        .where(cond, sc.c.value.in_(stage.crm_values),
-               *([sc.c.lead_id.in_(only)] if only is not None else []))
+        .where(cond, sc.c.value.in_(stage.crm_values), scope(sc.c.lead_id))
         .order_by(sc.c.lead_id, sc.c.entered_at)
     )
     for lead_id, entered_at, amount, currency, deal_id in rows:
@@ -121,7 +122,7 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig,
     if deal_facts:
         lost = session.execute(
             select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(
-                sc.c.is_lost.is_(True), *([sc.c.lead_id.in_(only)] if only is not None else []))
+                sc.c.is_lost.is_(True), scope(sc.c.lead_id))
         )
         for lead_id, deal_id, entered_at in lost:
             fact = facts.get(lead_id)
@@ -130,12 +131,10 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig,
     return facts
 
 
-def _latest_scores(session: Session, only: Select[Any] | None = None
-                   ) -> dict[int, tuple[Decimal | None, str | None]]:
+def _latest_scores(session: Session, scope: Scope) -> dict[int, tuple[Decimal | None, str | None]]:
     out: dict[int, tuple[Decimal | None, str | None]] = {}
-    stmt = select(Score.lead_id, Score.expected_value, Score.currency)  # type: ignore[call-overload]
-    if only is not None:
-        stmt = stmt.where(Score.lead_id.in_(only))  # type: ignore[attr-defined]
+    stmt = select(Score.lead_id, Score.expected_value, Score.currency  # type: ignore[call-overload]
+                  ).where(scope(Score.lead_id))
     rows = session.execute(stmt.order_by(Score.scored_at, Score.id))
     for lead_id, ev, cur in rows:
         out[lead_id] = (ev, cur)
@@ -171,15 +170,32 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
     `destinations` maps each enabled destination name to whether it supports adjustments. With
     `changed_since`, only leads changed since then are looked at (see `changed_leads`); the
     result is the same as a full build when the previous build ran at `changed_since`.
+    Leads are taken in ranges of `_LEAD_CHUNK` ids, so memory stays flat with the store's size.
     Returns counts: built (new rows), revisions, refreshed, withdrawn.
     """
     counts = dict.fromkeys(("built", "revisions", "refreshed", "withdrawn"), 0)
     stages = [s for s in settings.stages if any(d in destinations for d in s.destinations)]
     if not stages:
         return counts
-    only = changed_leads(changed_since) if changed_since is not None else None
-    scores = _latest_scores(session, only) if any(s.value == "predicted" for s in stages) else {}
-    facts = {s.name: _stage_facts(session, settings, s, only) for s in stages}
+    changed = changed_leads(changed_since) if changed_since is not None else None
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    low, high = session.execute(select(func.min(lead.c.id), func.max(lead.c.id))).one()
+    if low is None:
+        return counts
+    for start in range(low, high + 1, _LEAD_CHUNK):
+        def scope(column: Any, start: int = start) -> Any:
+            in_range = column.between(start, start + _LEAD_CHUNK - 1)
+            return and_(in_range, column.in_(changed)) if changed is not None else in_range
+        _build_part(session, settings, stages, destinations, now, job_run_id, scope, counts)
+    return counts
+
+
+def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
+                destinations: dict[str, bool], now: datetime, job_run_id: int | None,
+                scope: Scope, counts: dict[str, int]) -> None:
+    """`build_outbox` for the leads in `scope`; adds to `counts`."""
+    scores = _latest_scores(session, scope) if any(s.value == "predicted" for s in stages) else {}
+    facts = {s.name: _stage_facts(session, settings, s, scope) for s in stages}
 
     conv = Conversion.__table__  # type: ignore[attr-defined]
     existing: dict[tuple[str, int, str], list[Any]] = defaultdict(list)
@@ -188,8 +204,7 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
             "click_id", "hold_rule")
     for row in session.execute(
         select(*[conv.c[c] for c in cols])
-        .where(conv.c.destination.in_(list(destinations)),
-               *([conv.c.lead_id.in_(only)] if only is not None else []))
+        .where(conv.c.destination.in_(list(destinations)), scope(conv.c.lead_id))
         .order_by(conv.c.revision)
     ):
         existing[(row.destination, row.lead_id, row.stage)].append(row)
@@ -285,7 +300,6 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
                     counts["revisions"] += 1
     insert_ignore(session, Conversion, inserts, conflict=("order_id",))
     _bulk_update(session, updates, job_run_id)
-    return counts
 
 
 def _adjustment(stage: StageConfig, last_sent: Any, retract: bool, value: Decimal | None
