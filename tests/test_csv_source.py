@@ -3,7 +3,10 @@ line numbers, encodings and delimiters, chunking, and PII handling."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -164,3 +167,55 @@ def test_mapping_names_a_missing_column(tmp_path, make_settings, sqlite_engine):
     ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=sqlite_engine)
     with pytest.raises(ConfigError, match=r"config key crm\.csv\.\w+: column .* is not in export.csv"):
         list(build_source(ctx).fetch("rows", None, started_at=ctx.now()))
+
+
+def test_a_newer_export_without_times_moves_no_stored_time(tmp_path, make_settings, engine):
+    """Without a time column the file's mtime stands in for created_at, for flag stages and for
+    flag events. A re-export (a later mtime) must not move them: unchanged leads stay unchanged
+    (no `updated_at` bump for the jobs downstream), no event is added again, and only what is
+    new is stamped with the new file's time."""
+    path = tmp_path / "export.csv"
+    settings = make_settings(
+        crm={"kind": "csv", "lead_stage_property": "stage", "properties": {"email": "Email"},
+             "csv": {"path": str(path), "id_column": "id", "label_column": "won",
+                     "amount_column": "amount", "stage_columns": {"Qualified": "qualified"}}},
+        stages=[{"name": "Qualified", "crm_values": ["Qualified"], "macro": True}],
+        micro_conversions=[{"name": "demo", "property": "demo_requested"},
+                           {"name": "engaged", "expr": "visits >= 600"}],
+    )
+    header = "id,Email,qualified,won,amount,demo_requested,visits,plan\n"
+    t1, t2, t3 = (datetime(2026, 1, d, tzinfo=UTC) for d in (1, 2, 3))
+
+    def sync(rows: str, mtime: datetime, day: int) -> tuple[dict, set, set]:
+        path.write_text(header + rows, encoding="utf-8")
+        os.utime(path, (mtime.timestamp(), mtime.timestamp()))
+        ctx = Context(settings=settings, engine=engine, now=lambda: datetime(2026, 2, day, tzinfo=UTC))
+        sync_source(ctx, build_source(ctx))
+        with session_scope(engine) as s:
+            leads = {lead.id: lead for lead in s.exec(select(Lead)).all()}
+            stages = {(leads[c.lead_id].crm_id, c.value, c.entered_at, c.amount)
+                      for c in s.exec(select(StageChange)).all()}
+            events = [(leads[e.lead_id].crm_id, e.name, e.occurred_at)
+                      for e in s.exec(select(LeadEvent)).all()]
+        assert len(events) == len(set(events))
+        return ({x.crm_id: (x.created_at, x.updated_at, x.attributes["plan"]) for x in leads.values()},
+                stages, set(events))
+
+    same = "1,a@example.com,yes,1,120,1,700,pro\n2,b@example.com,no,0,,yes,10,free\n"
+    leads1, stages1, events1 = sync(same + "3,c@example.com,,0,,,,free\n", t1, 1)
+    day1, day2 = datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 2, 2, tzinfo=UTC)
+    assert leads1 == {"1": (t1, day1, "pro"), "2": (t1, day1, "free"), "3": (t1, day1, "free")}
+    assert stages1 == {("1", "Qualified", t1, Decimal(120)), ("1", "won", t1, Decimal(120))}
+    assert events1 == {("1", "demo", t1), ("1", "engaged", t1), ("2", "demo", t1)}
+
+    # Re-exported a day later: lead 3 changed (qualified, won, another plan), lead 4 is new.
+    changed = "3,c@example.com,yes,1,90,,,pro\n4,d@example.com,yes,0,,yes,900,free\n"
+    leads2, stages2, events2 = sync(same + changed, t2, 2)
+    assert leads2 == {"1": leads1["1"], "2": leads1["2"], "3": (t1, day2, "pro"),
+                      "4": (t2, day2, "free")}
+    assert stages2 == stages1 | {("3", "Qualified", t2, Decimal(90)), ("3", "won", t2, Decimal(90)),
+                                 ("4", "Qualified", t2, None)}
+    assert events2 == events1 | {("4", "demo", t2), ("4", "engaged", t2)}
+
+    # The same rows once more under yet another file time: nothing at all changes.
+    assert sync(same + changed, t3, 3) == (leads2, stages2, events2)

@@ -97,6 +97,9 @@ class LeadIn:
     current_stage: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     merged_crm_ids: list[str] = field(default_factory=list)  # ids absorbed into this lead
+    # `created_at` is a stand-in (e.g. a CSV export's file time), not the CRM's own: only an
+    # estimate of when we first learned of the lead, so once stored it does not move.
+    time_estimated: bool = False
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class StageIn:
     amount: Decimal | None = None
     currency: str | None = None
     is_lost: bool = False
+    time_estimated: bool = False  # `entered_at` is a stand-in: a stored row keeps its own
 
 
 @dataclass(slots=True)
@@ -119,6 +123,8 @@ class EventIn:
     name: str
     occurred_at: datetime
     value: float | None = None
+    # `occurred_at` is a stand-in: the event is skipped when the lead already has one so named
+    time_estimated: bool = False
 
 
 @dataclass(slots=True)
@@ -226,6 +232,19 @@ def _forget_deals(session: Session, source: str, deal_ids: Sequence[str], now: d
     return forgotten
 
 
+def _known_events(session: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[int, str]]:
+    """The (lead id, event name) pairs among `rows` that the store already holds."""
+    ev = LeadEvent.__table__  # type: ignore[attr-defined]
+    lead_ids_ = sorted({r["lead_id"] for r in rows})
+    names = sorted({r["name"] for r in rows})
+    known: set[tuple[int, str]] = set()
+    for i in range(0, len(lead_ids_), 5000):
+        known.update((lead_id, name) for lead_id, name in session.execute(
+            select(ev.c.lead_id, ev.c.name).distinct().where(
+                ev.c.lead_id.in_(lead_ids_[i : i + 5000]), ev.c.name.in_(names))))
+    return known
+
+
 def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page
 ) -> dict[str, int]:
@@ -257,6 +276,7 @@ def apply_page(
         )
 
     rows = []
+    estimated = {lead.crm_id: lead.time_estimated for lead in page.leads}  # the later row wins
     for lead in page.leads:
         row, problems = _lead_row(source, lead, region, now)
         rows.append(row)
@@ -267,10 +287,15 @@ def apply_page(
     rows = list({r["crm_id"]: r for r in rows}.values())
     columns = [k for k in (rows[0] if rows else {}) if k not in ("source", "crm_id", "ingested_at")]
     # A record re-read unchanged (the look-back window, a repeated page) is left alone, so it
-    # does not look changed to scoring, validation, export and the report.
-    written = set(upsert(session, Lead, rows, conflict=("source", "crm_id"), update=columns,
-                         when_changed=[c for c in columns if c != "updated_at"],
-                         returning="crm_id"))
+    # does not look changed to scoring, validation, export and the report. A stand-in
+    # created_at is neither written over nor compared: an existing lead keeps its own.
+    written: set[str] = set()
+    for stand_in in (False, True):
+        cols = [c for c in columns if not (stand_in and c == "created_at")]
+        part = [r for r in rows if estimated[r["crm_id"]] is stand_in]
+        written.update(upsert(session, Lead, part, conflict=("source", "crm_id"), update=cols,
+                              when_changed=[c for c in cols if c != "updated_at"],
+                              returning="crm_id"))
     counts["leads"] = len(rows)
 
     referenced = {s.crm_id for s in page.stages} | {e.crm_id for e in page.events}
@@ -311,6 +336,7 @@ def apply_page(
         counts["deals_deleted"] = _forget_deals(session, source, page.deleted_deal_ids, now)
 
     stage_rows = []
+    stage_estimated: dict[tuple, bool] = {}
     for s in page.stages:
         lead_id = ids.get(s.crm_id)
         if lead_id is None:
@@ -322,25 +348,38 @@ def apply_page(
             "deal_id": s.deal_id, "amount": s.amount, "currency": s.currency,
             "is_lost": s.is_lost,
         })
+        stage_estimated[(lead_id, s.field, s.value, s.deal_id)] = s.time_estimated
     stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
                        for r in stage_rows}.values())
-    stage_cols = ["entered_at", "amount", "currency", "is_lost"]
-    changed_stage_leads = upsert(
-        session, StageChange, stage_rows, conflict=("lead_id", "field", "value", "deal_id"),
-        update=stage_cols, when_changed=stage_cols, returning="lead_id")
+    changed_stage_leads = []
+    for stand_in in (False, True):
+        # A stand-in entered_at is kept once stored: only the deal's facts may change.
+        stage_cols = ["amount", "currency", "is_lost"] if stand_in else [
+            "entered_at", "amount", "currency", "is_lost"]
+        part = [r for r in stage_rows
+                if stage_estimated[(r["lead_id"], r["field"], r["value"], r["deal_id"])] is stand_in]
+        changed_stage_leads += upsert(
+            session, StageChange, part, conflict=("lead_id", "field", "value", "deal_id"),
+            update=stage_cols, when_changed=stage_cols, returning="lead_id")
     counts["stages"] = len(stage_rows)
 
     event_rows = []
+    stand_in_events = []
     for e in page.events:
         lead_id = ids.get(e.crm_id)
         if lead_id is None:
             reject(e.crm_id, f"event {e.name}: lead {e.crm_id} is not synced", {"event": e.name})
             continue
-        event_rows.append({"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at,
-                           "value": e.value})
+        (stand_in_events if e.time_estimated else event_rows).append(
+            {"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at, "value": e.value})
+    counts["events"] = len(event_rows) + len(stand_in_events)
+    if stand_in_events:
+        # A stand-in time would differ on every re-read: an event the lead already has (under
+        # any time) is not added again.
+        known = _known_events(session, stand_in_events)
+        event_rows += [r for r in stand_in_events if (r["lead_id"], r["name"]) not in known]
     new_event_leads = insert_ignore(session, LeadEvent, event_rows,
                                     conflict=("lead_id", "name", "occurred_at"), returning="lead_id")
-    counts["events"] = len(event_rows)
 
     # A new or changed stage or event changes what the lead is worth: mark the lead changed for
     # the jobs downstream (leads whose own row was just written already are).

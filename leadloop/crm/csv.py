@@ -8,10 +8,12 @@ naming `line N`, and the rest of the file goes on.
 
 Mapping (see `config.CsvMapping`):
 - `id_column` -> crm_id; `created_column` (+ `created_format`) -> created_at. Exports without a
-  time column get the file's modification time, which stays stable across re-reads.
+  time column get the file's modification time, marked `time_estimated`: it is only when we
+  first learned of the lead, so a newer export (a later file time) does not move a stored one.
 - Stage facts are `StageIn(field="stage", value=<key>)`: each `stage_columns` key whose column
-  holds a time (entered then) or a truthy flag (entered at created_at), and the label column's
-  name when its value is one of `positive_values`. `amount_column` is the deals' amount.
+  holds a time (entered then) or a truthy flag (entered at created_at, a stand-in when that is),
+  and the label column's name when its value is one of `positive_values`. `amount_column` is
+  the deals' amount.
 - `[crm.properties]` names the attribution columns (only columns present in the file are used);
   `[[micro_conversions]]` with `property` (a truthy or date column) or `expr` (a pandas query
   over the chunk, numbers parsed) become `lead_event` rows.
@@ -174,7 +176,8 @@ class CsvSource:
                 continue
             for name, hits in expr_hits.items():
                 if hits[idx]:
-                    events.append(EventIn(lead.crm_id, name, lead.created_at))
+                    events.append(EventIn(lead.crm_id, name, lead.created_at,
+                                          time_estimated=lead.time_estimated))
             page.leads.append(lead)
             page.stages.extend(stages)
             page.events.extend(events)
@@ -233,7 +236,9 @@ class CsvSource:
             except ValueError:
                 raise RecordRejected(ref, f"lead {crm_id}: {m.created_column!r} value "
                                      f"{raw_created!r} is not a date", _public(row)) from None
-        lead = LeadIn(crm_id=crm_id, created_at=created, updated_at=None, object_type="row")
+        estimated = not m.created_column  # the file time stands in for the creation time
+        lead = LeadIn(crm_id=crm_id, created_at=created, updated_at=None, object_type="row",
+                      time_estimated=estimated)
         used = {m.id_column, m.created_column, m.label_column, m.amount_column,
                 *m.stage_columns.values()}
         for key in ("email", "phone", *ATTRIBUTION_FIELDS):
@@ -255,19 +260,22 @@ class CsvSource:
             if value is None or value.lower() in ("0", "0.0", "no", "n", "false", "f"):
                 continue
             if value.lower() in _TRUTHY:
-                when = created
+                when, when_estimated = created, estimated
             else:
+                when_estimated = False
                 try:
                     when = self._time(value, None)
                 except ValueError:
                     raise RecordRejected(ref, f"lead {crm_id}: stage column {col!r} holds "
                                          f"{value!r}, neither a date nor a flag", _public(row)) from None
-            stages.append(StageIn(crm_id, STAGE_FIELD, stage, when, amount=amount))
+            stages.append(StageIn(crm_id, STAGE_FIELD, stage, when, amount=amount,
+                                  time_estimated=when_estimated))
             lead.current_stage = stage
         if m.label_column:
             label = (self._clean(row.get(m.label_column)) or "").lower()
             if label in self.positive:
-                stages.append(StageIn(crm_id, STAGE_FIELD, m.label_column, created, amount=amount))
+                stages.append(StageIn(crm_id, STAGE_FIELD, m.label_column, created, amount=amount,
+                                      time_estimated=estimated))
                 lead.current_stage = lead.current_stage or m.label_column
         events = []
         for mc in self.micro:
@@ -277,7 +285,7 @@ class CsvSource:
             if value is None or value.lower() in ("0", "0.0", "no", "n", "false", "f"):
                 continue
             if value.lower() in _TRUTHY:
-                events.append(EventIn(crm_id, mc.name, created))
+                events.append(EventIn(crm_id, mc.name, created, time_estimated=estimated))
                 continue
             try:
                 events.append(EventIn(crm_id, mc.name, self._time(value, None)))
