@@ -113,14 +113,21 @@ def _frame(engine: Engine, stmt: Any, columns: list[str], **kw: Any) -> pd.DataF
         return read_frame(conn, stmt, columns, **kw)
 
 
+def _lead_conditions(since: datetime | None) -> list[Any]:
+    """The leads a report covers: active or deleted (merged and erased ones are not leads of
+    their own any more), created since `since` when given."""
+    cond = [Lead.status.in_([LeadStatus.active, LeadStatus.deleted])]  # type: ignore[attr-defined]
+    if since is not None:
+        cond.append(Lead.created_at >= since)  # type: ignore[operator]
+    return cond
+
+
 def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
     cols = [
         Lead.id, Lead.created_at, Lead.utm_source, Lead.utm_medium, Lead.utm_campaign,
         Lead.landing_page, Lead.consent_ad_user_data, Lead.consent_ad_personalization,
     ]
-    stmt = select(*cols).where(Lead.status.in_([LeadStatus.active, LeadStatus.deleted]))
-    if since is not None:
-        stmt = stmt.where(Lead.created_at >= since)
+    stmt = select(*cols).where(*_lead_conditions(since))
     df = _frame(engine, stmt, [
         "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
         "consent_ad_user_data", "consent_ad_personalization",
@@ -213,14 +220,15 @@ def _load_scores(engine: Engine) -> pd.DataFrame:
     return df[["lead_id", "probability", "expected_value"]]
 
 
-def _load_conversions(engine: Engine, lead_ids: pd.Series) -> pd.DataFrame:
+def _load_conversions(engine: Engine, since: datetime | None) -> pd.DataFrame:
     cols = ["lead_id", "destination", "stage", "kind", "conversion_action", "conversion_time",
             "value", "status", "hold_rule", "attempts", "platform_code", "last_error", "order_id",
-            "click_id", "created_at"]
-    df = _frame(engine, select(*[getattr(Conversion, c) for c in cols]), cols,
-                times=["conversion_time", "created_at"], numbers=["value"],
-                convert=_compact_conversions)
-    return df[df["lead_id"].isin(set(lead_ids))].reset_index(drop=True)
+            "click_id"]
+    covered = select(Lead.id).where(*_lead_conditions(since))  # type: ignore[call-overload]
+    stmt = select(*[getattr(Conversion, c) for c in cols]).where(
+        Conversion.lead_id.in_(covered))  # type: ignore[attr-defined]
+    return _frame(engine, stmt, cols, times=["conversion_time"], numbers=["value"],
+                  convert=_compact_conversions)
 
 
 def _compact_conversions(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
@@ -288,8 +296,8 @@ def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
         columns=["probability", "expected_value"])
     df["predicted_probability"] = pd.to_numeric(sc["probability"].reindex(df.index), errors="coerce")
     df["predicted_value"] = pd.to_numeric(sc["expected_value"].reindex(df.index), errors="coerce")
-    accepted = conv[conv["status"] == "sent"]
-    up = accepted[accepted["kind"] == ConversionKind.conversion.value]
+    up = conv.loc[(conv["status"] == "sent") & (conv["kind"] == ConversionKind.conversion.value),
+                  ["lead_id", "destination", "value"]]
     df["value_uploaded"] = up.groupby("lead_id")["value"].sum().reindex(df.index).fillna(0.0)
     for dest in destinations:
         n = up[up["destination"] == dest].groupby("lead_id").size()
@@ -333,24 +341,28 @@ def aggregate(df: pd.DataFrame, column: str, key: str) -> pd.DataFrame:
 
 
 def _uploads(conv: pd.DataFrame, destinations: list[str]) -> tuple[pd.DataFrame, ...]:
+    by_status = conv.groupby(["destination", "status"]).size()
+    built = conv.groupby("destination").size()
+    attempted = conv.loc[conv["attempts"] > 0].groupby("destination").size()
+    sent = conv["status"] == "sent"
+    accepted_value = conv.loc[sent, ["destination", "value"]].groupby("destination")["value"].sum()
     rows = []
     for dest in destinations:
-        d = conv[conv["destination"] == dest]
-        by = d["status"].value_counts()
         rows.append({
             "destination": dest,
-            "built": len(d),
-            **{s: int(by.get(s, 0)) for s in CONVERSION_STATUSES},
-            "attempted": int((d["attempts"] > 0).sum()),
-            "value_accepted": float(d.loc[d["status"] == "sent", "value"].sum()),
+            "built": int(built.get(dest, 0)),
+            **{s: int(by_status.get((dest, s), 0)) for s in CONVERSION_STATUSES},
+            "attempted": int(attempted.get(dest, 0)),
+            "value_accepted": float(accepted_value.get(dest, 0.0)),
         })
     uploads = pd.DataFrame(rows, columns=["destination", "built", *CONVERSION_STATUSES, "attempted",
                                           "value_accepted"])
-    held = conv[conv["status"] == "held"].assign(
+    held = conv.loc[conv["status"] == "held", ["destination", "hold_rule"]].assign(
         hold_rule=lambda x: x["hold_rule"].fillna("(no rule recorded)"))
     holds = held.groupby(["destination", "hold_rule"]).size().rename("n").reset_index() \
         .sort_values("n", ascending=False)
-    rej = conv[conv["status"].isin(["rejected", "dead"])].assign(
+    rej = conv.loc[conv["status"].isin(["rejected", "dead"]),
+                   ["destination", "status", "platform_code", "last_error", "order_id"]].assign(
         platform_code=lambda x: x["platform_code"].fillna("(none)"),
         last_error=lambda x: x["last_error"].fillna(""))
     rejections = rej.groupby(["destination", "status", "platform_code"]).agg(
@@ -361,7 +373,7 @@ def _uploads(conv: pd.DataFrame, destinations: list[str]) -> tuple[pd.DataFrame,
 
 def _crm_vs_platform(settings: Settings, reach: pd.DataFrame, conv: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    first = conv[conv["kind"] == ConversionKind.conversion.value]
+    first = conv.loc[conv["kind"] == ConversionKind.conversion.value, ["destination", "stage", "status"]]
     for stage in settings.stages:
         crm = int((reach["stage"] == stage.name).sum())
         if not stage.destinations:
@@ -392,7 +404,7 @@ def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData
     reach = _load_stage_reach(ctx.engine, settings, ids)
     micro_names, micro = _load_micro_flags(ctx.engine, settings, ids)
     scores = _load_scores(ctx.engine)
-    conv = _load_conversions(ctx.engine, ids)
+    conv = _load_conversions(ctx.engine, since)
     destinations = sorted(set(settings.destinations) | set(conv["destination"].unique()))
     won = won_stage_name(settings)
     df = _lead_frame(leads, reach, micro, scores, conv, settings, won, destinations)
