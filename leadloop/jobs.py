@@ -76,7 +76,6 @@ def _sync(ctx: Context) -> dict[str, Any]:
 
 def _score(ctx: Context) -> dict[str, Any]:
     from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
-    from leadloop.scoring.model import score_leads
     from leadloop.scoring.registry import current_card
 
     # A lead's score depends on its own data and the model: same leads, same model, same scores.
@@ -87,6 +86,8 @@ def _score(ctx: Context) -> dict[str, Any]:
         if inputs == last_ok_inputs(ctx.engine, "score"):
             return {"skipped": "no lead changed since the last scoring with this model",
                     "model_version": card["version"], "inputs": inputs}
+    from leadloop.scoring.model import score_leads  # scikit-learn: only when there is work
+
     counts = score_leads(ctx)
     if counts.get("model_version"):
         counts["inputs"] = fingerprint(counts["model_version"], leads)
@@ -101,7 +102,6 @@ def _retrain(ctx: Context) -> dict[str, Any]:
 
 def _validate(ctx: Context) -> dict[str, Any]:
     from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
-    from leadloop.validation import run_validation
 
     # The analysis reads only leads, their events and stages, under this configuration.
     s = ctx.settings
@@ -111,6 +111,8 @@ def _validate(ctx: Context) -> dict[str, Any]:
         s.validation.model_dump(mode="json"), store_marks(ctx.engine)["leads"])
     if inputs == last_ok_inputs(ctx.engine, "validate"):
         return {"skipped": "no lead changed since the last validation", "inputs": inputs}
+    from leadloop.validation import run_validation  # scipy: only when there is work
+
     return {**run_validation(ctx), "inputs": inputs}
 
 

@@ -15,15 +15,12 @@ import json
 import logging
 import platform
 from datetime import datetime
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy
-import sklearn
-import skops
-import skops.io as sio
 
 from leadloop import __version__
 from leadloop.config import Settings
@@ -42,9 +39,12 @@ def models_dir(settings: Settings) -> Path:
 
 
 def library_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
-            "numpy": np.__version__, "pandas": pd.__version__, "scipy": scipy.__version__,
-            "skops": skops.__version__, "leadloop": __version__}
+    """Installed versions, read from package metadata: reading a card (e.g. to see that the
+    scores are current) must not pay for importing scikit-learn."""
+    return {"python": platform.python_version(),
+            **{name: installed_version(name)
+               for name in ("scikit-learn", "numpy", "pandas", "scipy", "skops")},
+            "leadloop": __version__}
 
 
 def config_hash(settings: Settings) -> str:
@@ -70,6 +70,8 @@ def register(settings: Settings, card: dict[str, Any], model: Any | None) -> str
     d.mkdir(parents=True, exist_ok=True)
     version = card["version"]
     if model is not None:
+        import skops.io as sio
+
         sio.dump(model, d / f"{version}.skops")
         card["artifact"] = f"{version}.skops"
     else:
@@ -129,16 +131,17 @@ def list_cards(settings: Settings) -> list[dict[str, Any]]:
 def check_versions(card: dict[str, Any]) -> None:
     """Refuse another scikit-learn minor version; warn on a patch difference."""
     saved = card.get("library_versions", {}).get("scikit-learn", "")
-    if saved == sklearn.__version__:
+    running = installed_version("scikit-learn")
+    if saved == running:
         return
-    if saved.split(".")[:2] != sklearn.__version__.split(".")[:2]:
+    if saved.split(".")[:2] != running.split(".")[:2]:
         raise ModelError(
             f"model {card['version']} was trained with scikit-learn {saved or 'unknown'}, "
-            f"this is {sklearn.__version__}; its predictions cannot be trusted",
+            f"this is {running}; its predictions cannot be trusted",
             hint="retrain: `leadloop score` after removing it, or run the retrain job",
         )
     log.warning("model %s was trained with scikit-learn %s, running %s (patch difference)",
-                card["version"], saved, sklearn.__version__)
+                card["version"], saved, running)
 
 
 def load_model(settings: Settings, card: dict[str, Any]) -> Any:
@@ -150,6 +153,8 @@ def load_model(settings: Settings, card: dict[str, Any]) -> Any:
     path = models_dir(settings) / card["artifact"]
     if not path.is_file():
         raise ModelError(f"model artifact {path} is missing")
+    import skops.io as sio
+
     untrusted = sio.get_untrusted_types(file=path)
     foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES) and t not in _TRUSTED_NAMES]
     if foreign:
