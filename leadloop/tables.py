@@ -201,6 +201,7 @@ class Conversion(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("destination", "lead_id", "stage", "revision", name="uq_conversion"),
         Index("ix_conversion_due", "destination", "status", "next_attempt_at"),
+        Index("ix_conversion_hold", "destination", "status", "hold_rule"),  # holds that may clear
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -14,12 +14,12 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select, union
 
 from leadloop.context import Context
 from leadloop.errors import FatalDestinationError
@@ -33,7 +33,7 @@ from leadloop.export.microsoft import MicrosoftDestination
 from leadloop.export.outbox import BUILD_RULES, _bulk_update, build_outbox, changed_leads, load_rows
 from leadloop.export.rules import CLEAR_WITH_TIME, check
 from leadloop.progress import track
-from leadloop.store import session_scope
+from leadloop.store import id_chunks, session_scope
 from leadloop.tables import Conversion, ConversionStatus, RejectedRecord, SyncState
 
 log = logging.getLogger(__name__)
@@ -136,41 +136,58 @@ def apply_rules(session: Any, dest: BaseDestination, now: datetime,
     """Hold or release pending/held rows of one destination; return how many are held now.
 
     With `changed_since`, a held row is re-checked only if its hold can clear with time or its
-    lead changed since then; pending rows are always checked. Rows are read in chunks of
-    `_RULES_CHUNK` ids so memory stays flat with the outbox's size."""
+    lead changed since then; pending rows are always checked. Rows are read in chunks, so memory
+    stays flat with the outbox's size."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
-    narrow = None
-    if changed_since is not None:
-        narrow = or_(conv.c.status == ConversionStatus.pending.value,
-                     conv.c.hold_rule.in_(CLEAR_WITH_TIME),
-                     conv.c.lead_id.in_(changed_leads(changed_since)))
-    unsent = [ConversionStatus.pending.value, ConversionStatus.held.value]
-    current = dict(session.execute(
-        select(conv.c.id, conv.c.hold_rule).where(
-            conv.c.destination == dest.name, conv.c.status.in_(unsent),
-            *([narrow] if narrow is not None else []))
-    ).all())
-    after = 0
     kind = rule_set(dest)
-    while rows := load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.held],
-                            after_id=after, limit=_RULES_CHUNK, where=narrow):
+    for rows in _rows_to_check(session, dest.name, changed_since):
+        was = dict(session.execute(select(conv.c.id, conv.c.hold_rule).where(
+            conv.c.destination == dest.name, conv.c.id.between(rows[0].id, rows[-1].id))).all())
         updates = []
         for row in rows:
-            was = current.get(row.id)
-            if was in BUILD_RULES:
+            if was.get(row.id) in BUILD_RULES:
                 continue
             rule = check(kind, row, now, consent_required=dest.cfg.consent_required,
                          send_user_data=dest.cfg.send_user_data)
-            if rule != was:
+            if rule != was.get(row.id):
                 updates.append({"id": row.id, "hold_rule": rule,
                                 "status": ConversionStatus.held if rule else ConversionStatus.pending})
         _bulk_update(session, updates, job_run_id)
-        after = rows[-1].id
     session.flush()
     return int(session.execute(
         select(func.count()).select_from(conv).where(
             conv.c.destination == dest.name, conv.c.status == ConversionStatus.held.value)
     ).scalar_one())
+
+
+def _rows_to_check(session: Any, destination: str, changed_since: datetime | None
+                   ) -> Iterator[list[OutRow]]:
+    """Unsent rows whose rule check can come out differently, in chunks ordered by id.
+
+    Without `changed_since` that is every pending or held row. With it: pending rows, holds that
+    can clear with time, and rows of leads changed since then, each found through an index (a
+    scan of every held row made an unchanged million-lead store take seconds)."""
+    unsent = [ConversionStatus.pending, ConversionStatus.held]
+    if changed_since is None:
+        after = 0
+        while rows := load_rows(session, destination, unsent, after_id=after, limit=_RULES_CHUNK):
+            yield rows
+            after = rows[-1].id
+        return
+    conv = Conversion.__table__  # type: ignore[attr-defined]
+
+    def ids(*cond: Any) -> Any:
+        return select(conv.c.id).where(conv.c.destination == destination, *cond)
+
+    candidates = session.execute(union(
+        ids(conv.c.status == ConversionStatus.pending.value),
+        ids(conv.c.status == ConversionStatus.held.value, conv.c.hold_rule.in_(CLEAR_WITH_TIME)),
+        ids(conv.c.status.in_([s.value for s in unsent]),
+            conv.c.lead_id.in_(changed_leads(changed_since))),
+    )).scalars().all()
+    for part in id_chunks(candidates):
+        if rows := load_rows(session, destination, unsent, where=conv.c.id.in_(part)):
+            yield rows
 
 
 def _send_due(ctx: Context, dest: BaseDestination, now: datetime) -> dict[str, int]:
