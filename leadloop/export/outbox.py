@@ -178,6 +178,8 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
     if not stages:
         return counts
     changed = changed_leads(changed_since) if changed_since is not None else None
+    if changed is not None and not session.execute(select(changed.exists())).scalar():
+        return counts  # no lead changed since the last build: nothing to rebuild
     lead = Lead.__table__  # type: ignore[attr-defined]
     low, high = session.execute(select(func.min(lead.c.id), func.max(lead.c.id))).one()
     if low is None:
