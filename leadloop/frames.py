@@ -40,12 +40,13 @@ Convert = Callable[[pd.DataFrame, SharedStrings], pd.DataFrame]
 
 def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
                times: Sequence[str] = (), numbers: Sequence[str] = (),
-               convert: Convert | None = None) -> pd.DataFrame:
+               categories: Sequence[str] = (), convert: Convert | None = None) -> pd.DataFrame:
     """Run `stmt` and return its rows as a frame with `columns`.
 
     `times` become datetime64[ns, UTC]; `numbers` (Decimal or None) float64 with NaN; other
     object columns share their repeated strings. `convert`, when given, reshapes each partition
-    further (e.g. to drop a wide column once it has been reduced)."""
+    further (e.g. to drop a wide column once it has been reduced). `categories` (after
+    `convert`) become pandas categoricals: a byte or two per row for a column of a few values."""
     shared = SharedStrings()
     parts = []
     result = conn.execution_options(stream_results=True, yield_per=PARTITION).execute(stmt)
@@ -59,10 +60,17 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
                                       dtype=float)
             elif part[name].dtype == object or pd.api.types.is_string_dtype(part[name]):
                 part[name] = shared.column(part[name])
-        parts.append(convert(part, shared) if convert else part)
+        part = convert(part, shared) if convert else part
+        for name in categories:
+            part[name] = part[name].astype("category")
+        parts.append(part)
     if not parts:
         empty = pd.DataFrame(columns=list(columns))
         for name in times:
             empty[name] = pd.to_datetime(empty[name], utc=True)
         return convert(empty, shared) if convert else empty
+    for name in categories:  # one category list for all partitions, so concat keeps the dtype
+        levels = sorted({v for part in parts for v in part[name].cat.categories}, key=str)
+        for part in parts:
+            part[name] = part[name].cat.set_categories(levels)
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -228,6 +228,8 @@ def _load_conversions(engine: Engine, since: datetime | None) -> pd.DataFrame:
     stmt = select(*[getattr(Conversion, c) for c in cols]).where(
         Conversion.lead_id.in_(covered))  # type: ignore[attr-defined]
     return _frame(engine, stmt, cols, times=["conversion_time"], numbers=["value"],
+                  categories=["destination", "stage", "kind", "conversion_action", "status",
+                              "hold_rule", "platform_code"],
                   convert=_compact_conversions)
 
 
@@ -358,12 +360,12 @@ def _uploads(conv: pd.DataFrame, destinations: list[str]) -> tuple[pd.DataFrame,
     uploads = pd.DataFrame(rows, columns=["destination", "built", *CONVERSION_STATUSES, "attempted",
                                           "value_accepted"])
     held = conv.loc[conv["status"] == "held", ["destination", "hold_rule"]].assign(
-        hold_rule=lambda x: x["hold_rule"].fillna("(no rule recorded)"))
+        hold_rule=lambda x: x["hold_rule"].astype(object).fillna("(no rule recorded)"))
     holds = held.groupby(["destination", "hold_rule"]).size().rename("n").reset_index() \
         .sort_values("n", ascending=False)
     rej = conv.loc[conv["status"].isin(["rejected", "dead"]),
                    ["destination", "status", "platform_code", "last_error", "order_id"]].assign(
-        platform_code=lambda x: x["platform_code"].fillna("(none)"),
+        platform_code=lambda x: x["platform_code"].astype(object).fillna("(none)"),
         last_error=lambda x: x["last_error"].fillna(""))
     rejections = rej.groupby(["destination", "status", "platform_code"]).agg(
         n=("order_id", "size"), message=("last_error", "first")).reset_index() \
