@@ -38,6 +38,18 @@ class SharedStrings:
 Convert = Callable[[pd.DataFrame, SharedStrings], pd.DataFrame]
 
 
+def _column(values: tuple[Any, ...], is_time: bool, is_number: bool, shared: SharedStrings
+            ) -> pd.Series:
+    if is_time:
+        return pd.to_datetime(pd.Series(values, dtype=object), utc=True)
+    if is_number:
+        return pd.Series(np.array([np.nan if v is None else float(v) for v in values], dtype=float))
+    if any(isinstance(v, str) for v in values):
+        return pd.Series(shared.column(values))
+    return pd.Series(values, dtype=object) if any(
+        isinstance(v, dict | list) for v in values) else pd.Series(list(values))
+
+
 def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
                times: Sequence[str] = (), numbers: Sequence[str] = (),
                categories: Sequence[str] = (), convert: Convert | None = None) -> pd.DataFrame:
@@ -51,15 +63,12 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
     parts = []
     result = conn.execution_options(stream_results=True, yield_per=PARTITION).execute(stmt)
     for rows in result.partitions(PARTITION):
-        part = pd.DataFrame(rows, columns=list(columns))
-        for name in part.columns:
-            if name in times:
-                part[name] = pd.to_datetime(part[name], utc=True)
-            elif name in numbers:
-                part[name] = np.array([np.nan if v is None else float(v) for v in part[name]],
-                                      dtype=float)
-            elif part[name].dtype == object or pd.api.types.is_string_dtype(part[name]):
-                part[name] = shared.column(part[name])
+        # Column by column from the row tuples: a frame built from the rows would keep every
+        # raw value of the partition alive behind the converted columns until the final concat.
+        raw = dict(zip(columns, zip(*rows, strict=True), strict=True))
+        del rows
+        part = pd.DataFrame({name: _column(raw.pop(name), name in times, name in numbers, shared)
+                             for name in columns})
         part = convert(part, shared) if convert else part
         for name in categories:
             part[name] = part[name].astype("category")

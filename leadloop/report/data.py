@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -234,10 +235,15 @@ def _load_conversions(engine: Engine, since: datetime | None) -> pd.DataFrame:
 
 
 def _compact_conversions(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
-    """Enums as their values; each order id (unique, long, only ever counted) as a 64-bit hash."""
+    """Enums as their values; order ids and click ids (unique, long, only ever counted) as
+    64-bit hashes, 0 for no click id. Kept as strings, a million of them scattered through the
+    heap would pin the memory of everything freed around them."""
     for c in ("status", "kind"):
         part[c] = part[c].map(lambda s: getattr(s, "value", s))
     part["order_id"] = pd.util.hash_pandas_object(part["order_id"], index=False).to_numpy()
+    clicks = part["click_id"].fillna("")
+    part["click_id"] = np.where(clicks != "", pd.util.hash_pandas_object(clicks, index=False), 0
+                                ).astype(np.uint64)
     return part
 
 

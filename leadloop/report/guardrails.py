@@ -121,8 +121,7 @@ def duplicates(data: ReportData) -> Guardrail:
         return Guardrail("duplicates", title, "pass", "No conversions built yet, so none duplicated.")
     orders = c.groupby(["destination", "lead_id", "stage"])["order_id"].nunique()
     multi_order = int((orders > 1).sum())
-    clicks = c.dropna(subset=["click_id"])
-    clicks = clicks[clicks["click_id"] != ""]
+    clicks = c[c["click_id"] != 0]  # click ids are hashed when loaded; 0 is none
     per_click = clicks.groupby(["destination", "conversion_action", "click_id"]).size()
     hot = int((per_click > CLICK_ID_REPEAT_LIMIT).sum())
     if multi_order or hot:
