@@ -133,8 +133,12 @@ def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
         "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
         "consent_ad_user_data", "consent_ad_personalization",
     ], times=["created_at"])
-    df["landing_page"] = df["landing_page"].map(clean_landing_page)
-    df["month"] = df["created_at"].dt.strftime("%Y-%m")
+    # Computed once per distinct value, not once per lead: the same few pages and months.
+    pages = {u: clean_landing_page(u) for u in df["landing_page"].dropna().unique()}
+    df["landing_page"] = df["landing_page"].map(pages)
+    year_month = df["created_at"].dt.year * 100 + df["created_at"].dt.month
+    months = {v: f"{v // 100:04d}-{v % 100:02d}" for v in year_month.dropna().unique()}
+    df["month"] = year_month.map(months)
     return df
 
 
@@ -165,7 +169,8 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
         select(StageChange.lead_id, StageChange.field, StageChange.value, StageChange.entered_at,
                StageChange.deal_id, StageChange.amount, StageChange.is_lost),
         ["lead_id", "field", "value", "entered_at", "deal_id", "amount", "is_lost"],
-        times=["entered_at"], numbers=["amount"],
+        times=["entered_at"], numbers=["amount"], categories=["field", "value"],
+        convert=_hash_deal_ids,
     )
     raw = raw[raw["lead_id"].isin(set(lead_ids)) & ~raw["is_lost"].astype(bool)]
     parts = []
@@ -184,6 +189,12 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
     out = pd.concat(parts, ignore_index=True)
     out["entered_at"] = pd.to_datetime(out["entered_at"], utc=True)
     return out[["lead_id", "stage", "entered_at", "amount"]]
+
+
+def _hash_deal_ids(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
+    """Deal ids are only grouped on: a 64-bit hash each, not a string per stage change."""
+    part["deal_id"] = pd.util.hash_pandas_object(part["deal_id"].fillna(""), index=False).to_numpy()
+    return part
 
 
 def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
