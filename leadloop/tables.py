@@ -227,7 +227,7 @@ class Conversion(SQLModel, table=True):
     request_id: str | None = None
     created_at: datetime = _ts_now()
     sent_at: datetime | None = _ts()
-    job_run_id: int | None = None
+    job_run_id: int | None = Field(default=None, index=True)  # the run that last wrote the row
 
 
 class RejectedRecord(SQLModel, table=True):
