@@ -107,18 +107,16 @@ def upsert(
     conflict: Sequence[str],
     update: Sequence[str] | None = None,
     when_changed: Sequence[str] = (),
-    returning: str | None = None,
-) -> list[Any]:
+) -> None:
     """Insert rows; on a conflict of `conflict` columns update `update` columns (all others
     by default), or do nothing when `update` is empty.
 
     `when_changed`: an existing row is updated only if one of these columns differs, so a
     record read again unchanged keeps its `updated_at` (and does not look changed to the jobs
-    downstream). `returning`: a column whose values come back for the rows actually inserted
-    or updated."""
+    downstream)."""
     rows = _uniform(rows)
     if not rows:
-        return []
+        return
     table = model.__table__  # type: ignore[attr-defined]
     cols = update if update is not None else [k for k in rows[0] if k not in conflict]
     # One statement compiled once and executed with a parameter list: SQLAlchemy batches it
@@ -133,14 +131,8 @@ def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
-    if returning is not None:
-        stmt = stmt.returning(table.c[returning])
-    out: list[Any] = []
     for chunk in _chunks(rows):
-        result = session.execute(stmt, list(chunk))
-        if returning is not None:
-            out.extend(result.scalars())
-    return out
+        session.execute(stmt, list(chunk))
 
 
 def _as_text(column: Any) -> Any:
@@ -154,10 +146,9 @@ def insert_ignore(
     rows: Iterable[dict[str, Any]],
     *,
     conflict: Sequence[str],
-    returning: str | None = None,
-) -> list[Any]:
+) -> None:
     """Insert rows, skipping any that already exist (`ON CONFLICT DO NOTHING`)."""
-    return upsert(session, model, rows, conflict=conflict, update=[], returning=returning)
+    upsert(session, model, rows, conflict=conflict, update=[])
 
 
 def id_chunks(ids: Collection[int] | None, size: int = 5000) -> list[list[int] | None]:
