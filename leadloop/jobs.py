@@ -103,12 +103,14 @@ def _retrain(ctx: Context) -> dict[str, Any]:
 def _validate(ctx: Context) -> dict[str, Any]:
     from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
 
-    # The analysis reads only leads, their events and stages, under this configuration.
+    # The analysis reads only leads, their events and stages, under this configuration. Which
+    # leads are decided (past their horizon) moves with the calendar: re-run at least daily.
     s = ctx.settings
     inputs = fingerprint(
         [m.model_dump(mode="json") for m in s.micro_conversions],
         [st.model_dump(mode="json") for st in s.stages],
-        s.validation.model_dump(mode="json"), store_marks(ctx.engine)["leads"])
+        s.validation.model_dump(mode="json"), s.model.horizon_days,
+        ctx.now().date().isoformat(), store_marks(ctx.engine)["leads"])
     if inputs == last_ok_inputs(ctx.engine, "validate"):
         return {"skipped": "no lead changed since the last validation", "inputs": inputs}
     from leadloop.validation import run_validation  # scipy: only when there is work

@@ -32,9 +32,11 @@ def test_validation_is_skipped_until_a_lead_changes(sqlite_engine, tmp_path):
                    Page(events=[EventIn(crm_id, "pricing_view", SIM_END)]))
     ctx.now = lambda: SIM_END + timedelta(minutes=4)
     assert "skipped" not in run_job(ctx, "validate").counts
+    ctx.now = lambda: SIM_END + timedelta(days=1)  # more leads are past their horizon: re-run
+    assert "skipped" not in run_job(ctx, "validate").counts
     with Session(sqlite_engine) as s:
         runs = s.exec(select(JobRun).where(JobRun.name == "validate")).all()
-    assert [r.outcome for r in runs] == [JobOutcome.ok] * 3
+    assert [r.outcome for r in runs] == [JobOutcome.ok] * 4
     assert all(r.finished_at is not None for r in runs)
 
 

@@ -373,8 +373,8 @@ def apply_page(
         stage_estimated[(lead_id, s.field, s.value, s.deal_id)] = s.time_estimated
     stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
                        for r in stage_rows}.values())
-    # Only stage rows that are new or differ are written (compared here, not with RETURNING,
-    # which makes PostgreSQL's driver re-parse a multi-row statement per page, 3x slower).
+    # Only stage rows that are new or differ are written. They are compared here rather than
+    # found with RETURNING, which made psycopg re-parse a long multi-row statement per page.
     stored = _stored_stages(session, {r["lead_id"] for r in stage_rows})
     changed_stages = []
     for stand_in in (False, True):
