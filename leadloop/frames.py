@@ -63,8 +63,7 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
     parts = []
     result = conn.execution_options(stream_results=True, yield_per=PARTITION).execute(stmt)
     for rows in result.partitions(PARTITION):
-        # Column by column from the row tuples: a frame built from the rows would keep every
-        # raw value of the partition alive behind the converted columns until the final concat.
+        # Column by column from the row tuples, each converted as it is built.
         raw = dict(zip(columns, zip(*rows, strict=True), strict=True))
         del rows
         part = pd.DataFrame({name: _column(raw.pop(name), name in times, name in numbers, shared)
