@@ -24,7 +24,7 @@ from sqlmodel import Session
 from leadloop.context import Context
 from leadloop.errors import LeadloopError
 from leadloop.identity import IdentityError, hash_email
-from leadloop.store import session_scope
+from leadloop.store import among, session_scope
 from leadloop.tables import (
     Conversion,
     ConversionStatus,
@@ -117,7 +117,7 @@ def erased_crm_ids(session: Session, source: str, crm_ids: Iterable[str]) -> set
     for i in range(0, len(ids), 5000):
         out.update(session.execute(select(Lead.crm_id).where(
             Lead.source == source, Lead.status == LeadStatus.erased,
-            Lead.crm_id.in_(ids[i : i + 5000]),  # type: ignore[attr-defined]
+            among(session, Lead.crm_id, ids[i : i + 5000]),
         )).scalars())
     return out
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Numeric, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, Numeric, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -74,10 +74,18 @@ class LeadStatus(enum.StrEnum):
 
 class Lead(SQLModel, table=True):
     __tablename__ = "lead"
-    __table_args__ = (UniqueConstraint("source", "crm_id", name="uq_lead_source_crm_id"),)
+    __table_args__ = (
+        UniqueConstraint("source", "crm_id", name="uq_lead_source_crm_id"),
+        # Every synced page asks which of its records were erased: a partial index holds only
+        # those few, so the answer costs no probe of the whole key.
+        Index("ix_lead_erased", "source", "crm_id", postgresql_where=text("status = 'erased'"),
+              sqlite_where=text("status = 'erased'")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(index=True)
+    # No index of its own: lookups by source use the unique (source, crm_id) index. One on
+    # source alone misled PostgreSQL before a new store had statistics (see store.make_engine).
+    source: str
     crm_id: str
     object_type: str = "contact"
     created_at: datetime = _ts_required(index=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -26,9 +27,18 @@ from sqlmodel import Session, select
 from leadloop.context import Context
 from leadloop.errors import RecordRejected
 from leadloop.identity import hash_identity
+from leadloop.prefetch import prefetched
 from leadloop.progress import track
 from leadloop.redact import scrub_payload
-from leadloop.store import id_chunks, insert_ignore, lead_ids, session_scope, upsert
+from leadloop.store import (
+    among,
+    analyze_unanalyzed,
+    id_chunks,
+    insert_ignore,
+    lead_ids,
+    session_scope,
+    upsert,
+)
 from leadloop.tables import (
     Conversion,
     ConversionStatus,
@@ -202,7 +212,7 @@ def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) ->
     result = session.execute(
         update(Conversion)
         .where(
-            Conversion.lead_id.in_(lead_ids_),  # type: ignore[attr-defined]
+            among(session, Conversion.lead_id, lead_ids_),
             Conversion.status.in_(  # type: ignore[attr-defined]
                 [ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed]
             ),
@@ -222,13 +232,15 @@ def _forget_deals(session: Session, source: str, deal_ids: Sequence[str], now: d
         part = list(deal_ids[i : i + 5000])
         owned = select(lead.c.id).where(lead.c.source == source)
         affected = [row[0] for row in session.execute(
-            select(sc.c.lead_id).distinct().where(sc.c.deal_id.in_(part), sc.c.lead_id.in_(owned)))]
+            select(sc.c.lead_id).distinct().where(among(session, sc.c.deal_id, part),
+                                                   sc.c.lead_id.in_(owned)))]
         if not affected:
             continue
         result = session.execute(
-            sc.delete().where(sc.c.deal_id.in_(part), sc.c.lead_id.in_(affected)))
+            sc.delete().where(among(session, sc.c.deal_id, part),
+                              among(session, sc.c.lead_id, affected)))
         forgotten += result.rowcount or 0
-        session.execute(update(lead).where(lead.c.id.in_(affected)).values(updated_at=now))
+        session.execute(update(lead).where(among(session, lead.c.id, affected)).values(updated_at=now))
     return forgotten
 
 
@@ -239,7 +251,7 @@ def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[tuple, tuple]:
     for part in id_chunks(lead_ids_):
         for r in session.execute(
             select(sc.c.lead_id, sc.c.field, sc.c.value, sc.c.deal_id, sc.c.entered_at, sc.c.amount,
-                   sc.c.currency, sc.c.is_lost).where(sc.c.lead_id.in_(part))
+                   sc.c.currency, sc.c.is_lost).where(among(session, sc.c.lead_id, part))
         ):
             out[(r[0], r[1], r[2], r[3])] = (r[4], r[5], r[6], bool(r[7]))
     return out
@@ -265,7 +277,7 @@ def _stored_events(session: Session, lead_ids_: set[int]) -> set[tuple[int, str,
     known: set[tuple[int, str, datetime]] = set()
     for part in id_chunks(lead_ids_):
         known.update((r[0], r[1], r[2]) for r in session.execute(
-            select(ev.c.lead_id, ev.c.name, ev.c.occurred_at).where(ev.c.lead_id.in_(part))))
+            select(ev.c.lead_id, ev.c.name, ev.c.occurred_at).where(among(session, ev.c.lead_id, part))))
     return known
 
 
@@ -348,7 +360,7 @@ def apply_page(
     if gone:
         session.execute(
             update(Lead)
-            .where(Lead.id.in_(gone))  # type: ignore[union-attr]
+            .where(among(session, Lead.id, gone))
             .values(status=LeadStatus.deleted, updated_at=now)
         )
         counts["deleted"] = len(gone)
@@ -413,7 +425,7 @@ def apply_page(
     touched_ids = sorted({r["lead_id"] for r in changed_stages} | {r["lead_id"] for r in new_events})
     for i in range(0, len(touched_ids), 5000):
         session.execute(
-            update(Lead).where(Lead.id.in_(touched_ids[i : i + 5000]),  # type: ignore[union-attr]
+            update(Lead).where(among(session, Lead.id, touched_ids[i : i + 5000]),
                                Lead.updated_at != now)  # leads this page wrote already are marked
             .values(updated_at=now)
         )
@@ -438,12 +450,17 @@ def _advance(state: SyncState, cursor: Cursor | None, started_at: datetime) -> N
         state.cursor_updated_at, state.cursor_id = capped.updated_at, capped.id
 
 
+# Leads a sync writes before it has PostgreSQL take statistics of tables that have none yet.
+_ANALYZE_AFTER_LEADS = 5_000
+
+
 def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
     """Sync every stream of `source` into the store. Returns summed counts.
 
     Stops between pages when the context's stop event is set (graceful shutdown).
     """
     totals: dict[str, int] = {"pages": 0}
+    analyzed = False
     started_at = ctx.now()
     lookback = timedelta(minutes=ctx.settings.crm.lookback_minutes)
     for stream in source.streams():
@@ -461,8 +478,12 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
             )
         log.info("sync %s/%s from %s", source.name, stream,
                  since.updated_at.isoformat() if since else "the beginning (backfill)")
-        with track(f"sync {source.name} {stream}") as progress:
-            for page in source.fetch(stream, since, started_at=started_at):
+        # The next page is read while this one is written: reading waits on the CRM, writing
+        # on the database, and the two overlap.
+        pages = prefetched(source.fetch(stream, since, started_at=started_at),
+                           name=f"sync-{source.name}-{stream}")
+        with track(f"sync {source.name} {stream}") as progress, closing(pages):
+            for page in pages:
                 with session_scope(ctx.engine) as session:
                     counts = apply_page(session, ctx, source.name, stream, page)
                     state = session.exec(
@@ -475,6 +496,10 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
                 totals["pages"] += 1
                 for key, n in counts.items():
                     totals[key] = totals.get(key, 0) + n
+                if not analyzed and totals.get("leads", 0) >= _ANALYZE_AFTER_LEADS:
+                    analyzed = True
+                    if fresh := analyze_unanalyzed(ctx.engine, (Lead, StageChange, LeadEvent)):
+                        log.info("took statistics of the new tables %s", ", ".join(fresh))
                 if page.total is not None:
                     progress.set_total(page.total)
                 progress.advance(len(page.leads) or page.size)
