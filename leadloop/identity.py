@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import phonenumbers
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WHITESPACE = re.compile(r"\s")
 _GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
 
 
@@ -40,7 +41,7 @@ def is_sha256_hex(value: str) -> bool:
 def normalise_email(raw: str) -> str:
     """Trim and lower-case; refuse values that are not a single address."""
     email = raw.strip().lower()
-    if not email or any(c.isspace() for c in email):
+    if not email or _WHITESPACE.search(email):
         raise IdentityError("e-mail contains whitespace or is empty")
     local, sep, domain = email.rpartition("@")
     if not sep or not local or "." not in domain or domain.startswith(".") or "@" in local:
@@ -50,7 +51,10 @@ def normalise_email(raw: str) -> str:
 
 def google_email(raw: str) -> str:
     """Google's canonical form: Gmail addresses lose the +tag and the dots of the local part."""
-    email = normalise_email(raw)
+    return _google_form(normalise_email(raw))
+
+
+def _google_form(email: str) -> str:
     local, _, domain = email.rpartition("@")
     if domain in _GMAIL_DOMAINS:
         local = local.split("+", 1)[0].replace(".", "")
@@ -98,7 +102,8 @@ def hash_email(raw: str) -> tuple[str, str]:
     value = raw.strip().lower()
     if is_sha256_hex(value):
         return value, value
-    return sha256_hex(normalise_email(raw)), sha256_hex(google_email(raw))
+    email = normalise_email(raw)
+    return sha256_hex(email), sha256_hex(_google_form(email))
 
 
 def hash_phone(raw: str, default_region: str = "US") -> tuple[str, str]:

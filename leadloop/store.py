@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import JSON, Text, any_, bindparam, cast, column, event, or_, select, text
@@ -22,10 +23,13 @@ from leadloop.errors import ConfigError
 # SQLite limits bound parameters per statement; PostgreSQL allows 65,535. Chunk to stay under.
 _MAX_PARAMS = 30_000
 
-# Indexes older stores have and this version drops. `ix_lead_source` (source alone) duplicated
-# the unique (source, crm_id) index, and while a new PostgreSQL store had no statistics yet the
-# planner used it for the sync's CRM-id lookups: a scan of every lead, per page.
-_RETIRED_INDEXES = ("ix_lead_source",)
+# Indexes older stores have and this version drops: each one cost every sync write and served
+# no query. Those on `lead_id` and `source` alone duplicated the first column of a unique
+# index; and while a new PostgreSQL store had no statistics, the planner read every lead
+# through `ix_lead_source` for each page's CRM-id lookup. No query filters on an event's name
+# or a lead's utm_source alone.
+_RETIRED_INDEXES = ("ix_lead_source", "ix_lead_utm_source", "ix_lead_event_lead_id",
+                    "ix_lead_event_name", "ix_stage_change_lead_id", "ix_score_lead_id")
 
 
 def normalise_url(url: str) -> str:
@@ -107,6 +111,11 @@ def _chunks(rows: Sequence[dict[str, Any]]) -> Iterator[Sequence[dict[str, Any]]
 def _uniform(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Multi-row INSERTs need every row to carry the same keys."""
     rows = list(rows)
+    if not rows:
+        return rows
+    first = rows[0].keys()
+    if all(r.keys() == first for r in rows):
+        return rows
     keys: dict[str, None] = {}
     for r in rows:
         keys.update(dict.fromkeys(r))
@@ -140,36 +149,45 @@ def upsert(
         if cols or key not in by_key:
             by_key[key] = row
     rows = list(by_key.values())
-    postgres = session.get_bind().dialect.name == "postgresql"
-    insert = _insert_for(session, table)
-    if postgres:
-        staged = _copy_to_staging(session, table, rows)
-        insert = insert.from_select(list(staged.c.keys()), select(*staged.c))
-    if cols:
-        differs = or_(*(_as_text(table.c[c]).is_distinct_from(_as_text(insert.excluded[c]))
-                        for c in when_changed)) if when_changed else None
-        stmt = insert.on_conflict_do_update(
-            index_elements=list(conflict), set_={c: insert.excluded[c] for c in cols}, where=differs
-        )
-    else:
-        stmt = insert.on_conflict_do_nothing(index_elements=list(conflict))
-    if postgres:
-        session.execute(stmt)
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        names = _copy_to_staging(session, table, rows)
+        session.execute(_upsert_statement(table, dialect, names, tuple(conflict), tuple(cols),
+                                          tuple(when_changed)))
         session.execute(text(f"TRUNCATE {_staging_name(table)}"))
         return
+    stmt = _upsert_statement(table, dialect, (), tuple(conflict), tuple(cols), tuple(when_changed))
     # SQLite: one statement compiled once and executed with a parameter list per chunk.
     for chunk in _chunks(rows):
         session.execute(stmt, list(chunk))
+
+
+@lru_cache(maxsize=64)
+def _upsert_statement(table: Any, dialect: str, staged: tuple[str, ...], conflict: tuple[str, ...],
+                      cols: tuple[str, ...], when_changed: tuple[str, ...]) -> Any:
+    """The INSERT ... ON CONFLICT statement, built once per shape (building it per page cost
+    more than running it). `staged`: on PostgreSQL, the staging table's columns to insert from."""
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    if staged:
+        source = table_clause(_staging_name(table), *(column(n) for n in staged))
+        insert = insert.from_select(list(staged), select(*source.c))
+    if not cols:
+        return insert.on_conflict_do_nothing(index_elements=list(conflict))
+    differs = or_(*(_as_text(table.c[c]).is_distinct_from(_as_text(insert.excluded[c]))
+                    for c in when_changed)) if when_changed else None
+    return insert.on_conflict_do_update(
+        index_elements=list(conflict), set_={c: insert.excluded[c] for c in cols}, where=differs)
 
 
 def _staging_name(table: Any) -> str:
     return f"staging_{table.name}"
 
 
-def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -> Any:
+def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """PostgreSQL: COPY `rows` into a temporary table shaped like `table`, to be inserted from
-    with one set-based statement. Per-row INSERTs spent more time in the drivers (binding,
-    pipelining) than the server spent writing: about 80 µs a row, against a few for COPY.
+    with one set-based statement; returns the columns copied. Per-row INSERTs spent more time
+    in the drivers (binding, pipelining) than the server spent writing: about 80 µs a row,
+    against a few for COPY.
 
     COPY bypasses SQLAlchemy, so this applies what an INSERT would: the column types' bind
     processing (UTC times, enums, JSON) and the Python-side defaults of omitted columns."""
@@ -179,7 +197,8 @@ def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -
                 if c.name not in keys and c.default is not None and not c.primary_key}
     filled = {name: d.arg if d.is_scalar else d.arg(None) for name, d in defaults.items()}
     names = keys + list(filled)
-    processors = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    processors = {i: p for i, n in enumerate(names)
+                  if (p := table.c[n].type.dialect_impl(dialect).bind_processor(dialect))}
     name = _staging_name(table)
     session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} AS "
                          f"SELECT * FROM {table.name} WITH NO DATA"))
@@ -189,9 +208,11 @@ def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -
         extra = list(filled.values())
         for row in rows:
             values = [row[k] for k in keys] + extra
-            copy.write_row([p(v) if p is not None and v is not None else v
-                            for p, v in zip(processors, values, strict=True)])
-    return table_clause(name, *(column(n) for n in names))
+            for i, process in processors.items():
+                if values[i] is not None:
+                    values[i] = process(values[i])
+            copy.write_row(values)
+    return tuple(names)
 
 
 def _as_text(column: Any) -> Any:

@@ -106,7 +106,7 @@ class Lead(SQLModel, table=True):
     msclkid: str | None = None
     li_fat_id: str | None = None
     meta_lead_id: str | None = None
-    utm_source: str | None = Field(default=None, index=True)
+    utm_source: str | None = None
     utm_medium: str | None = None
     utm_campaign: str | None = None
     landing_page: str | None = None
@@ -128,8 +128,8 @@ class LeadEvent(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    lead_id: int = Field(foreign_key="lead.id", index=True)
-    name: str = Field(index=True)
+    lead_id: int = Field(foreign_key="lead.id")  # indexed first in uq_lead_event
+    name: str
     occurred_at: datetime = _ts_required()
     value: float | None = None
 
@@ -147,7 +147,7 @@ class StageChange(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    lead_id: int = Field(foreign_key="lead.id", index=True)
+    lead_id: int = Field(foreign_key="lead.id")  # indexed first in uq_stage_change
     field: str  # CRM property, e.g. lifecyclestage, dealstage
     value: str  # CRM value, e.g. salesqualifiedlead, closedwon
     entered_at: datetime = _ts_required()
@@ -162,7 +162,7 @@ class Score(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("lead_id", "model_version", name="uq_score"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    lead_id: int = Field(foreign_key="lead.id", index=True)
+    lead_id: int = Field(foreign_key="lead.id")  # indexed first in uq_score
     model_version: str
     probability: float
     expected_value: Decimal | None = _money()

@@ -85,7 +85,7 @@ def parse_time(value: Any) -> datetime | None:
     s = str(value).strip()
     if s.isdigit():
         return datetime.fromtimestamp(int(s) / 1000, UTC)
-    dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    dt = datetime.fromisoformat(s)  # Python 3.11 reads the trailing Z
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
