@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from sqlalchemy import text
 from sqlmodel import select
 
 from leadloop.crm.base import Cursor, LeadIn, Page, StageIn, sync_source
@@ -130,3 +131,25 @@ def test_a_record_read_again_unchanged_does_not_look_changed(engine, make_contex
     changed = read(3, [page(stage_amount="12.50", utm="mail", events=2)])
     day3 = T0 + timedelta(days=3)
     assert changed == {"1": day3, "2": first["2"], "3": day3}
+
+
+def test_a_backfill_into_a_new_store_takes_statistics_of_its_tables_once(engine, make_context,
+                                                                         monkeypatch):
+    """Without statistics PostgreSQL mis-planned every page's CRM-id lookup (see
+    store.analyze_unanalyzed); the sync takes them once it has written a few thousand leads."""
+    import leadloop.crm.base as engine_module
+
+    monkeypatch.setattr(engine_module, "_ANALYZE_AFTER_LEADS", 100)
+    calls: list[list[str]] = []
+    real = engine_module.analyze_unanalyzed
+    monkeypatch.setattr(engine_module, "analyze_unanalyzed",
+                        lambda eng, models: calls.append(fresh := real(eng, models)) or fresh)
+    pages = [Page(leads=[_lead(p * 60 + i) for i in range(60)], cursor=Cursor(T0, str(p)))
+             for p in range(4)]
+    assert sync_source(make_context(engine), ScriptedSource(pages))["leads"] == 240
+    assert len(calls) == 1  # after the second page (120 leads), and only then
+    if engine.dialect.name == "postgresql":
+        assert sorted(calls[0]) == ["lead", "lead_event", "stage_change"]
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT reltuples FROM pg_class WHERE relname = 'lead'")
+                                ).scalar() >= 120
