@@ -19,8 +19,13 @@ def test_items_arrive_in_order_and_the_producer_runs_ahead():
 
     got = []
     for item in prefetched(items(), depth=1):
-        time.sleep(0.05)  # the consumer is slower: the next item is already waiting
-        assert len(produced) >= min(item + 2, 5)
+        # While the consumer holds this item, the producer reads ahead: one item waits in the
+        # queue and at most one more is in the producer's hands.
+        deadline = time.monotonic() + 5
+        while len(produced) < min(item + 2, 5) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)
+        assert min(item + 2, 5) <= len(produced) <= min(item + 3, 5)
         got.append(item)
     assert got == [0, 1, 2, 3, 4]
 
