@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import func, select
 
 from leadloop.crm.base import apply_page
-from leadloop.sandbox.simulator import MACRO_STAGE, funnel_pages, simulate
+from leadloop.sandbox.simulator import MACRO_STAGE, SPREAD_MICRO_DAYS, funnel_pages, simulate
 from leadloop.store import session_scope
 from leadloop.tables import Lead, LeadEvent, StageChange
 
@@ -47,14 +47,15 @@ def test_macro_rate_deals_and_outcomes_are_realistic(funnel) -> None:
 
 
 def test_times_are_ordered_censored_at_end_and_micro_events_precede_the_macro(funnel) -> None:
+    """Except the spread micro-conversions', whose times ignore the conversion (tested below)."""
     for lead in funnel.leads[:5000]:
         times = [t for _, t in lead.lifecycle]
         assert times == sorted(times) and lead.lifecycle[0][0] == "lead"
         assert lead.created_at <= lead.updated_at <= funnel.end
         macro_at = lead.entered(MACRO_STAGE)
-        for _, at in lead.micro_events:
+        for name, at in lead.micro_events:
             assert lead.created_at <= at <= funnel.end
-            assert macro_at is None or at < macro_at
+            assert macro_at is None or at < macro_at or name in SPREAD_MICRO_DAYS
         for deal in lead.deals:
             deal_times = [t for _, t in deal.stages]
             assert deal_times == sorted(deal_times) and deal_times[-1] <= funnel.end
@@ -69,6 +70,33 @@ def test_planted_micro_effects_show_in_the_data(funnel) -> None:
     assert _odds_ratio(funnel, "webinar_signup") > 1.4
     assert 0.8 < _odds_ratio(funnel, "newsletter_signup") < 1.25
     assert _odds_ratio(funnel, "careers_page_view") < 0.7
+
+
+def test_a_spread_null_micro_is_independent_of_conversion_and_spread_over_its_days(funnel) -> None:
+    (name, days), = SPREAD_MICRO_DAYS.items()
+    assert funnel.truth.micro_effects[name] == 1.0 and funnel.truth.micro_spread_days == {name: days}
+    # presence independent of the eventual conversion (uncensored truth)
+    has = funnel.cols[f"micro:{name}"] != -1
+    created, at = funnel.cols["created"][has], funnel.cols[f"micro:{name}"][has]
+    early = created < funnel.cols["created"].max() - days * 86_400  # not cut by the export's end
+    converts = funnel.truth.converts
+    assert abs(has[converts].mean() - has[~converts].mean()) < 0.02
+    # spread uniformly over the first `days` days, before and after the macro stage alike
+    delay = (at - created)[early] / 86_400
+    assert 0 <= delay.min() < 1 and days - 1 < delay.max() <= days
+    assert abs(np.median(delay) - days / 2) < 1.5
+    sql = funnel.cols["sql"][has][early]
+    converted = sql != -1
+    assert (at[early][converted] > sql[converted]).mean() > 0.5  # mostly after the conversion
+
+
+def test_adding_a_spread_micro_leaves_the_other_draws_of_a_seed_unchanged() -> None:
+    """The null micro-conversion has its own random stream: a seed's funnel is otherwise what it
+    was (the last-modified time may move when the new event is the lead's latest change)."""
+    f = simulate(3000, seed=3)
+    # figures of seed 3 before the spread micro-conversion was added
+    assert int(f.truth.converts.sum()) == 558 and int((f.cols["micro:pricing_view"] != -1).sum()) == 405
+    assert int(f.cols["sql"][:2000].sum()) == 4_093_047_206
 
 
 def test_sources_differ_in_volume_and_quality(funnel) -> None:

@@ -11,7 +11,10 @@ many cheap low-quality leads, others few valuable ones) and has firmographics. I
 intercept, the log odds ratios of its segment, firmographics and micro-conversions, and Gaussian
 noise (unobserved quality). Micro-conversions occur independently of everything else with fixed
 rates, so their planted odds ratios are conditional ones in that logistic model (a marginal
-estimate comes out slightly closer to 1). Micro events happen between creation and the macro stage.
+estimate comes out slightly closer to 1). Micro events happen between creation and the macro stage
+(or within 30 days), except `SPREAD_MICRO_DAYS`'s: a null micro-conversion spread over the first
+month whatever the lead does, so a validator that gives converters a shorter window than
+non-converters shows a false negative effect on it.
 Stage delays are lognormal; a share of SQLs become opportunities with one deal that is won, lost or
 still open; deal amounts are lognormal by company size. Anything that would happen after `end` is
 censored, as in a real CRM export taken at `end`.
@@ -50,7 +53,12 @@ MICRO_CONVERSIONS: dict[str, tuple[float, float]] = {
     "webinar_signup": (0.08, 2.5),
     "newsletter_signup": (0.20, 1.0),  # pure noise
     "careers_page_view": (0.07, 0.35),  # job seekers, not buyers
+    "help_center_visit": (0.18, 1.0),  # pure noise, any time in the first month (below)
 }
+# Micro-conversions whose time is independent of the conversion: uniform over the first N days
+# after creation, before or after the macro stage. Their presence and times come from a stream
+# of their own, so adding one leaves every other draw of a seed as it was.
+SPREAD_MICRO_DAYS: dict[str, float] = {"help_center_visit": 30.0}
 
 # (utm_source, utm_medium, hs_analytics_source channel, share of leads,
 #  [(utm_campaign, share within source, odds ratio)])
@@ -242,6 +250,16 @@ class GroundTruth:
     currency: str
     macro_probability: np.ndarray = field(repr=False)  # per lead, in `Funnel.leads` order
     converts: np.ndarray = field(repr=False)  # per lead: reaches the macro stage eventually
+    # lifecycle stage -> per lead: reaches it eventually (not censored at `end`)
+    reaches: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    won_amount: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # won amount, else 0
+    micro_spread_days: dict[str, float] = field(default_factory=dict)
+
+    def stage_value(self, lifecycle_stage: str) -> float:
+        """The true value of reaching `lifecycle_stage`: P(won | reached) × mean won amount,
+        i.e. the mean won amount over every lead that eventually reaches it."""
+        reached = self.reaches[lifecycle_stage]
+        return float(self.won_amount[reached].mean()) if reached.any() else 0.0
 
     @property
     def macro_rate(self) -> float:
@@ -353,7 +371,10 @@ def simulate(n_leads: int, *, seed: int = 7, end: datetime | None = None, days: 
     country, country_lo = _choice(rng, COUNTRIES, n)
     firmo = size_lo + level_lo + industry_lo + country_lo
 
-    micro_has = {m: rng.random(n) < rate for m, (rate, _) in MICRO_CONVERSIONS.items()}
+    timed = [m for m in MICRO_CONVERSIONS if m not in SPREAD_MICRO_DAYS]
+    micro_has = {m: rng.random(n) < MICRO_CONVERSIONS[m][0] for m in timed}
+    spread_rng = np.random.default_rng([seed, 1])
+    micro_has.update({m: spread_rng.random(n) < MICRO_CONVERSIONS[m][0] for m in SPREAD_MICRO_DAYS})
     micro_lo = sum((np.log(ratio) * micro_has[m] for m, (_, ratio) in MICRO_CONVERSIONS.items()),
                    start=np.zeros(n))
     logit = INTERCEPT + seg_log_or + firmo + micro_lo + rng.normal(0, NOISE_SD, n)
@@ -392,8 +413,10 @@ def simulate(n_leads: int, *, seed: int = 7, end: datetime | None = None, days: 
 
     # Micro events: strictly between creation and the macro stage (or within 30 days).
     window = np.where(converts, sql - created, 30 * 86_400.0)
-    micro_t = {m: np.where(has, created + rng.uniform(0.05, 0.95, n) * window, np.inf)
-               for m, has in micro_has.items()}
+    micro_t = {m: np.where(micro_has[m], created + rng.uniform(0.05, 0.95, n) * window, np.inf)
+               for m in timed}
+    micro_t.update({m: np.where(micro_has[m], created + spread_rng.uniform(0, days * 86_400.0, n), np.inf)
+                    for m, days in SPREAD_MICRO_DAYS.items()})
 
     # Attribution details.
     camp_names = [SOURCES[s[0]][4][s[1]][0] for s in segs]
@@ -474,6 +497,10 @@ def simulate(n_leads: int, *, seed: int = 7, end: datetime | None = None, days: 
         currency=CURRENCY,
         macro_probability=p_macro.astype(np.float32),
         converts=converts,
+        reaches={"lead": np.ones(n, dtype=bool), "marketingqualifiedlead": np.isfinite(mql),
+                 "salesqualifiedlead": converts, "opportunity": has_opp, "customer": won},
+        won_amount=np.where(won, amount, 0.0),
+        micro_spread_days=dict(SPREAD_MICRO_DAYS),
     )
     return Funnel(seed=seed, start=start, end=end, cols=cols, truth=truth)
 
