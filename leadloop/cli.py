@@ -148,13 +148,16 @@ def validate(click_ctx: click.Context, csv_path: str | None, label: str | None,
         --micro 'guide=`A free copy of Mastering The Interview` == "Yes"' --json
     """
     if csv_path:
-        from leadloop.validation import validate_csv
+        from leadloop.validation import p_json, validate_csv
 
         if not label or not micros:
             raise click.UsageError("--csv needs --label and at least one --micro NAME=EXPR")
         rows = validate_csv(csv_path, label=label, positive=positive, micros=list(micros), sep=sep)
         if as_json:
-            click.echo(json.dumps(rows, indent=2, default=str))
+            # a p-value that underflowed prints as the bound "< 1e-300", not as a certain 0
+            shown = [{**r, "p_value": p_json(r["p_value"]), "q_value": p_json(r["q_value"])}
+                     for r in rows]
+            click.echo(json.dumps(shown, indent=2, default=str))
         else:
             from leadloop.report.terminal import print_validation_rows
 

@@ -337,6 +337,7 @@ class ValidationConfig(_Model):
     min_events: int = Field(10, ge=1)
     alpha: float = Field(0.05, gt=0, lt=1)
     trend_lag_weeks: int = Field(2, ge=0)
+    window_days: int = Field(30, ge=1)  # micro-conversions count in the same first days for all
     segment_by: list[str] = Field(default_factory=lambda: ["utm_source", "utm_campaign"])
 
 

@@ -9,12 +9,22 @@ run, the phi coefficient and the median days from micro to macro. Verdicts:
 * predictive: q ≤ alpha and lift ≥ 1.5;        role "primary goal" (lift ≥ 2) or "secondary signal"
 * weak:       q ≤ alpha and 1 < lift < 1.5;    role "diagnostic only"
 * negative:   q ≤ alpha and lift < 1;          role "retire" (it lowers the odds)
-* no signal:  q > alpha;                       role "retire" (a conversion in name only)
-* not enough data: fewer than `min_events` leads with it or converted, or fewer than
-  `min_leads_per_group` without it;            role "diagnostic only" (keep watching)
+* no signal:  q > alpha and a narrow CI around 1, inside 1/1.5–1.5: the data rule out an effect
+  worth acting on either way;                  role "retire" (a conversion in name only)
+* not enough data: q > alpha with a wider CI (absence of evidence, not evidence of absence), or
+  fewer than `min_events` leads with it or converted, or fewer than
+  `min_leads_per_group` without it;            role "diagnostic only" (keep watching). The reason
+  says about how many leads would settle it: enough for 80 % power to find a lift of 1.5 at
+  alpha, with the same share of leads having it and the same base rate.
 
-The population is the same as the model's: leads whose horizon has passed, a micro-conversion
-counting only when it happened before the lead's macro conversion (or the end of its horizon).
+The population is the same as the model's: leads whose horizon has passed (and whose window,
+below, has too). Every lead gets the same observation window: a micro-conversion counts when it
+happened within `[validation] window_days` of the lead's creation, whether the lead converted
+before that or not. Counting only until each lead's conversion would give converters a shorter
+window than non-converters, and a micro-conversion spread over time regardless of conversion
+would then look like it lowers the odds. The price is that a micro-conversion that *follows* the
+conversion inside the window counts too; the reason says so when most converters with it had it
+only after converting.
 A trend check asks whether week-over-week growth of a micro-conversion goes with growth of the
 macro conversion `trend_lag_weeks` later (Spearman correlation of the weekly changes).
 """
@@ -42,6 +52,48 @@ PREDICTIVE_LIFT = 1.5
 PRIMARY_LIFT = 2.0
 MIN_TREND_WEEKS = 8
 VERDICTS = ("predictive", "weak", "negative", "no signal", "not enough data")
+POWER = 0.8  # for "how many leads would settle it"
+P_FLOOR = 1e-300  # p-values below this are shown as "< 1e-300" (doubles underflow near 1e-308)
+AFTER_MACRO_NOTE = 0.5  # mention when more converters had the micro only after converting
+
+
+def p_text(p: float | None) -> str:
+    """A p- or q-value for people: two significant digits, an upper bound when it underflowed."""
+    if p is None:
+        return "–"
+    return f"< {P_FLOOR:.0e}" if p < P_FLOOR else f"{p:.2g}"
+
+
+def _q_clause(q: float) -> str:
+    text = p_text(q)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def p_json(p: float | None) -> float | str | None:
+    """A p- or q-value for JSON: the number, or the string "< 1e-300" when it underflowed (a 0
+    would claim certainty the arithmetic does not have)."""
+    return p_text(p) if p is not None and p < P_FLOOR else p
+
+
+def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without: int, *,
+                    alpha: float, min_events: int = 0, min_group: int = 0) -> int | None:
+    """About how many leads (with the same share having the micro-conversion and the same base
+    rate) give 80 % power to find a lift of `PREDICTIVE_LIFT` at `alpha`, two-sided, on the log
+    rate ratio, and meet the minimum counts. None when nobody has it or nobody without converts
+    and nothing can be said."""
+    n = n_with + n_without
+    if n == 0 or n_with == 0 or macro_with + macro_without == 0:
+        return None
+    share = min(max(n_with / n, 1 / n), 1 - 1 / n) if n > 1 else 0.5
+    base = max(macro_without, 0.5) / max(n_without, 1)  # Haldane-style when none converted
+    base = min(base, 0.99 / PREDICTIVE_LIFT)
+    raised = base * PREDICTIVE_LIFT
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)
+    per_lead = (1 - raised) / (share * raised) + (1 - base) / ((1 - share) * base)
+    needed = z * z * per_lead / math.log(PREDICTIVE_LIFT) ** 2
+    overall = (macro_with + macro_without) / n
+    needed = max(needed, min_events / share, min_group / (1 - share), min_events / overall)
+    return int(math.ceil(needed / 100) * 100)
 
 
 def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: int
@@ -57,7 +109,7 @@ def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: in
         "rate_with": a / n_with if n_with else None,
         "rate_without": c / n_without if n_without else None,
         "lift": None, "lift_ci_low": None, "lift_ci_high": None, "p_value": None, "phi": None,
-        "test": None,
+        "test": None, "min_events": min_events, "min_group": min_group,
     }
     if n_with < min_events or n_without < min_group or a + c < min_events:
         row["enough"] = False
@@ -96,21 +148,36 @@ def add_q_values_and_verdicts(rows: list[dict[str, Any]], *, alpha: float,
 
 def _verdict(r: dict[str, Any], alpha: float, macro: str) -> tuple[str, str, str]:
     name = r["micro"]
+    settle = leads_to_settle(r["n_with"], r["n_without"], r["macro_with"], r["macro_without"],
+                             alpha=alpha, min_events=r.get("min_events", 0),
+                             min_group=r.get("min_group", 0))
+    more = (f" About {settle:,} leads like these would settle it (80 % power to find a lift of "
+            f"{PREDICTIVE_LIFT}); keep watching." if settle else " Keep watching.")
     if not r.get("enough") or r["q_value"] is None:
         return ("not enough data", "diagnostic only",
                 f"Only {r['n_with']} leads with {name} ({r['macro_with']} converted) and "
-                f"{r['n_without']} without: too few to tell.")
+                f"{r['n_without']} without: too few to tell.{more}")
     rates = (f"{r['rate_with']:.1%} of leads with {name} reach {macro} vs "
              f"{r['rate_without']:.1%} without (lift {r['lift']:.2f}, 95 % CI "
-             f"{r['lift_ci_low']:.2f}–{r['lift_ci_high']:.2f}, q = {r['q_value']:.2g})")
+             f"{r['lift_ci_low']:.2f}–{r['lift_ci_high']:.2f}, q {_q_clause(r['q_value'])})")
+    after = r.get("after_macro_share")
+    note = (f" Most converted leads with it ({after:.0%}) had it only after reaching {macro}: "
+            "it may follow the conversion rather than predict it." if after is not None
+            and after > AFTER_MACRO_NOTE and r["macro_with"] else "")
     if r["q_value"] > alpha:
-        return "no signal", "retire", f"No significant difference: {rates}; a conversion in name only."
+        if r["lift_ci_low"] > 1 / PREDICTIVE_LIFT and r["lift_ci_high"] < PREDICTIVE_LIFT:
+            return ("no signal", "retire", f"No useful difference: {rates}; the interval excludes "
+                    f"lifts above {PREDICTIVE_LIFT} and below {1 / PREDICTIVE_LIFT:.2f}: a conversion "
+                    f"in name only.{note}")
+        return ("not enough data", "diagnostic only",
+                f"Not significant, but the interval is too wide to rule out a lift above "
+                f"{PREDICTIVE_LIFT} or below {1 / PREDICTIVE_LIFT:.2f}: {rates}.{more}{note}")
     if r["lift"] < 1:
-        return "negative", "retire", f"It lowers the odds: {rates}."
+        return "negative", "retire", f"It lowers the odds: {rates}.{note}"
     if r["lift"] < PREDICTIVE_LIFT:
-        return "weak", "diagnostic only", f"Significant but small: {rates}."
+        return "weak", "diagnostic only", f"Significant but small: {rates}.{note}"
     role = "primary goal" if r["lift"] >= PRIMARY_LIFT else "secondary signal"
-    return "predictive", role, f"Predictive: {rates}."
+    return "predictive", role, f"Predictive: {rates}.{note}"
 
 
 def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min_group: int,
@@ -175,15 +242,18 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     macro_all = macro_reached_at(settings, first_reached(stage_rows))
     macro = macro_all.reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
-    deadline = data.leads["created_at"] + pd.Timedelta(days=settings.model.horizon_days)
-    eligible = (deadline <= now).to_numpy()
+    created = data.leads["created_at"]
+    deadline = created + pd.Timedelta(days=settings.model.horizon_days)
+    cutoff = created + pd.Timedelta(days=cfg.window_days)  # the same window for every lead
+    eligible = ((deadline <= now) & (cutoff <= now)).to_numpy()
     converted = macro.notna() & (macro <= deadline)
-    moment = macro.where(converted, deadline)
     leads = data.leads[eligible]
     y = converted[eligible].astype(int).to_numpy()
+    macro_eligible = macro.reindex(leads.index).where(converted[eligible])
     attrs = data.attributes()[eligible]
     flags: dict[str, np.ndarray] = {}
     days: dict[str, np.ndarray] = {}
+    after_macro: dict[str, float | None] = {}
     event_times: dict[str, pd.Series] = {}
     for micro in settings.micro_conversions:
         if micro.expr:
@@ -194,14 +264,17 @@ def run_validation(ctx: Context) -> dict[str, Any]:
         name = micro.event or micro.name
         ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
         event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
-        ev = ev[ev["occurred_at"].to_numpy() < moment.reindex(ev["lead_id"]).to_numpy()]
+        ev = ev[ev["occurred_at"].to_numpy() < cutoff.reindex(ev["lead_id"]).to_numpy()]
         first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
         has = first.notna().to_numpy()
         if micro.property and micro.property in attrs:
             has |= attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
         flags[micro.name] = has
-        gap = (macro.reindex(leads.index) - first).dt.total_seconds() / 86400
-        days[micro.name] = gap.where(pd.Series(y == 1, index=leads.index)).to_numpy(dtype=float)
+        gap = (macro_eligible - first).dt.total_seconds() / 86400
+        before = gap > 0
+        days[micro.name] = gap.where(before).to_numpy(dtype=float)
+        timed = int(gap.notna().sum())  # converters whose micro in the window has a time
+        after_macro[micro.name] = float((~before & gap.notna()).sum() / timed) if timed else None
     segments = {}
     for col in cfg.segment_by:
         if col in leads.columns:
@@ -210,12 +283,16 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
     rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
                    segments=segments, days_to_macro=days)
+    for r in rows:
+        if r["segment"] == "all":
+            r["after_macro_share"] = after_macro.get(r["micro"])
     add_q_values_and_verdicts(rows, alpha=cfg.alpha, macro_name=settings.macro_stage.name)
     trends = {name: trend_check(t, macro_all, cfg.trend_lag_weeks) for name, t in event_times.items()}
     computed_at = ctx.now()
     records = []
     for r in rows:
-        details = {"test": r.get("test")}
+        details = {"test": r.get("test"), "window_days": cfg.window_days,
+                   "after_macro_share": r.get("after_macro_share")}
         if r["segment"] == "all" and r["micro"] in trends:
             details["trend"] = trends[r["micro"]]
         records.append(ValidationResult(

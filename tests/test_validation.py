@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from leadloop.tables import ValidationResult
 from leadloop.validation import (
     add_q_values_and_verdicts,
     analyse,
+    leads_to_settle,
+    p_json,
+    p_text,
     trend_check,
     two_by_two,
     validate_csv,
@@ -46,10 +50,31 @@ def test_planted_effects_are_recovered_from_the_store(sqlite_engine, tmp_path) -
             assert r.verdict == "negative" and r.lift < 1 and r.q_value < 0.05, name
         else:
             assert r.verdict == "no signal" and r.role == "retire", name
+            assert r.lift_ci_low < 1 < r.lift_ci_high, name
     assert rows["pricing_view"].role == "primary goal"
     assert rows["pricing_view"].median_days_to_macro > 0
     assert rows["pricing_view"].details["trend"]["lag_weeks"] == 2
-    assert counts["predictive"] == 3 and counts["negative"] == 1 and counts["no_signal"] == 1
+    assert counts["predictive"] == 3 and counts["negative"] == 1 and counts["no_signal"] == 2
+
+
+def test_a_null_micro_spread_over_a_month_gets_the_same_window_for_every_lead(
+        sqlite_engine, tmp_path) -> None:
+    """help_center_visit happens any time in a lead's first month, converted or not. Counted
+    only until each converter's conversion (a week, typically) it looked like it lowered the
+    odds (lift 0.32, q = 4e-16, "negative"); counted in the same 30 days for everyone it is
+    what it is: no signal, with a note that converters mostly had it after converting."""
+    from leadloop.validation import run_validation
+
+    ctx = demo_context(sqlite_engine, tmp_path)
+    load_funnel(ctx, 6000, seed=11)
+    run_validation(ctx)
+    with Session(sqlite_engine) as s:
+        r = s.exec(select(ValidationResult).where(ValidationResult.segment == "all",
+                                                  ValidationResult.micro == "help_center_visit")).one()
+    assert r.verdict == "no signal" and r.role == "retire"
+    assert r.lift_ci_low < 1 < r.lift_ci_high and r.q_value > 0.5
+    assert r.details["window_days"] == 30 and r.details["after_macro_share"] > 0.5
+    assert "only after reaching Sales qualified" in r.reason
 
 
 def test_run_validation_writes_rows_on_both_databases(engine, tmp_path) -> None:
@@ -127,3 +152,52 @@ def test_trend_check_sees_a_lagged_relation() -> None:
     t = trend_check(micro, macro, lag_weeks=2)
     assert t["verdict"] == "moves with macro" and t["spearman_rho"] > 0.5
     assert trend_check(micro, macro.iloc[:0], 2)["verdict"] == "not enough weeks"
+
+
+def _verdict_of(has: np.ndarray, y: np.ndarray) -> dict:
+    rows = [{"micro": "m", "segment": "all", **two_by_two(has, y, min_events=10, min_group=30)}]
+    add_q_values_and_verdicts(rows, alpha=0.05)
+    return rows[0]
+
+
+def test_a_wide_interval_is_not_enough_data_and_says_how_many_leads_would_settle_it() -> None:
+    # 40 with (8 converted), 160 without (32): lift 1.0, CI about 0.5–2
+    has = np.array([True] * 40 + [False] * 160)
+    y = np.array([1] * 8 + [0] * 32 + [1] * 32 + [0] * 128)
+    r = _verdict_of(has, y)
+    assert r["lift"] == pytest.approx(1.0) and r["lift_ci_high"] > 1.5
+    assert (r["verdict"], r["role"]) == ("not enough data", "diagnostic only")
+    settle = leads_to_settle(40, 160, 8, 32, alpha=0.05)
+    assert f"About {settle:,} leads" in r["reason"] and "keep watching" in r["reason"]
+    # the same rates on that many leads give an interval narrow enough to call it
+    k = settle // 200 + 1
+    r = _verdict_of(np.repeat(has, k), np.repeat(y, k))
+    assert r["lift_ci_high"] < 1.5 and (r["verdict"], r["role"]) == ("no signal", "retire")
+
+
+def test_leads_to_settle_follows_the_power_formula() -> None:
+    # share 0.2, base rate 0.1: n = (z.975 + z.8)² × ((1-.15)/(.2×.15) + (.9)/(.8×.1)) / ln(1.5)²
+    expected = (1.959964 + 0.841621) ** 2 * (0.85 / 0.03 + 0.9 / 0.08) / np.log(1.5) ** 2
+    assert leads_to_settle(200, 800, 30, 80, alpha=0.05) == int(np.ceil(expected / 100) * 100)
+    assert leads_to_settle(0, 800, 0, 80, alpha=0.05) is None
+    # the minimum counts bind when the micro is rare
+    assert leads_to_settle(2, 998, 1, 200, alpha=0.05, min_events=10) >= 5000
+
+
+def test_p_values_that_underflow_print_as_an_upper_bound(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from leadloop.cli import cli
+
+    assert p_text(0.0) == "< 1e-300" and p_text(3e-301) == "< 1e-300" and p_text(0.0123) == "0.012"
+    assert p_json(0.0) == "< 1e-300" and p_json(0.25) == 0.25 and p_json(None) is None
+    n = 40_000
+    path = tmp_path / "leads.csv"
+    won = np.arange(n) % 2 == 0
+    pd.DataFrame({"won": np.where(won, "yes", "no"), "hot": np.where(won, 1, 0)}).to_csv(path, index=False)
+    result = CliRunner().invoke(cli, ["validate", "--csv", str(path), "--label", "won",
+                                      "--micro", "hot=hot == 1", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)[0]
+    assert row["p_value"] == "< 1e-300" and row["q_value"] == "< 1e-300"
+    assert "q < 1e-300)" in row["reason"] and row["verdict"] == "predictive"
