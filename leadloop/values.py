@@ -15,9 +15,11 @@ Lead → Qualified → Won); its deal amounts are the observed won values.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import pandas as pd
 from sqlalchemy import select
@@ -28,6 +30,8 @@ from leadloop.context import Context
 from leadloop.frames import read_frame
 from leadloop.store import id_chunks
 from leadloop.tables import Lead, LeadStatus, StageChange
+
+log = logging.getLogger(__name__)
 
 STAGE_COLUMNS = ["lead_id", "stage", "entered_at", "amount", "currency", "deal_id", "is_lost"]
 
@@ -123,8 +127,10 @@ def macro_value(settings: Settings, stage_rows: pd.DataFrame) -> tuple[float, st
     """The money value of one macro conversion, and how it was obtained.
 
     A fixed `value` is used as is. For "deal_amount" or "predicted" the mean deal amount
-    observed at the macro stage is used, else the mean observed won value, else the stage's
-    `default_value`, else 0.
+    observed at the macro stage itself is used; when none was observed there, the stage's
+    `default_value`, else 0, and the reason says so. Another stage's amounts (the won value,
+    say) are never used: a won deal is worth more than a qualified lead, and expected value =
+    P(macro) × this value would come out several times too high.
     """
     stage = settings.macro_stage
     if isinstance(stage.value, float):
@@ -132,12 +138,14 @@ def macro_value(settings: Settings, stage_rows: pd.DataFrame) -> tuple[float, st
     observed = mean_stage_amount(stage_rows, stage.name)
     if observed is not None:
         return observed, f"mean deal amount observed at {stage.name}"
-    won = won_values(settings, stage_rows).dropna()
-    if len(won):
-        return float(won.mean()), f"mean observed won value ({won_stage(settings).name})"
     if stage.default_value is not None:
-        return stage.default_value, "stage default_value (no amounts observed)"
-    return 0.0, "no amounts observed and no default_value"
+        log.warning("no deal amounts observed at the macro stage %r: its default_value %s is used",
+                    stage.name, stage.default_value)
+        return stage.default_value, f"stage default_value (no deal amounts observed at {stage.name})"
+    log.warning("no deal amounts observed at the macro stage %r and no default_value: expected "
+                "value is 0 (set default_value on that [[stages]] entry)", stage.name)
+    return 0.0, (f"no deal amounts observed at {stage.name} and no default_value: expected value "
+                 "is 0 until one is set")
 
 
 # -- suggestions ----------------------------------------------------------------------------
@@ -168,19 +176,42 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def suggest_stage_values(engine: Engine, settings: Settings) -> list[StageSuggestion]:
+@dataclass(frozen=True)
+class SuggestionCohort:
+    """The leads the suggestions count: created at least `horizon_days` before `now`."""
+
+    now: datetime
+    horizon_days: int
+    leads: int  # old enough: counted
+    younger: int  # left out: they may not have reached their stages yet
+
+    @property
+    def created_before(self) -> datetime:
+        return self.now - timedelta(days=self.horizon_days)
+
+
+def suggest_stage_values(engine: Engine, settings: Settings, now: datetime
+                         ) -> tuple[list[StageSuggestion], SuggestionCohort]:
     """For each stage: P(eventually won | reached stage) × mean won value, with intervals.
 
-    The interval combines the Wilson interval of the win rate with a normal interval of the
-    mean won value (a lower and upper product, conservative). Leads that are deleted, merged
-    or erased are left out.
+    Only leads older than `[model] horizon_days` count (the model's cohort): a lead created
+    last week has had no time to reach a later stage or be won, and counting it would pull
+    every suggested value down. The interval combines the Wilson interval of the win rate with
+    a normal interval of the mean won value (a lower and upper product, conservative). Leads
+    that are deleted, merged or erased are left out.
     """
-    stage_rows = load_stage_rows(engine, settings)
+    horizon = settings.model.horizon_days
     lead = Lead.__table__  # type: ignore[attr-defined]
     with engine.connect() as conn:
-        ok_ids = {r[0] for r in conn.execute(
-            select(lead.c.id).where(lead.c.status.in_([LeadStatus.active, LeadStatus.deleted])))}
-    stage_rows = stage_rows[stage_rows["lead_id"].isin(ok_ids)]
+        rows = conn.execute(select(lead.c.id, lead.c.created_at).where(
+            lead.c.status.in_([LeadStatus.active, LeadStatus.deleted]))).all()
+    created = pd.to_datetime(pd.Series([r[1] for r in rows], index=[r[0] for r in rows],
+                                       dtype="object"), utc=True)
+    old_enough = created <= pd.Timestamp(now) - pd.Timedelta(days=horizon)
+    cohort = SuggestionCohort(now=now, horizon_days=horizon, leads=int(old_enough.sum()),
+                              younger=int((~old_enough).sum()))
+    stage_rows = load_stage_rows(engine, settings)
+    stage_rows = stage_rows[stage_rows["lead_id"].isin(created.index[old_enough])]
     reached = first_reached(stage_rows)
     won_name = won_stage(settings).name
     won_ids = set(reached.index[reached[won_name].notna()]) if won_name in reached else set()
@@ -205,7 +236,7 @@ def suggest_stage_values(engine: Engine, settings: Settings) -> list[StageSugges
             value_low=lo * won_low if won_low is not None and n else None,
             value_high=hi * won_high if won_high is not None and n else None,
         ))
-    return out
+    return out, cohort
 
 
 def _toml_str(s: str) -> str:
@@ -216,10 +247,15 @@ def _current(stage: StageConfig) -> str:
     return _toml_str(stage.value) if isinstance(stage.value, str) else f"{stage.value:.2f}"
 
 
-def format_suggestions_toml(suggestions: list[StageSuggestion], won_name: str) -> str:
+def format_suggestions_toml(suggestions: list[StageSuggestion], won_name: str,
+                            cohort: SuggestionCohort) -> str:
     lines = [
         "# Suggested stage values: P(eventually won | reached stage) × mean won value,",
         f"# from the stage history in the store (won = reached {won_name!r}).",
+        f"# Cohort: {cohort.leads:,} leads created on or before "
+        f"{cohort.created_before:%Y-%m-%d %H:%M} UTC (older than the {cohort.horizon_days}-day "
+        "horizon, as the model uses);",
+        f"# {cohort.younger:,} younger leads left out: they may not have reached a stage yet.",
         "# Paste over your [[stages]]; the interval is a 95 % range for the value.",
         "",
     ]
@@ -234,7 +270,8 @@ def format_suggestions_toml(suggestions: list[StageSuggestion], won_name: str) -
             lines.append("macro = true")
         counts = f"{s.won} of {s.reached} leads that reached it won"
         if s.value is None:
-            why = "no won amounts yet" if s.mean_won_value is None else "no lead reached it yet"
+            why = ("no won amounts in the cohort yet" if s.mean_won_value is None
+                   else "no lead of the cohort reached it yet")
             lines.append(f"value = {_current(st)}  # kept ({why}; {counts})")
         else:
             figures = (f"{s.value:.2f} (95 % range {s.value_low:.2f}–{s.value_high:.2f}): {counts}, "
@@ -255,5 +292,5 @@ def format_suggestions_toml(suggestions: list[StageSuggestion], won_name: str) -
 
 def suggest_stage_values_toml(ctx: Context) -> str:
     """`leadloop stages suggest`: ready-to-paste TOML for the `[[stages]]` mapping."""
-    suggestions = suggest_stage_values(ctx.engine, ctx.settings)
-    return format_suggestions_toml(suggestions, won_stage(ctx.settings).name)
+    suggestions, cohort = suggest_stage_values(ctx.engine, ctx.settings, ctx.now())
+    return format_suggestions_toml(suggestions, won_stage(ctx.settings).name, cohort)

@@ -65,7 +65,9 @@ def test_suggestions_and_ready_to_paste_toml(engine, make_settings) -> None:
     ctx = Context(settings=make_settings(), engine=engine)
     with session_scope(engine) as session:
         apply_page(session, ctx, "hubspot", "contacts", _funnel_page())
-    by = {s.stage.name: s for s in suggest_stage_values(engine, ctx.settings)}
+    suggestions, cohort = suggest_stage_values(engine, ctx.settings, ctx.now())
+    assert (cohort.leads, cohort.younger) == (10, 0)
+    by = {s.stage.name: s for s in suggestions}
     assert (by["Lead"].reached, by["Lead"].won) == (10, 3)
     assert (by["Qualified"].reached, by["Qualified"].won) == (6, 3)
     assert by["Qualified"].value == pytest.approx(0.5 * 2000.0)
@@ -77,13 +79,51 @@ def test_suggestions_and_ready_to_paste_toml(engine, make_settings) -> None:
     values = {s.name: s.value for s in settings.stages}
     assert values == {"Lead": 600.0, "Qualified": 1000.0, "Won": "deal_amount"}
     assert "3 of 6 leads that reached it won" in text
-    # the macro stage's value, and what a "deal_amount" macro stage would be worth
+    assert "# Cohort: 10 leads created on or before" in text and "0 younger leads left out" in text
+
+
+def test_macro_value_is_the_macro_stages_own_never_another_stages(engine, make_settings,
+                                                                   caplog) -> None:
+    ctx = Context(settings=make_settings(), engine=engine)
+    with session_scope(engine) as session:
+        apply_page(session, ctx, "hubspot", "contacts", _funnel_page())
     rows = load_stage_rows(engine, ctx.settings)
     assert macro_value(ctx.settings, rows) == (100.0, "fixed stage value")
+    # "deal_amount" at a macro stage with no amounts: not the won deals' mean (2000), but the
+    # stage's default_value, or 0, saying so
     stages = [dict(s) for s in BASE_CONFIG["stages"]]
     stages[1] = {**stages[1], "value": "deal_amount"}
     value, how = macro_value(make_settings(stages=stages), rows)
-    assert value == pytest.approx(2000.0) and "won" in how
+    assert value == 0.0 and "no deal amounts observed at Qualified" in how
+    assert "no default_value" in caplog.text
+    stages[1] = {**stages[1], "value": "predicted", "default_value": 750.0}
+    value, how = macro_value(make_settings(stages=stages), rows)
+    assert value == 750.0 and "default_value" in how and "Qualified" in how
+    # amounts recorded at the macro stage itself are its value (mean per lead and deal)
+    macro_rows = rows.copy()
+    at_macro = macro_rows["stage"] == "Qualified"
+    macro_rows.loc[at_macro, "amount"] = [300.0, 500.0, 400.0, 400.0, 400.0, 400.0]
+    macro_rows.loc[at_macro, "deal_id"] = [f"q{i}" for i in range(6)]
+    value, how = macro_value(make_settings(stages=stages), macro_rows)
+    assert value == pytest.approx(400.0) and how == "mean deal amount observed at Qualified"
+
+
+def test_suggestions_count_only_leads_older_than_the_horizon(engine, make_settings) -> None:
+    """Ten young leads that have not had time to qualify would pull every value down."""
+    ctx = Context(settings=make_settings(), engine=engine)
+    page = _funnel_page()
+    young = ctx.now() - timedelta(days=10)
+    for i in range(10, 20):
+        page.leads.append(LeadIn(crm_id=str(i), created_at=young))
+        page.stages.append(StageIn(str(i), "lifecyclestage", "lead", young))
+    with session_scope(engine) as session:
+        apply_page(session, ctx, "hubspot", "contacts", page)
+    suggestions, cohort = suggest_stage_values(engine, ctx.settings, ctx.now())
+    assert (cohort.leads, cohort.younger, cohort.horizon_days) == (10, 10, 90)
+    by = {s.stage.name: s for s in suggestions}
+    assert (by["Lead"].reached, by["Lead"].won) == (10, 3)
+    assert by["Lead"].value == pytest.approx(0.3 * 2000.0)
+    assert "10 younger leads left out" in suggest_stage_values_toml(ctx)
 
 
 def test_wilson_interval_is_sane_at_the_edges() -> None:

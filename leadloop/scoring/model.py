@@ -7,7 +7,7 @@ end of its horizon; features known later are refused (see `features.py`).
 
 Expected value = calibrated P(macro) × the value of one macro conversion (`values.macro_value`:
 the stage's fixed value, or for "deal_amount"/"predicted" the mean deal amount observed at the
-macro stage, else the mean observed won value).
+macro stage, else its default_value, never another stage's).
 """
 
 from __future__ import annotations
