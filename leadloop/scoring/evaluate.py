@@ -39,6 +39,7 @@ from leadloop.scoring import calibration
 from leadloop.scoring.features import Feature
 from leadloop.scoring.gate import gate
 from leadloop.scoring.leakage import suspected_leakage
+from leadloop.scoring.threads import limited_threads
 
 SELECTION_MAX_ROWS = 200_000  # candidate choice on a sample: the ranking is stable long before
 IMPORTANCE_MAX_ROWS = 5_000
@@ -316,15 +317,19 @@ def evaluate_frame(
     random_state: int = 0,
     importance: bool = True,
     tracker: Tracker | None = None,
+    threads: int | None = None,
 ) -> Evaluation:
-    """Choose a candidate, calibrate it and measure it against the baseline (see module doc)."""
+    """Choose a candidate, calibrate it and measure it against the baseline (see module doc).
+    Fitting uses at most `threads` native threads (default: the free cores, `threads.py`)."""
     y = np.asarray(y, dtype=int)
     tracker = tracker or _NoProgress()
     leaks, strongest = suspected_leakage(x, y, random_state)
-    if times is not None:
-        run = _time_split(x, y, features, times, split_at, test_fraction, random_state, tracker)
-    else:
-        run = _nested_cv(x, y, features, random_state, tracker)
+    with limited_threads(threads):
+        if times is not None:
+            run = _time_split(x, y, features, times, split_at, test_fraction, random_state,
+                              tracker)
+        else:
+            run = _nested_cv(x, y, features, random_state, tracker)
     keep, verdict = calibration.keep_calibration(run.y, run.raw, run.cal) \
         if run.choice["method"] != "none" else (False, "no calibration beat none out of fold")
     p = run.cal if keep else run.raw
@@ -334,7 +339,8 @@ def evaluate_frame(
     tested, reason = gate(run.y, p, run.base, run.chosen)
     imp = []
     if importance and run.model is not None:
-        imp = _importance(run.model, x.iloc[run.model_rows], y[run.model_rows], random_state)
+        with limited_threads(threads):
+            imp = _importance(run.model, x.iloc[run.model_rows], y[run.model_rows], random_state)
     return Evaluation(
         n=len(y), positives=int(y.sum()), split=run.split, chosen=None if reason else run.chosen,
         candidates=run.scores, metrics=metrics, baseline=baseline,
@@ -351,8 +357,10 @@ def evaluate_frame(
 
 
 def fit_final(x: pd.DataFrame, y: np.ndarray, features: list[Feature], chosen: str,
-              method: str = "none", random_state: int = 0) -> Any:
+              method: str = "none", random_state: int = 0, threads: int | None = None) -> Any:
     """The registered model: the chosen candidate, fitted on every labelled lead, with the
     calibration the evaluation kept (one calibrator on shuffled out-of-fold scores)."""
     model = make_candidates(features, random_state)[chosen]
-    return calibration.shipped_model(model, method, random_state).fit(x, np.asarray(y, dtype=int))
+    with limited_threads(threads):
+        return calibration.shipped_model(model, method, random_state).fit(
+            x, np.asarray(y, dtype=int))

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 from sqlalchemy import select
 
 from leadloop.context import Context
@@ -143,14 +144,17 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
 
 
 def calibration_by_age(ages: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
-    """Per landmark age of the evaluation rows: mean predicted vs observed rate (Wilson 95 %)."""
+    """Per landmark age of the evaluation rows: mean predicted vs observed rate (Wilson 95 %),
+    and the ROC AUC among leads of that age (what the lead's own features add: the age itself
+    separates young from old leads, which makes the overall AUC higher than any band's)."""
     out = []
     for age in np.unique(ages):
         m = ages == age
         k, n = int(y[m].sum()), int(m.sum())
         low, high = _wilson(k, n)
+        auc = float(roc_auc_score(y[m], p[m])) if 0 < k < n else None
         out.append({"age_days": float(age), "n": n, "predicted": float(p[m].mean()),
-                    "observed": k / n, "observed_ci": [low, high]})
+                    "observed": k / n, "observed_ci": [low, high], "roc_auc": auc})
     return out
 
 
@@ -227,13 +231,12 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         x, _ = build_features(data, features, labelled["moment"])
         y = labelled["y"].to_numpy()
         times = None if snapshot else data.leads.loc[labelled.index, "created_at"]
-        with limited_threads(cfg.threads), \
-                track("train model", total=fit_steps(times is not None) + 1) as progress:
+        with track("train model", total=fit_steps(times is not None) + 1) as progress:
             ev = evaluate_frame(x, y, features, times=times, random_state=cfg.random_state,
-                                tracker=progress)
+                                tracker=progress, threads=cfg.threads)
             if ev.chosen:
                 model = fit_final(x, y, features, ev.chosen, ev.calibration_method["method"],
-                                  cfg.random_state)
+                                  cfg.random_state, cfg.threads)
             progress.advance()
         card.update({
             "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason,
@@ -357,9 +360,9 @@ def evaluate_csv(path: str | Path, *, label: str, positive: str | None = None,
                            time_column=time_column, sep=sep)
     if frame.y.sum() < 10 or (len(frame.y) - frame.y.sum()) < 10:
         raise ModelError(f"{Path(path).name}: need at least 10 converted and 10 unconverted rows")
-    with limited_threads(threads), \
-            track("evaluate", total=fit_steps(frame.times is not None)) as progress:
-        ev = evaluate_frame(frame.x, frame.y, frame.features, times=frame.times, tracker=progress)
+    with track("evaluate", total=fit_steps(frame.times is not None)) as progress:
+        ev = evaluate_frame(frame.x, frame.y, frame.features, times=frame.times, tracker=progress,
+                            threads=threads)
     return {
         **{k: round(v, 4) for k, v in ev.metrics.items()},
         "candidate_roc_auc": round(ev.candidate_metrics["roc_auc"], 4),
