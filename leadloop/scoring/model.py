@@ -290,7 +290,7 @@ def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
                                    side="right")
 
         now = pd.Series(pd.Timestamp(ctx.now()), index=rows.index)
-        due |= landmark(now) != landmark(rows["scored_at"].fillna(now))
+        due |= rows["scored_at"].notna() & (landmark(now) != landmark(rows["scored_at"]))
     return set(rows.loc[due, "id"].astype(int))
 
 
