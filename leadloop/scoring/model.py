@@ -92,24 +92,24 @@ def _days(a: list[int] | np.ndarray) -> pd.TimedeltaIndex:
     return pd.to_timedelta(np.asarray(a, dtype=float), unit="D")
 
 
-def training_rows(ctx: Context, data: LeadData, macro_at: pd.Series, snapshot: bool
+def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, horizon_days: int,
+                  random_state: int, snapshot: bool
                   ) -> tuple[pd.DataFrame, Counter[str], dict[str, int]]:
     """The labelled rows (`y`, `moment`; index lead_id), the rows dropped by reason (bad data),
     and other counts (`undecided`, `converted_before_landmark`)."""
-    now = pd.Timestamp(ctx.now())
     created = data.leads["created_at"]
     macro = macro_at.reindex(data.leads.index)
     if snapshot:
         rows = pd.DataFrame({"y": macro.notna().astype(int),
                              "moment": pd.Series(now, index=created.index)})
         return rows, Counter(), {"undecided": 0, "converted_before_landmark": 0}
-    horizon = pd.Timedelta(days=ctx.settings.model.horizon_days)
+    horizon = pd.Timedelta(days=horizon_days)
     deadline = created + horizon
     decided = (deadline <= now).to_numpy()
     bad = (macro.notna() & (macro < created)).to_numpy()
     converted = (macro.notna() & (macro <= deadline)).astype(int)
-    ages = np.asarray(landmarks(ctx.settings.model.horizon_days))
-    rng = np.random.default_rng(ctx.settings.model.random_state)
+    ages = np.asarray(landmarks(horizon_days))
+    rng = np.random.default_rng(random_state)
     moment = created + _days(ages[rng.integers(len(ages), size=len(created))])
     open_then = (macro.isna() | (macro > moment)).to_numpy()
     keep = decided & ~bad & open_then
@@ -175,7 +175,9 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     mode_reason = snapshot_reason(ctx, data, macro_at)
     snapshot = mode_reason is not None
     features = resolve_features(settings, data, with_age=not snapshot)
-    labelled, dropped, other = training_rows(ctx, data, macro_at, snapshot)
+    labelled, dropped, other = training_rows(
+        data, macro_at, now=pd.Timestamp(ctx.now()), horizon_days=cfg.horizon_days,
+        random_state=cfg.random_state, snapshot=snapshot)
     decided = len(labelled)
     if decided > cfg.max_training_rows:
         # The most recent decided leads: the funnel as it is now, in bounded memory.
