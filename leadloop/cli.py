@@ -271,7 +271,7 @@ def demo(out: str, leads: int, seed: int) -> None:
 
 @cli.group()
 def model() -> None:
-    """Trained lead-value models: list, show a model card, evaluate on a CSV export."""
+    """Trained lead-value models: list, show a model card, train now, evaluate on a CSV export."""
 
 
 @model.command("list")
@@ -287,14 +287,36 @@ def model_list(click_ctx: click.Context) -> None:
 
 @model.command("show")
 @click.argument("version", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole card as JSON.")
 @click.pass_context
 @handle_errors
-def model_show(click_ctx: click.Context, version: str | None) -> None:
-    """Print a model card (default: the current model)."""
-    from leadloop.scoring.registry import format_model_card
+def model_show(click_ctx: click.Context, version: str | None, as_json: bool) -> None:
+    """Print a model card (default: the current model): what was chosen or why it fell back,
+    its figures next to the baseline's, calibration (overall and by age), suspected leakage.
+
+    Example: leadloop -c leadloop.toml model show --json
+    """
+    from leadloop.scoring.registry import format_model_card, load_card
 
     ctx = _context(click_ctx)
-    click.echo(format_model_card(ctx, version))
+    if as_json:
+        click.echo(json.dumps(load_card(ctx.settings, version), indent=2, default=str))
+    else:
+        click.echo(format_model_card(ctx, version))
+
+
+@model.command("train")
+@click.pass_context
+@handle_errors
+def model_train(click_ctx: click.Context) -> None:
+    """Train a model on the store now and make it current (or record why it falls back).
+
+    Example: leadloop -c leadloop.toml model train
+    """
+    from leadloop.jobs import run_job
+
+    ctx = _context(click_ctx)
+    sys.exit(_print_results([run_job(ctx, "retrain")]))
 
 
 @model.command("evaluate")
@@ -304,24 +326,35 @@ def model_show(click_ctx: click.Context, version: str | None) -> None:
 @click.option("--exclude", multiple=True, help="Column to leave out (leaky or an id). Repeatable.")
 @click.option("--time", "time_column", help="Created-time column: enables a time-ordered split.")
 @click.option("--sep", help="Delimiter (detected when absent).")
+@click.option("--threads", type=click.IntRange(1), help="BLAS/OpenMP threads for fitting "
+              "(default: the cores not busy).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as a JSON object.")
 @handle_errors
 def model_evaluate(csv_path: str, label: str, positive: str | None, exclude: tuple[str, ...],
-                   time_column: str | None, sep: str | None, as_json: bool) -> None:
+                   time_column: str | None, sep: str | None, threads: int | None,
+                   as_json: bool) -> None:
     """Evaluate the lead-value pipeline on any CRM export (ROC AUC, PR AUC, Brier, ECE).
+
+    Prints the candidate's (uncalibrated) and the shipped model's figures, the calibration
+    chosen and why, the gate's intervals, and warns about columns that look like leakage.
 
     Example: leadloop model evaluate --csv Leads.csv --label Converted --exclude Tags --json
     """
     from leadloop.scoring.model import evaluate_csv
 
     metrics = evaluate_csv(csv_path, label=label, positive=positive, exclude=list(exclude),
-                           time_column=time_column, sep=sep)
+                           time_column=time_column, sep=sep, threads=threads)
+    for leak in metrics["suspected_leakage"]:
+        click.echo(f"Warning: suspected leakage in {leak['column']!r}: {leak['reason']} "
+                   "(leave it out with --exclude)", err=True)
     if as_json:
         click.echo(json.dumps(metrics, indent=2, default=str))
     else:
         for k, v in metrics.items():
             if not isinstance(v, list | dict):
                 click.echo(f"{k:<22} {v}")
+        click.echo(f"{'calibration_method':<22} {metrics['calibration_method']['method']}: "
+                   f"{metrics['calibration_method']['why']}")
 
 
 @cli.group()

@@ -330,6 +330,9 @@ class ModelConfig(_Model):
     max_training_rows: int = Field(
         200_000, ge=1000, description="train on the most recent decided leads only, to bound memory"
     )
+    threads: int | None = Field(
+        None, ge=1, description="BLAS/OpenMP threads for fitting; default: the cores not busy"
+    )
 
 
 class ValidationConfig(_Model):

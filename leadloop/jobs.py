@@ -78,8 +78,9 @@ def _score(ctx: Context) -> dict[str, Any]:
     from leadloop.freshness import fingerprint, last_ok_inputs, store_marks
     from leadloop.scoring.registry import current_card
 
-    # A lead's score depends on its own data and the model: same leads, same model, same scores.
-    leads = store_marks(ctx.engine)["leads"]
+    # A lead's score depends on its own data, its landmark age and the model: same leads, same
+    # day, same model, same scores.
+    leads = [store_marks(ctx.engine)["leads"], ctx.now().date().isoformat()]
     card = current_card(ctx.settings)
     if card is not None and card.get("chosen"):
         inputs = fingerprint(card["version"], leads)

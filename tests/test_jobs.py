@@ -63,7 +63,7 @@ def test_score_and_report_skip_only_while_their_inputs_are_unchanged(sqlite_engi
             "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
                      "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
         ctx.out_dir = tmp_path / "out"
-        load_funnel(ctx, 400)
+        load_funnel(ctx, 3000)  # enough for the gate's intervals
         minute = iter(range(1, 100))
 
         def run(name: str) -> dict:

@@ -141,8 +141,9 @@ def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     assert float(r.expected_value) == pytest.approx(r.probability * 400.0, abs=1e-3)
     assert r.currency == "USD" and r.value_band in {"A", "B", "C", "D"}
     assert score_leads(ctx)["scored"] == 0  # nothing changed: nothing re-scored
-    # one lead gets a new micro-conversion: only that lead is re-scored, by upsert
-    ctx.now = lambda: SIM_END + timedelta(hours=1)
+    # one lead gets a new micro-conversion: only that lead is re-scored, by upsert (a second
+    # later, so that no other lead passes a landmark age, which would re-score it too)
+    ctx.now = lambda: SIM_END + timedelta(seconds=1)
     with Session(ctx.engine) as s:
         crm_id = s.exec(select(Lead.crm_id).order_by(Lead.id)).first()
     with session_scope(ctx.engine) as session:

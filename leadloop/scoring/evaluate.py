@@ -6,11 +6,14 @@ measures exactly what the daemon trains.
 
 Protocol:
 * with times: the latest `test_fraction` of leads (or those from `split_at` on) are the test
-  set; the candidate is chosen on the latest 20 % of the training part, then refitted,
-  calibrated, and measured once on the test set;
-* without times: stratified 5-fold CV, out-of-fold predictions.
-The chosen model must beat the DummyClassifier baseline on the test predictions by
-`MIN_AUC_GAIN` ROC AUC and have a lower Brier score, or there is no model (fallback).
+  set; the candidate is chosen on the latest 20 % of the training part, refitted on the whole
+  training part, calibrated (see `calibration.py`) and measured once on the test set;
+* without times: nested stratified 5-fold cross-validation. In each outer fold the candidate
+  is chosen on an inner split of the training folds only, so the reported out-of-fold figures
+  never saw the choice; the calibration is cross-fitted on the out-of-fold scores.
+The figures of the candidate (uncalibrated) and of the shipped model (calibrated or not) are
+both kept. The shipped model must pass the gate (`gate.py`: confidence intervals of the AUC gain
+over the DummyClassifier baseline and of the Brier skill score), or there is no model (fallback).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -28,13 +30,17 @@ from sklearn.impute import SimpleImputer
 from sklearn.inspection import permutation_importance
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
+from leadloop.progress import Tracker
+from leadloop.scoring import calibration
 from leadloop.scoring.features import Feature
+from leadloop.scoring.gate import gate
+from leadloop.scoring.leakage import suspected_leakage
+from leadloop.scoring.threads import limited_threads
 
-MIN_AUC_GAIN = 0.02
 SELECTION_MAX_ROWS = 200_000  # candidate choice on a sample: the ranking is stable long before
 IMPORTANCE_MAX_ROWS = 5_000
 CV_FOLDS = 5
@@ -67,12 +73,6 @@ def make_candidates(features: list[Feature], random_state: int = 0) -> dict[str,
     }
 
 
-def calibrated(estimator: Pipeline, n_rows: int) -> CalibratedClassifierCV:
-    """Isotonic when there is plenty of data (it needs it), Platt scaling otherwise."""
-    method = "isotonic" if n_rows >= 5000 else "sigmoid"
-    return CalibratedClassifierCV(estimator, method=method, cv=3)
-
-
 # -- metrics --------------------------------------------------------------------------------
 
 
@@ -93,6 +93,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
         "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
         "brier": float(brier_score_loss(y, p)),
+        "log_loss": calibration.clipped_log_loss(y, p),
         "ece": ece(y, p),
     }
 
@@ -154,16 +155,34 @@ class Evaluation:
     positives: int
     split: str
     chosen: str | None
-    candidates: dict[str, float]
-    metrics: dict[str, float]
+    candidates: dict[str, float]  # each candidate's ROC AUC where the choice was made
+    metrics: dict[str, float]  # the shipped model (calibrated or not)
     baseline: dict[str, float]
+    candidate_metrics: dict[str, float] = field(default_factory=dict)  # uncalibrated candidate
+    calibration_method: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    selection: str = ""
     calibration: list[dict[str, Any]] = field(default_factory=list)
     lift: list[dict[str, Any]] = field(default_factory=list)
     bands: list[dict[str, Any]] = field(default_factory=list)
     importance: list[dict[str, Any]] = field(default_factory=list)
+    suspected_leakage: list[dict[str, Any]] = field(default_factory=list)
+    strongest_feature: dict[str, Any] | None = None
     fallback_reason: str | None = None
     n_test: int = 0
-    best: str = ""  # the candidate measured (chosen only if it beat the baseline)
+    best: str = ""  # the candidate measured (chosen only if it passed the gate)
+    # the evaluation rows (labels of x's index), their labels and shipped probabilities
+    eval_index: pd.Index = field(default_factory=lambda: pd.Index([]))
+    eval_y: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    eval_p: np.ndarray = field(default_factory=lambda: np.array([]))
+
+
+class _NoProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, total: int | None) -> None:
+        pass
 
 
 def _sample(n: int, cap: int, seed: int) -> np.ndarray:
@@ -189,6 +208,104 @@ def _importance(model: Any, x: pd.DataFrame, y: np.ndarray, seed: int) -> list[d
     return sorted(rows, key=lambda r: -r["importance"])
 
 
+def fit_steps(times_given: bool) -> int:
+    """How many model fits `evaluate_frame` makes (for a progress bar)."""
+    n_candidates = 2
+    if times_given:
+        return n_candidates + calibration.CALIBRATION_FOLDS + 1
+    return CV_FOLDS * (n_candidates + 1)
+
+
+@dataclass
+class _Run:
+    """What one protocol produced: the uncalibrated candidate's and the baseline's
+    predictions on the evaluation rows, the calibrated ones, and a fitted raw model."""
+
+    split: str
+    selection: str
+    scores: dict[str, float]
+    chosen: str
+    rows: np.ndarray  # positions (in the frame as given) of the evaluation rows
+    y: np.ndarray
+    raw: np.ndarray
+    base: np.ndarray
+    choice: dict[str, Any]
+    cal: np.ndarray
+    model: Any  # a fitted uncalibrated candidate, and rows it did not see
+    model_rows: np.ndarray
+
+
+def _time_split(x: pd.DataFrame, y: np.ndarray, features: list[Feature], times: pd.Series,
+                split_at: pd.Timestamp | None, test_fraction: float, seed: int,
+                tracker: Tracker) -> _Run:
+    n = len(y)
+    stamps = pd.to_datetime(times, utc=True)
+    order = np.argsort(stamps.to_numpy(), kind="stable")
+    sorted_times = stamps.iloc[order]
+    cut = int((sorted_times < split_at).sum()) if split_at is not None else round(n * (1 - test_fraction))
+    split = f"time-ordered: train on leads before {sorted_times.iloc[cut]:%Y-%m-%d}, test on the rest"
+    tr, te = order[:cut], order[cut:]
+    x_tr, y_tr = x.iloc[tr], y[tr]
+    inner = round(len(tr) * 0.8)
+    sel = _sample(inner, SELECTION_MAX_ROWS, seed)
+    scores = {}
+    for name, m in make_candidates(features, seed).items():
+        scores[name] = _auc(m, x_tr.iloc[sel], y_tr[sel], x_tr.iloc[inner:], y_tr[inner:])
+        tracker.advance()
+    chosen = max(scores, key=lambda k: scores[k])
+    # out-of-fold scores of the training part (shuffled folds) for the calibration
+    oof = np.empty(len(tr))
+    folds = StratifiedKFold(calibration.CALIBRATION_FOLDS, shuffle=True, random_state=seed)
+    for fit_i, apply_i in folds.split(x_tr, y_tr):
+        m = make_candidates(features, seed)[chosen].fit(x_tr.iloc[fit_i], y_tr[fit_i])
+        oof[apply_i] = m.predict_proba(x_tr.iloc[apply_i])[:, 1]
+        tracker.advance()
+    choice = calibration.choose_method(oof, y_tr, seed)
+    model = make_candidates(features, seed)[chosen].fit(x_tr, y_tr)
+    tracker.advance()
+    raw = model.predict_proba(x.iloc[te])[:, 1]
+    cal = calibration.apply(choice["method"], oof, y_tr, raw)
+    base = np.full(len(te), DummyClassifier(strategy="prior").fit(x_tr, y_tr).class_prior_[1])
+    selection = ("chosen on the latest 20 % of the training part (before the test period); "
+                 "measured once on the test period")
+    return _Run(split, selection, scores, chosen, te, y[te], raw, base, choice, cal, model, te)
+
+
+def _nested_cv(x: pd.DataFrame, y: np.ndarray, features: list[Feature], seed: int,
+               tracker: Tracker) -> _Run:
+    n = len(y)
+    skf = StratifiedKFold(CV_FOLDS, shuffle=True, random_state=seed)
+    raw, base = np.empty(n), np.empty(n)
+    inner_scores: dict[str, list[float]] = {}
+    wins: dict[str, int] = {}
+    model, model_rows = None, np.array([], dtype=int)
+    for k, (tr, te) in enumerate(skf.split(x, y)):
+        fit_i, val_i = train_test_split(tr, test_size=0.25, stratify=y[tr], random_state=seed + k)
+        fit_i = np.sort(fit_i)[_sample(len(fit_i), SELECTION_MAX_ROWS, seed)]
+        scores = {}
+        for name, m in make_candidates(features, seed).items():
+            scores[name] = _auc(m, x.iloc[fit_i], y[fit_i], x.iloc[val_i], y[val_i])
+            inner_scores.setdefault(name, []).append(scores[name])
+            tracker.advance()
+        winner = max(scores, key=lambda c: scores[c])
+        wins[winner] = wins.get(winner, 0) + 1
+        model = make_candidates(features, seed)[winner].fit(x.iloc[tr], y[tr])
+        tracker.advance()
+        raw[te] = model.predict_proba(x.iloc[te])[:, 1]
+        base[te] = y[tr].mean()
+        model_rows = te
+    mean_scores = {c: float(np.mean(v)) for c, v in inner_scores.items()}
+    chosen = max(mean_scores, key=lambda c: mean_scores[c])
+    choice = calibration.choose_method(raw, y, seed)
+    cal = calibration.cross_fitted(choice["method"], raw, y, seed)
+    selection = ("nested: in each outer fold the candidate was chosen on a 25 % inner split of "
+                 "the training folds (" + ", ".join(f"{c} {w}×" for c, w in sorted(wins.items()))
+                 + "); the out-of-fold figures never saw the choice")
+    split = f"stratified {CV_FOLDS}-fold cross-validation (out-of-fold predictions)"
+    return _Run(split, selection, mean_scores, chosen, np.arange(n), y, raw, base, choice, cal,
+                model, model_rows)
+
+
 def evaluate_frame(
     x: pd.DataFrame,
     y: np.ndarray,
@@ -199,65 +316,51 @@ def evaluate_frame(
     test_fraction: float = 0.2,
     random_state: int = 0,
     importance: bool = True,
+    tracker: Tracker | None = None,
+    threads: int | None = None,
 ) -> Evaluation:
-    """Choose a candidate, calibrate it and measure it against the baseline (see module doc)."""
+    """Choose a candidate, calibrate it and measure it against the baseline (see module doc).
+    Fitting uses at most `threads` native threads (default: the free cores, `threads.py`)."""
     y = np.asarray(y, dtype=int)
-    n, positives = len(y), int(y.sum())
-    candidates = make_candidates(features, random_state)
-    if times is not None:
-        order = np.argsort(pd.to_datetime(times, utc=True).to_numpy(), kind="stable")
-        x, y = x.iloc[order], y[order]
-        sorted_times = pd.to_datetime(times, utc=True).iloc[order]
-        cut = int((sorted_times < split_at).sum()) if split_at is not None else round(n * (1 - test_fraction))
-        split = f"time-ordered: train on leads before {sorted_times.iloc[cut]:%Y-%m-%d}, test on the rest"
-        x_tr, y_tr, x_te, y_te = x.iloc[:cut], y[:cut], x.iloc[cut:], y[cut:]
-        inner = round(len(y_tr) * 0.8)
-        sel = _sample(inner, SELECTION_MAX_ROWS, random_state)
-        scores = {name: _auc(m, x_tr.iloc[sel], y_tr[sel], x_tr.iloc[inner:], y_tr[inner:])
-                  for name, m in candidates.items()}
-        chosen = max(scores, key=lambda k: scores[k])
-        model = calibrated(candidates[chosen], len(y_tr)).fit(x_tr, y_tr)
-        p = model.predict_proba(x_te)[:, 1]
-        base = DummyClassifier(strategy="prior").fit(x_tr, y_tr).predict_proba(x_te)[:, 1]
-        y_eval = y_te
-        imp = _importance(model, x_te, y_te, random_state) if importance else []
-    else:
-        split = f"stratified {CV_FOLDS}-fold cross-validation"
-        skf = StratifiedKFold(CV_FOLDS, shuffle=True, random_state=random_state)
-        scores = {}
-        for name, m in candidates.items():
-            oof = cross_val_predict(m, x, y, cv=skf, method="predict_proba")[:, 1]
-            scores[name] = float(roc_auc_score(y, oof))
-        chosen = max(scores, key=lambda k: scores[k])
-        model = calibrated(candidates[chosen], int(n * (1 - 1 / CV_FOLDS)))
-        p = cross_val_predict(model, x, y, cv=skf, method="predict_proba")[:, 1]
-        base = cross_val_predict(DummyClassifier(strategy="prior"), x, y, cv=skf,
-                                 method="predict_proba")[:, 1]
-        y_eval = y
-        imp = []
-        if importance:
-            tr, te = next(skf.split(x, y))
-            fitted = calibrated(candidates[chosen], len(tr)).fit(x.iloc[tr], y[tr])
-            imp = _importance(fitted, x.iloc[te], y[te], random_state)
-    metrics, baseline = binary_metrics(y_eval, p), binary_metrics(y_eval, base)
-    reason = None
-    if not metrics["roc_auc"] >= baseline["roc_auc"] + MIN_AUC_GAIN:
-        reason = (f"{chosen} ROC AUC {metrics['roc_auc']:.3f} does not beat the baseline "
-                  f"{baseline['roc_auc']:.3f} by {MIN_AUC_GAIN}")
-    elif not metrics["brier"] < baseline["brier"]:
-        reason = (f"{chosen} Brier score {metrics['brier']:.4f} is not better than the "
-                  f"baseline's {baseline['brier']:.4f}")
+    tracker = tracker or _NoProgress()
+    leaks, strongest = suspected_leakage(x, y, random_state)
+    with limited_threads(threads):
+        if times is not None:
+            run = _time_split(x, y, features, times, split_at, test_fraction, random_state,
+                              tracker)
+        else:
+            run = _nested_cv(x, y, features, random_state, tracker)
+    keep, verdict = calibration.keep_calibration(run.y, run.raw, run.cal) \
+        if run.choice["method"] != "none" else (False, "no calibration beat none out of fold")
+    p = run.cal if keep else run.raw
+    shipped = run.choice["method"] if keep else "none"
+    candidate_metrics = binary_metrics(run.y, run.raw)
+    metrics, baseline = binary_metrics(run.y, p), binary_metrics(run.y, run.base)
+    tested, reason = gate(run.y, p, run.base, run.chosen)
+    imp = []
+    if importance and run.model is not None:
+        with limited_threads(threads):
+            imp = _importance(run.model, x.iloc[run.model_rows], y[run.model_rows], random_state)
     return Evaluation(
-        n=n, positives=positives, split=split, chosen=None if reason else chosen,
-        candidates=scores, metrics=metrics, baseline=baseline,
-        calibration=calibration_table(y_eval, p), lift=lift_by_decile(y_eval, p),
-        bands=value_bands(y_eval, p), importance=imp, fallback_reason=reason,
-        n_test=len(y_eval), best=chosen,
+        n=len(y), positives=int(y.sum()), split=run.split, chosen=None if reason else run.chosen,
+        candidates=run.scores, metrics=metrics, baseline=baseline,
+        candidate_metrics=candidate_metrics,
+        calibration_method={"method": shipped, "compared": run.choice["oof_log_loss"],
+                            "best_out_of_fold": run.choice["method"],
+                            "why": f"{run.choice['why']}; {verdict}"},
+        gate=tested, selection=run.selection,
+        calibration=calibration_table(run.y, p), lift=lift_by_decile(run.y, p),
+        bands=value_bands(run.y, p), importance=imp, suspected_leakage=leaks,
+        strongest_feature=strongest, fallback_reason=reason, n_test=len(run.y), best=run.chosen,
+        eval_index=x.index[run.rows], eval_y=run.y, eval_p=p,
     )
 
 
 def fit_final(x: pd.DataFrame, y: np.ndarray, features: list[Feature], chosen: str,
-              random_state: int = 0) -> CalibratedClassifierCV:
-    """The registered model: the chosen candidate, calibrated, fitted on every labelled lead."""
+              method: str = "none", random_state: int = 0, threads: int | None = None) -> Any:
+    """The registered model: the chosen candidate, fitted on every labelled lead, with the
+    calibration the evaluation kept (one calibrator on shuffled out-of-fold scores)."""
     model = make_candidates(features, random_state)[chosen]
-    return calibrated(model, len(y)).fit(x, np.asarray(y, dtype=int))
+    with limited_threads(threads):
+        return calibration.shipped_model(model, method, random_state).fit(
+            x, np.asarray(y, dtype=int))

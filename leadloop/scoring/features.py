@@ -1,12 +1,14 @@
 """Lead → feature frame, where every feature declares when it becomes known.
 
-A lead is scored at a *prediction moment*: when training, the moment the outcome was decided
-(the macro conversion, or the end of the horizon for leads that did not convert); when scoring,
-now (or the macro time for leads that already converted). Only what was known by then is used:
+A lead is scored at a *prediction moment*, defined the same way when training and when
+scoring (see `model.py`): a fixed age after creation (a landmark: 0, 1, 3, 7, … days) at which
+the lead had not converted yet, with its age as a feature; in snapshot mode (an export without
+creation or conversion times) the export itself. Only what was known by then is used:
 
 * `created`: fields the CRM has from the lead's creation (attribution, click ids, creation
   hour/weekday, lead attributes);
-* `event:<name>`: a micro-conversion flag, counted only for events strictly before the moment;
+* `moment`: the lead's age at the moment (`age_days`);
+* `event:<name>`: a micro-conversion flag, counted only for events at or before the moment;
 * `after_contact`: filled in after sales contact (the lead's stage, the `[model] leaky_fields`,
   attributes named like a stage property). These are never used: asking for one explicitly in
   `[model] features` raises `LeakageError`, and `check_known_at` refuses any frame in which a
@@ -51,10 +53,13 @@ class Feature:
 
     name: str
     kind: Literal["category", "numeric"]
-    known_at: str  # "created" | "event:<micro name>" | "after_contact"
+    known_at: str  # "created" | "moment" | "event:<micro name>" | "after_contact"
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.kind, "known_at": self.known_at}
+
+
+AGE_FEATURE = Feature("age_days", "numeric", "moment")
 
 
 @dataclass
@@ -136,8 +141,10 @@ def micro_event_names(settings: Settings) -> dict[str, str]:
     return {m.name: (m.event or m.name) for m in settings.micro_conversions if not m.expr}
 
 
-def resolve_features(settings: Settings, data: LeadData) -> list[Feature]:
-    """The features this configuration and data allow, each with its known-at.
+def resolve_features(settings: Settings, data: LeadData, *, with_age: bool = True
+                     ) -> list[Feature]:
+    """The features this configuration and data allow, each with its known-at (`age_days`
+    unless `with_age` is false: a snapshot has no ages).
 
     Raises LeakageError when `[model] features` asks for a field known only after contact.
     """
@@ -155,6 +162,8 @@ def resolve_features(settings: Settings, data: LeadData) -> list[Feature]:
     feats += [Feature(f, "numeric", "created") for f in CLICK_FLAGS]
     feats += [Feature("created_hour", "numeric", "created"),
               Feature("created_weekday", "category", "created")]
+    if with_age:
+        feats.append(AGE_FEATURE)
     attrs = data.attributes()
     for key in sorted(attrs.columns):
         if key in leaky or (wanted is not None and key not in wanted):
@@ -169,8 +178,8 @@ def resolve_features(settings: Settings, data: LeadData) -> list[Feature]:
 def build_features(data: LeadData, features: list[Feature], moments: pd.Series
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The feature frame for the leads of `moments` (index lead_id), and when each value became
-    known (same shape; NaT where the value is missing). Micro flags count only events strictly
-    before the lead's moment."""
+    known (same shape; NaT where the value is missing). Micro flags count only events at or
+    before the lead's moment; `age_days` is the moment's distance from the lead's creation."""
     leads = data.leads.loc[moments.index]
     created = leads["created_at"]
     x = pd.DataFrame(index=leads.index)
@@ -182,10 +191,14 @@ def build_features(data: LeadData, features: list[Feature], moments: pd.Series
             name = f.known_at.removeprefix("event:")
             ev = data.events[data.events["name"] == name]
             ev = ev[ev["lead_id"].isin(leads.index)]
-            before = ev[ev["occurred_at"].to_numpy() < moments.reindex(ev["lead_id"]).to_numpy()]
+            before = ev[ev["occurred_at"].to_numpy() <= moments.reindex(ev["lead_id"]).to_numpy()]
             first = before.groupby("lead_id")["occurred_at"].min()
             x[f.name] = leads.index.isin(first.index).astype(float)
             known[f.name] = first.reindex(leads.index)
+            continue
+        if f.known_at == "moment":
+            x[f.name] = (moments - created).dt.total_seconds().to_numpy() / 86400.0
+            known[f.name] = moments
             continue
         if f.name in CATEGORY_COLUMNS:
             col = leads[f.name]

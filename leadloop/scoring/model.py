@@ -1,9 +1,25 @@
 """Train, register and apply the lead-value model; evaluate the same pipeline on a CSV export.
 
 Label: the lead reached the macro stage (or a deeper one) within `[model] horizon_days` of its
-creation. Leads younger than the horizon that have not converted yet are left out: they are not
-negatives, only undecided. The prediction moment of a labelled lead is its macro time, or the
-end of its horizon; features known later are refused (see `features.py`).
+creation. Leads younger than the horizon are left out of training: they are undecided.
+
+Prediction moment (the same when training and when scoring, so a score means the same thing at
+every age): a *landmark* age after creation, `LANDMARK_DAYS` (0, 1, 3, 7, 14, 30, 60 days, those
+below the horizon). The model predicts P(converts within the horizon | not converted by the
+landmark, features known at the landmark) with `age_days` as a feature. Each decided lead gives
+one training row at a landmark drawn at random independently of its outcome, kept when the lead
+was still open then (so each landmark's rows are a fair sample of the leads open at that age). A
+lead is scored at its latest landmark passed (and before its conversion): its score moves when it
+crosses one, and a lead still open after 30 days is scored as one (the former "at conversion or
+end of horizon" training, scored "now", put 0.164 on leads whose observed rate was 0.009).
+
+Snapshot mode: an export with no creation time, or whose conversions are stamped at the lead's
+creation, records *whether* a lead converted, not when. Its times are stand-ins, so there is no
+horizon to wait for and no age: every lead is decided, features are those of the export, the
+model is evaluated by cross-validation, and the card says so (`mode`, `mode_reason`). Comparing
+stand-in times (a micro-conversion and the label both stamped at the file time) is what made the
+X Education model read the label off `micro_guide_download`: the converters' download fell at
+their "conversion moment" and was not counted, the others' was.
 
 Expected value = calibrated P(macro) × the value of one macro conversion (`values.macro_value`:
 the stage's fixed value, or for "deal_amount"/"predicted" the mean deal amount observed at the
@@ -13,20 +29,26 @@ macro stage, else its default_value, never another stage's).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from sqlalchemy import or_, select
+from sklearn.metrics import roc_auc_score
+from sqlalchemy import select
 
 from leadloop.context import Context
 from leadloop.errors import ModelError
+from leadloop.frames import read_frame
+from leadloop.freshness import fingerprint, store_marks
 from leadloop.progress import track
 from leadloop.scoring import registry
 from leadloop.scoring.csvframe import frame_from_csv
-from leadloop.scoring.evaluate import band_of, evaluate_frame, fit_final
+from leadloop.scoring.evaluate import band_of, evaluate_frame, fit_final, fit_steps
 from leadloop.scoring.features import (
+    AGE_FEATURE,
     Feature,
     LeadData,
     build_features,
@@ -34,6 +56,7 @@ from leadloop.scoring.features import (
     load_lead_data,
     resolve_features,
 )
+from leadloop.scoring.threads import limited_threads
 from leadloop.store import session_scope, upsert
 from leadloop.tables import Lead, LeadStatus, Score
 from leadloop.values import first_reached, load_stage_rows, macro_reached_at, macro_value
@@ -41,38 +64,120 @@ from leadloop.values import first_reached, load_stage_rows, macro_reached_at, ma
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 50_000
+LANDMARK_DAYS = (0, 1, 3, 7, 14, 30, 60)
+BAD_ORDER = "reached the macro stage before its creation time"
 
 
-def label_leads(ctx: Context, data: LeadData, macro_at: pd.Series) -> pd.DataFrame:
-    """Per lead: `eligible` (its horizon has passed), `y` (converted within it), `moment`.
+def landmarks(horizon_days: int) -> list[int]:
+    """The landmark ages (days after creation) below the horizon."""
+    return [a for a in LANDMARK_DAYS if a < horizon_days]
 
-    Leads younger than the horizon are left out whether or not they converted yet: the
-    unconverted ones are undecided, and keeping only the converted part of a young cohort
-    would inflate the conversion rate the model learns (and break its calibration)."""
-    horizon = pd.Timedelta(days=ctx.settings.model.horizon_days)
-    now = pd.Timestamp(ctx.now())
+
+def snapshot_reason(ctx: Context, data: LeadData, macro_at: pd.Series) -> str | None:
+    """Why the store holds a snapshot export (times are stand-ins), or None."""
+    crm = ctx.settings.crm
+    if crm.kind == "csv" and crm.csv is not None and not crm.csv.created_column:
+        return ("the export has no creation time ([crm.csv] created_column is not set): every "
+                "lead carries the file's time, so no lead has an age or a conversion time")
+    converted = macro_at.reindex(data.leads.index).dropna()
+    if len(converted) >= 10:
+        share = float((converted == data.leads.loc[converted.index, "created_at"]).mean())
+        if share >= 0.5:
+            return (f"{share:.0%} of the conversions are stamped at the lead's creation time: the "
+                    "export records whether a lead converted, not when")
+    return None
+
+
+def _days(a: list[int] | np.ndarray) -> pd.TimedeltaIndex:
+    return pd.to_timedelta(np.asarray(a, dtype=float), unit="D")
+
+
+def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, horizon_days: int,
+                  random_state: int, snapshot: bool
+                  ) -> tuple[pd.DataFrame, Counter[str], dict[str, int]]:
+    """The labelled rows (`y`, `moment`; index lead_id), the rows dropped by reason (bad data),
+    and other counts (`undecided`, `converted_before_landmark`)."""
     created = data.leads["created_at"]
     macro = macro_at.reindex(data.leads.index)
+    if snapshot:
+        rows = pd.DataFrame({"y": macro.notna().astype(int),
+                             "moment": pd.Series(now, index=created.index)})
+        return rows, Counter(), {"undecided": 0, "converted_before_landmark": 0}
+    horizon = pd.Timedelta(days=horizon_days)
     deadline = created + horizon
-    converted = macro.notna() & (macro <= deadline)
-    eligible = deadline <= now
-    moment = macro.where(converted, deadline)
-    return pd.DataFrame({"eligible": eligible, "y": converted.astype(int), "moment": moment})
+    decided = (deadline <= now).to_numpy()
+    bad = (macro.notna() & (macro < created)).to_numpy()
+    converted = (macro.notna() & (macro <= deadline)).astype(int)
+    ages = np.asarray(landmarks(horizon_days))
+    rng = np.random.default_rng(random_state)
+    moment = created + _days(ages[rng.integers(len(ages), size=len(created))])
+    open_then = (macro.isna() | (macro > moment)).to_numpy()
+    keep = decided & ~bad & open_then
+    dropped = Counter({BAD_ORDER: int((decided & bad).sum())} if (decided & bad).any() else {})
+    rows = pd.DataFrame({"y": converted[keep], "moment": moment[keep]})
+    return rows, dropped, {"undecided": int((~decided).sum()),
+                           "converted_before_landmark": int((decided & ~bad & ~open_then).sum())}
 
 
-def _training_set(ctx: Context) -> tuple[LeadData, pd.DataFrame, pd.DataFrame, list[Feature]]:
-    data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
-    stage_rows = load_stage_rows(ctx.engine, ctx.settings)
-    macro_at = macro_reached_at(ctx.settings, first_reached(stage_rows))
-    labels = label_leads(ctx, data, macro_at)
-    return data, labels, stage_rows, resolve_features(ctx.settings, data)
+def scoring_moments(created: pd.Series, macro: pd.Series, now: pd.Timestamp, ages: list[int]
+                    ) -> pd.Series:
+    """Each lead's latest landmark passed by `now` and before its conversion (its creation when
+    there is none, e.g. a conversion stamped before creation)."""
+    limit = (now - created).dt.total_seconds().to_numpy() / 86400.0
+    to_macro = (macro.reindex(created.index) - created).dt.total_seconds().to_numpy() / 86400.0
+    lm = np.asarray(ages, dtype=float)
+    by_now = np.searchsorted(lm, limit, side="right") - 1
+    by_macro = np.where(np.isnan(to_macro), len(lm) - 1,
+                        np.searchsorted(lm, np.nan_to_num(to_macro), side="left") - 1)
+    idx = np.minimum(by_now, by_macro)
+    age = np.where(idx >= 0, lm[np.clip(idx, 0, None)], 0.0)
+    return created + _days(age)
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    z, p = 1.959964, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def calibration_by_age(ages: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
+    """Per landmark age of the evaluation rows: mean predicted vs observed rate (Wilson 95 %),
+    and the ROC AUC among leads of that age (what the lead's own features add: the age itself
+    separates young from old leads, which makes the overall AUC higher than any band's)."""
+    out = []
+    for age in np.unique(ages):
+        m = ages == age
+        k, n = int(y[m].sum()), int(m.sum())
+        low, high = _wilson(k, n)
+        auc = float(roc_auc_score(y[m], p[m])) if 0 < k < n else None
+        out.append({"age_days": float(age), "n": n, "predicted": float(p[m].mean()),
+                    "observed": k / n, "observed_ci": [low, high], "roc_auc": auc})
+    return out
+
+
+def training_inputs(ctx: Context) -> str:
+    """What a training read: the model configuration, the store's lead changes, the day (which
+    leads are decided moves with the calendar). A fallback card is re-examined when it moves."""
+    return fingerprint(registry.config_hash(ctx.settings), store_marks(ctx.engine)["leads"],
+                       ctx.now().date().isoformat())
 
 
 def train_and_register(ctx: Context) -> dict[str, Any]:
     """Train candidates on the store, register the chosen one (or a fallback card)."""
     settings, cfg = ctx.settings, ctx.settings.model
-    data, labels, stage_rows, features = _training_set(ctx)
-    labelled = labels[labels["eligible"]]
+    inputs = training_inputs(ctx)
+    data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
+    stage_rows = load_stage_rows(ctx.engine, settings)
+    macro_at = macro_reached_at(settings, first_reached(stage_rows))
+    mode_reason = snapshot_reason(ctx, data, macro_at)
+    snapshot = mode_reason is not None
+    features = resolve_features(settings, data, with_age=not snapshot)
+    labelled, dropped, other = training_rows(
+        data, macro_at, now=pd.Timestamp(ctx.now()), horizon_days=cfg.horizon_days,
+        random_state=cfg.random_state, snapshot=snapshot)
     decided = len(labelled)
     if decided > cfg.max_training_rows:
         # The most recent decided leads: the funnel as it is now, in bounded memory.
@@ -81,6 +186,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     n, positives = len(labelled), int(labelled["y"].sum())
     value, value_source = macro_value(settings, stage_rows)
     now = ctx.now()
+    ages = landmarks(cfg.horizon_days)
     card: dict[str, Any] = {
         "version": registry.new_version(settings, now),
         "created_at": now.isoformat(),
@@ -88,42 +194,70 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         "fallback_reason": None,
         "macro_stage": settings.macro_stage.name,
         "horizon_days": cfg.horizon_days,
+        "mode": "snapshot" if snapshot else "landmark",
+        "mode_reason": mode_reason or (
+            "creation and conversion times are known: each lead is scored at its latest landmark "
+            f"age ({', '.join(map(str, ages))} days) before conversion, with its age as a "
+            "feature, exactly as the training rows were taken"),
+        "landmark_days": [] if snapshot else ages,
         "data_window": {"start": None, "end": None},
-        "counts": {"n": n, "positives": positives, "leads_total": len(labels), "decided": decided,
-                   "undecided": int((~labels["eligible"]).sum())},
+        "counts": {"n": n, "positives": positives, "leads_total": len(data.leads),
+                   "decided": decided, **other, "dropped": dict(dropped)},
         "features": [f.as_dict() for f in features],
         "metrics": None, "baseline": None, "candidates": None, "split": None,
-        "calibration": [], "lift_by_decile": [], "permutation_importance": [],
+        "candidate_metrics": None, "calibration_method": None, "gate": None, "selection": None,
+        "calibration": [], "calibration_by_age": [], "lift_by_decile": [],
+        "permutation_importance": [], "suspected_leakage": [], "strongest_feature": None,
         "value_bands": [],
         "macro_value": value, "macro_value_source": value_source,
         "currency": settings.macro_stage.currency,
         "library_versions": registry.library_versions(),
         "config_hash": registry.config_hash(settings),
+        "inputs": inputs,
     }
+    for reason, count in dropped.items():
+        log.warning("%d lead(s) left out of training: %s", count, reason)
     if n:
         created = data.leads.loc[labelled.index, "created_at"]
         card["data_window"] = {"start": created.min().isoformat(), "end": created.max().isoformat()}
     result = {"leads": n, "positives": positives, "model_version": None, "fallback": None}
+    model = None
     if n < cfg.min_leads or positives < cfg.min_conversions:
         card["fallback_reason"] = (
             f"not enough data: {n} decided leads and {positives} conversions; the minimum is "
             f"[model] min_leads = {cfg.min_leads} and min_conversions = {cfg.min_conversions}")
+        if other["undecided"]:
+            card["fallback_reason"] += (f" ({other['undecided']} leads are younger than "
+                                        f"horizon_days = {cfg.horizon_days} and undecided)")
     else:
         x, _ = build_features(data, features, labelled["moment"])
         y = labelled["y"].to_numpy()
-        times = data.leads.loc[labelled.index, "created_at"]
-        ev = evaluate_frame(x, y, features, times=times, random_state=cfg.random_state)
+        times = None if snapshot else data.leads.loc[labelled.index, "created_at"]
+        with track("train model", total=fit_steps(times is not None) + 1) as progress:
+            ev = evaluate_frame(x, y, features, times=times, random_state=cfg.random_state,
+                                tracker=progress, threads=cfg.threads)
+            if ev.chosen:
+                model = fit_final(x, y, features, ev.chosen, ev.calibration_method["method"],
+                                  cfg.random_state, cfg.threads)
+            progress.advance()
         card.update({
-            "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason, "split": ev.split,
-            "metrics": ev.metrics, "baseline": ev.baseline, "candidates": ev.candidates,
+            "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason,
+            "split": ev.split, "selection": ev.selection, "metrics": ev.metrics,
+            "baseline": ev.baseline, "candidates": ev.candidates,
+            "candidate_metrics": ev.candidate_metrics,
+            "calibration_method": ev.calibration_method, "gate": ev.gate,
             "calibration": ev.calibration, "lift_by_decile": ev.lift,
             "permutation_importance": ev.importance,
+            "suspected_leakage": ev.suspected_leakage, "strongest_feature": ev.strongest_feature,
             "value_bands": ev.bands if cfg.value_bands else [],
         })
+        if not snapshot:
+            card["calibration_by_age"] = calibration_by_age(
+                x.loc[ev.eval_index, AGE_FEATURE.name].to_numpy(), ev.eval_y, ev.eval_p)
         card["counts"]["test"] = ev.n_test
-    model = None
-    if card["chosen"]:
-        model = fit_final(x, y, features, card["chosen"], cfg.random_state)
+        for leak in ev.suspected_leakage:
+            log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",
+                        leak["column"], leak["reason"])
     version = registry.register(settings, card, model)
     if model is None:
         log.warning("no usable model (%s); the stage-value mapping is used", card["fallback_reason"])
@@ -135,36 +269,48 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def _leads_due(ctx: Context, version: str) -> set[int]:
-    """Active leads with no score from `version`, or changed (re-synced, new stage or event)
-    since they were scored. Features depend only on the lead's own data, so an unchanged lead's
-    score cannot change: skipping it keeps an incremental cycle cheap on a large store."""
+def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
+    """Active leads with no score from the card's model, changed (re-synced, new stage or
+    event) since they were scored, or (landmark mode) past a new landmark age since then. A
+    lead's score depends only on its own data and its landmark, so any other lead's score
+    cannot change: skipping it keeps an incremental cycle cheap on a large store."""
     lead, score = Lead.__table__, Score.__table__  # type: ignore[attr-defined]
     stmt = (
-        select(lead.c.id)
+        select(lead.c.id, lead.c.created_at, lead.c.updated_at, score.c.scored_at)
         .select_from(lead.outerjoin(score, (score.c.lead_id == lead.c.id)
-                                    & (score.c.model_version == version)))
-        .where(lead.c.status == LeadStatus.active,
-               or_(score.c.id.is_(None), lead.c.updated_at > score.c.scored_at))
+                                    & (score.c.model_version == card["version"])))
+        .where(lead.c.status == LeadStatus.active)
     )
+    cols = ["id", "created_at", "updated_at", "scored_at"]
     with ctx.engine.connect() as conn:
-        return {row[0] for row in conn.execute(stmt)}
+        rows = read_frame(conn, stmt, cols, times=cols[1:])
+    due = rows["scored_at"].isna() | (rows["updated_at"] > rows["scored_at"])
+    ages = np.asarray(card.get("landmark_days") or [], dtype=float)
+    if len(ages):
+        def landmark(at: pd.Series) -> np.ndarray:
+            return np.searchsorted(ages, (at - rows["created_at"]).dt.total_seconds() / 86400.0,
+                                   side="right")
+
+        now = pd.Series(pd.Timestamp(ctx.now()), index=rows.index)
+        due |= rows["scored_at"].notna() & (landmark(now) != landmark(rows["scored_at"]))
+    return set(rows.loc[due, "id"].astype(int))
 
 
 def score_leads(ctx: Context) -> dict[str, Any]:
     """Score the active leads that are new or changed since the current model scored them
-    (training a model first when there is no model card at all); upsert their `Score` rows."""
+    (training a model first when there is no model card, or when the card is a fallback and the
+    store or the configuration changed since); upsert their `Score` rows."""
     settings = ctx.settings
     card = registry.current_card(settings)
     trained = None
-    if card is None:
+    if card is None or (not card.get("chosen") and card.get("inputs") != training_inputs(ctx)):
         trained = train_and_register(ctx)
         card = registry.current_card(settings)
     assert card is not None
     if not card.get("chosen"):
         return {"scored": 0, "model_version": None, "fallback": card.get("fallback_reason"),
                 **({"trained": trained["leads"]} if trained else {})}
-    due = _leads_due(ctx, card["version"])
+    due = _leads_due(ctx, card)
     if not due:
         return {"scored": 0, "model_version": card["version"], "fallback": None,
                 **({"trained": trained["leads"]} if trained else {})}
@@ -176,13 +322,16 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
-    # a converted lead is scored as of its conversion, like the training examples
-    moments = macro_at.where(macro_at.notna() & (macro_at < now), now)
+    if card.get("mode") == "snapshot":
+        moments = pd.Series(now, index=data.leads.index)
+    else:
+        moments = scoring_moments(data.leads["created_at"], macro_at, now, card["landmark_days"])
     value = Decimal(str(round(card["macro_value"], 4)))
     currency, version, bands = card["currency"], card["version"], card.get("value_bands") or []
     scored = 0
     ids = data.leads.index[data.leads.index.isin(due)].to_numpy()
-    with track("score leads", total=len(ids)) as progress:
+    with limited_threads(settings.model.threads), \
+            track("score leads", total=len(ids)) as progress:
         for start in range(0, len(ids), SCORE_BATCH):
             part = moments.loc[ids[start:start + SCORE_BATCH]]
             x, _ = build_features(data, features, part)
@@ -207,21 +356,28 @@ def score_leads(ctx: Context) -> dict[str, Any]:
 
 def evaluate_csv(path: str | Path, *, label: str, positive: str | None = None,
                  exclude: list[str] | None = None, time_column: str | None = None,
-                 sep: str | None = None) -> dict[str, Any]:
+                 sep: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """`leadloop model evaluate`: the training pipeline's honest figures on a CRM export."""
     frame = frame_from_csv(path, label=label, positive=positive, exclude=list(exclude or []),
                            time_column=time_column, sep=sep)
     if frame.y.sum() < 10 or (len(frame.y) - frame.y.sum()) < 10:
         raise ModelError(f"{Path(path).name}: need at least 10 converted and 10 unconverted rows")
-    ev = evaluate_frame(frame.x, frame.y, frame.features, times=frame.times)
+    with track("evaluate", total=fit_steps(frame.times is not None)) as progress:
+        ev = evaluate_frame(frame.x, frame.y, frame.features, times=frame.times, tracker=progress,
+                            threads=threads)
     return {
         **{k: round(v, 4) for k, v in ev.metrics.items()},
+        "candidate_roc_auc": round(ev.candidate_metrics["roc_auc"], 4),
+        "candidate_metrics": {k: round(v, 4) for k, v in ev.candidate_metrics.items()},
         "n": ev.n, "positives": ev.positives, "n_test": ev.n_test,
         **{f"baseline_{k}": round(v, 4) for k, v in ev.baseline.items()},
-        "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason, "split": ev.split,
+        "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason,
+        "split": ev.split, "selection": ev.selection,
+        "calibration_method": ev.calibration_method, "gate": ev.gate,
         "candidates_roc_auc": {k: round(v, 4) for k, v in ev.candidates.items()},
         "features": [f.name for f in frame.features],
         "dropped_columns": frame.dropped,
+        "suspected_leakage": ev.suspected_leakage, "strongest_feature": ev.strongest_feature,
         "calibration": ev.calibration, "lift_by_decile": ev.lift,
         "permutation_importance": ev.importance[:15],
     }

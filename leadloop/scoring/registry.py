@@ -196,14 +196,36 @@ def format_model_card(ctx: Context, version: str | None) -> str:
         lines.append(f"why:       {c['fallback_reason']}")
     w = c.get("data_window") or {}
     lines += [f"label:     reached {c.get('macro_stage')} within {c.get('horizon_days')} days",
+              f"mode:      {c.get('mode') or '-'}: {c.get('mode_reason') or ''}",
               f"data:      {c['counts']['n']} leads, {c['counts']['positives']} converted, "
               f"{w.get('start')} .. {w.get('end')}",
               f"split:     {c.get('split') or '-'}"]
+    for reason, count in (c["counts"].get("dropped") or {}).items():
+        lines.append(f"dropped:   {count} lead(s): {reason}")
+    if c.get("selection"):
+        lines.append(f"selection: {c['selection']}")
     if c.get("metrics"):
-        lines.append(f"{'':11}{'model':>9} {'baseline':>9}")
-        for k in ("roc_auc", "pr_auc", "brier", "ece"):
-            lines.append(f"  {k:<9}{_f(c['metrics'].get(k), 4):>9} "
+        cand = c.get("candidate_metrics") or {}
+        lines.append(f"{'':11}{'shipped':>9} {'candidate':>9} {'baseline':>9}")
+        for k in ("roc_auc", "pr_auc", "brier", "log_loss", "ece"):
+            lines.append(f"  {k:<9}{_f(c['metrics'].get(k), 4):>9} {_f(cand.get(k), 4):>9} "
                          f"{_f(c['baseline'].get(k), 4):>9}")
+    if c.get("calibration_method"):
+        cm = c["calibration_method"]
+        lines.append(f"calibrated: {cm['method']} ({cm['why']})")
+    if c.get("gate"):
+        g = c["gate"]
+        lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (95 % CI {g['auc_gain_ci'][0]:+.3f}"
+                     f" to {g['auc_gain_ci'][1]:+.3f}), Brier skill {g['brier_skill']:+.3f} "
+                     f"(95 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
+                     f": {'passed' if g['passed'] else 'failed'}")
+    for leak in c.get("suspected_leakage") or []:
+        lines.append(f"suspect:   {leak['column']}: {leak['reason']}")
+    if c.get("calibration_by_age"):
+        lines.append("calibration by age (days: predicted → observed [95 % CI], n):")
+        lines += [f"  {r['age_days']:>4g}  {r['predicted']:.3f} → {r['observed']:.3f} "
+                  f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}"
+                  for r in c["calibration_by_age"]]
     if c.get("calibration"):
         lines.append("calibration (predicted → observed, n):")
         lines += [f"  {r['bin']:<8} {r['predicted']:.3f} → {r['observed']:.3f}  {r['n']}"
