@@ -250,19 +250,20 @@ def run(click_ctx: click.Context, once: bool, wait: bool) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), default="demo-output", show_default=True,
-              help="Directory for the database, report, validation table, payloads and model.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for the database, report, validation table, payloads and model "
+              "(default: the checkout's demo-output/, where config/demo.toml looks).")
 @click.option("--leads", type=click.IntRange(100, 2_000_000), default=5000, show_default=True,
               help="How many simulated leads.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @handle_errors
-def demo(out: str, leads: int, seed: int) -> None:
+def demo(out: str | None, leads: int, seed: int) -> None:
     """Run one full cycle against the built-in sandbox: a simulated CRM (a fake HubSpot on
     127.0.0.1) and fake ad platforms. No account, no network.
     """
     from leadloop.demo import run_demo
 
-    summary = run_demo(Path(out), n_leads=leads, seed=seed)
+    summary = run_demo(Path(out) if out else None, n_leads=leads, seed=seed)
     click.echo(summary)
 
 
