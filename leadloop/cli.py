@@ -64,9 +64,11 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
 def _print_results(results: list[Any]) -> int:
     code = EXIT_OK
     for r in results:
-        status = "ok" if r.ok else "FAILED"
+        status = "FAILED" if not r.ok else "skipped" if r.counts.get("skipped") else "ok"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items() if not isinstance(v, list | dict))
         click.echo(f"{r.name:<9} {status:<7} {counts}")
+        for note in r.notes:
+            click.echo(f"          note: {note}")
         if r.error:
             click.echo(f"          {r.error}", err=True)
             code = EXIT_FAILED
