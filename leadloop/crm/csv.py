@@ -174,6 +174,7 @@ class CsvSource:
             except RecordRejected as exc:
                 page.rejects.append(exc)
                 continue
+            page.rejects.extend(_stages_before_creation(lead, stages, line))
             for name, hits in expr_hits.items():
                 if hits[idx]:
                     events.append(EventIn(lead.crm_id, name, lead.created_at,
@@ -299,6 +300,20 @@ class CsvSource:
             and (v := self._clean(raw)) is not None
         }
         return lead, stages, events
+
+
+def _stages_before_creation(lead: LeadIn, stages: list[StageIn], line: int) -> list[RecordRejected]:
+    """Flags each dated stage entered before its lead was created. The lead and the stage are
+    kept (the export holds the conversion as `before_lead_created`); the rejected_record row says
+    why, so the inconsistency is reported rather than silently learned from."""
+    return [
+        RecordRejected(f"line {line}", f"lead {lead.crm_id}: stage {s.value!r} entered "
+                       f"{s.entered_at.isoformat()}, before the lead was created "
+                       f"({lead.created_at.isoformat()}); kept, flagged as inconsistent (the export "
+                       "holds it, and it is no evidence for the model)",
+                       {"lead": lead.crm_id, "stage": s.value})
+        for s in stages if not s.time_estimated and s.entered_at < lead.created_at
+    ]
 
 
 def _public(row: dict[str, str]) -> dict[str, Any]:
