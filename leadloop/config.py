@@ -397,6 +397,16 @@ class Settings(_Model):
                 return s
         raise KeyError(name)
 
+    @property
+    def snapshot_export(self) -> bool:
+        """Time mode "snapshot": a CSV export with no creation times (no `[crm.csv]
+        created_column`). Its leads, and their flag stages and micro-conversions, are dated by
+        the file's modification time when first seen (marked `time_estimated`), so a lead's age
+        and the order of its events say nothing: scoring must not leave leads out by
+        `[model] horizon_days`, and judges the model by cross-validation rather than a
+        time-ordered holdout. Every other source is time mode "dated"."""
+        return self.crm.kind == "csv" and self.crm.csv is not None and not self.crm.csv.created_column
+
     def destination_kind(self, name: str) -> str:
         return self.destinations[name].kind or name
 

@@ -76,6 +76,8 @@ def _sync(ctx: Context) -> dict[str, Any]:
     from leadloop.crm.stage_check import unmatched_crm_values
 
     counts: dict[str, Any] = dict(sync_source(ctx, build_source(ctx)))
+    if ctx.settings.snapshot_export:
+        counts["time_mode"] = "snapshot"  # no creation times: see Settings.snapshot_export
     notes = unmatched_crm_values(ctx.engine, ctx.settings)
     if counts.get("rejected"):
         notes.append(_rejected_note(ctx, counts["rejected"]))

@@ -8,8 +8,10 @@ naming `line N`, and the rest of the file goes on.
 
 Mapping (see `config.CsvMapping`):
 - `id_column` -> crm_id; `created_column` (+ `created_format`) -> created_at. Exports without a
-  time column get the file's modification time, marked `time_estimated`: it is only when we
-  first learned of the lead, so a newer export (a later file time) does not move a stored one.
+  time column (time mode "snapshot", `Settings.snapshot_export`) get the file's modification
+  time, marked `time_estimated`: it is only when we first learned of the lead, so a newer export
+  (a later file time) does not move a stored one. The label and every flag stage or
+  micro-conversion of such a lead carry the same stand-in time, also marked `time_estimated`.
 - Stage facts are `StageIn(field="stage", value=<key>)`: each `stage_columns` key whose column
   holds a time (entered then) or a truthy flag (entered at created_at, a stand-in when that is),
   and the label column's name when its value is one of `positive_values`. `amount_column` is
