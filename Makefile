@@ -33,4 +33,4 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check leadloop tests bench
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output example-output .pytest_cache

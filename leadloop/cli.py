@@ -64,9 +64,11 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
 def _print_results(results: list[Any]) -> int:
     code = EXIT_OK
     for r in results:
-        status = "ok" if r.ok else "FAILED"
+        status = "FAILED" if not r.ok else "skipped" if r.counts.get("skipped") else "ok"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items() if not isinstance(v, list | dict))
         click.echo(f"{r.name:<9} {status:<7} {counts}")
+        for note in r.notes:
+            click.echo(f"          note: {note}")
         if r.error:
             click.echo(f"          {r.error}", err=True)
             code = EXIT_FAILED
@@ -253,19 +255,20 @@ def run(click_ctx: click.Context, once: bool, wait: bool) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), default="demo-output", show_default=True,
-              help="Directory for the database, report, validation table, payloads and model.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for the database, report, validation table, payloads and model "
+              "(default: the checkout's demo-output/, where config/demo.toml looks).")
 @click.option("--leads", type=click.IntRange(100, 2_000_000), default=5000, show_default=True,
               help="How many simulated leads.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @handle_errors
-def demo(out: str, leads: int, seed: int) -> None:
+def demo(out: str | None, leads: int, seed: int) -> None:
     """Run one full cycle against the built-in sandbox: a simulated CRM (a fake HubSpot on
     127.0.0.1) and fake ad platforms. No account, no network.
     """
     from leadloop.demo import run_demo
 
-    summary = run_demo(Path(out), n_leads=leads, seed=seed)
+    summary = run_demo(Path(out) if out else None, n_leads=leads, seed=seed)
     click.echo(summary)
 
 

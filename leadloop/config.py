@@ -401,6 +401,16 @@ class Settings(_Model):
                 return s
         raise KeyError(name)
 
+    @property
+    def snapshot_export(self) -> bool:
+        """Time mode "snapshot": a CSV export with no creation times (no `[crm.csv]
+        created_column`). Its leads, and their flag stages and micro-conversions, are dated by
+        the file's modification time when first seen (marked `time_estimated`), so a lead's age
+        and the order of its events say nothing: scoring must not leave leads out by
+        `[model] horizon_days`, and judges the model by cross-validation rather than a
+        time-ordered holdout. Every other source is time mode "dated"."""
+        return self.crm.kind == "csv" and self.crm.csv is not None and not self.crm.csv.created_column
+
     def destination_kind(self, name: str) -> str:
         return self.destinations[name].kind or name
 
@@ -432,14 +442,61 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _sqlite_url_against(url: str, base_dir: Path) -> str:
+    """A SQLite URL whose file path is relative, made absolute against `base_dir`."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or not scheme.startswith("sqlite"):
+        return url  # PostgreSQL, or `sqlite://` (in memory)
+    path, query_sep, query = rest.partition("?")
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return url
+    return f"{scheme}:///{_against(path, base_dir)}{query_sep}{query}"
+
+
+def _against(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def anchor_paths(settings: Settings, base_dir: Path) -> Settings:
+    """The settings with every relative path made absolute against `base_dir` (the config
+    file's folder): the database file, the CSV export and its join, the model and report
+    folders, and each destination's output folder. One rule for all of them, so every command
+    reads the same store, model and files whatever the working directory."""
+    csv_mapping = settings.crm.csv
+    if csv_mapping is not None:
+        join = csv_mapping.join
+        csv_mapping = csv_mapping.model_copy(update={
+            "path": str(_against(csv_mapping.path, base_dir)),
+            "join": join and join.model_copy(update={"path": str(_against(join.path, base_dir))}),
+        })
+    destinations = {
+        name: dest.model_copy(update={"output_dir": str(_against(dest.output_dir, base_dir))})
+        if dest.output_dir else dest
+        for name, dest in settings.destinations.items()
+    }
+    return settings.model_copy(update={
+        "database": settings.database.model_copy(
+            update={"url": _sqlite_url_against(settings.database.url, base_dir)}),
+        "crm": settings.crm.model_copy(update={"csv": csv_mapping}),
+        "model": settings.model.model_copy(
+            update={"dir": str(_against(settings.model.dir, base_dir))}),
+        "report": settings.report.model_copy(
+            update={"out_dir": str(_against(settings.report.out_dir, base_dir))}),
+        "destinations": destinations,
+        "base_dir": base_dir,
+    })
+
+
 def settings_from_dict(
     data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
 ) -> Settings:
-    """Validate a parsed TOML document; raise `ConfigErrors` naming every bad key."""
-    if base_dir is not None:
-        data = {**data, "base_dir": base_dir}
+    """Validate a parsed TOML document; raise `ConfigErrors` naming every bad key.
+
+    With `base_dir` (the config file's folder), every relative path in it is resolved against
+    that folder (see `anchor_paths`)."""
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         errors: list[ConfigError] = []
         seen: set[str] = set()
@@ -454,6 +511,7 @@ def settings_from_dict(
             seen.add(line)
             errors.append(ConfigError(key, msg))
         raise ConfigErrors(source, errors) from None
+    return settings if base_dir is None else anchor_paths(settings, base_dir.resolve())
 
 
 def load_settings(path: str | Path) -> Settings:

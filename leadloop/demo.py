@@ -39,13 +39,25 @@ def _fresh_output(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def _demo_settings(out: Path, hubspot_url: str, platform_urls: dict[str, str]) -> Any:
+def _demo_config() -> dict[str, Any]:
     if not DEMO_CONFIG.is_file():
         raise LeadloopError(
             f"demo config not found at {DEMO_CONFIG}",
             hint="run the demo from a checkout installed with `make demo` (pip install -e .)",
         )
-    data = tomllib.loads(DEMO_CONFIG.read_text())
+    return tomllib.loads(DEMO_CONFIG.read_text())
+
+
+def default_out() -> Path:
+    """Where `config/demo.toml` keeps the demo's report (and its store and model beside it):
+    the demo writes there by default, so `leadloop -c config/demo.toml report|status|model …`
+    reads what `leadloop demo` wrote, from any working directory."""
+    out_dir = Path(_demo_config()["report"]["out_dir"])
+    return out_dir if out_dir.is_absolute() else (DEMO_CONFIG.parent / out_dir).resolve()
+
+
+def _demo_settings(out: Path, hubspot_url: str, platform_urls: dict[str, str]) -> Any:
+    data = _demo_config()
     data["database"]["url"] = f"sqlite:///{(out / 'leadloop.db').resolve()}"
     data["crm"]["base_url"] = hubspot_url
     for name, section in data.get("destinations", {}).items():
@@ -55,13 +67,14 @@ def _demo_settings(out: Path, hubspot_url: str, platform_urls: dict[str, str]) -
     return settings_from_dict(data, source=str(DEMO_CONFIG), base_dir=DEMO_CONFIG.parent)
 
 
-def run_demo(out: Path, *, n_leads: int = 5000, seed: int = 7) -> str:
-    """Run the demo and return the summary printed to the user."""
+def run_demo(out: Path | None = None, *, n_leads: int = 5000, seed: int = 7) -> str:
+    """Run the demo and return the summary printed to the user (`out`: see `default_out`)."""
     from leadloop.sandbox.fake_hubspot import FakeHubSpot
     from leadloop.sandbox.fake_platforms import FakePlatforms
     from leadloop.sandbox.simulator import simulate
 
     started = time.monotonic()
+    out = out or default_out()
     _fresh_output(out)
     # The funnel ends now, so the newest stages are recent enough for every platform's window.
     funnel = simulate(n_leads, seed=seed, end=datetime.now(UTC).replace(microsecond=0))

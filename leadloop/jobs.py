@@ -36,6 +36,9 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
     outcome, error = JobOutcome.ok, None
     try:
         result.counts = body(ctx) or {}
+        result.notes = list(result.counts.get("notes", []))
+        for note in result.notes:
+            log.warning("%s: %s", name, note, extra={"job": name})
         if ctx.stopping:
             outcome = JobOutcome.interrupted
     except LeadloopError as exc:
@@ -70,8 +73,32 @@ def _finish(ctx: Context, run_id: int | None, outcome: JobOutcome, counts: dict,
 def _sync(ctx: Context) -> dict[str, Any]:
     from leadloop.crm import build_source
     from leadloop.crm.base import sync_source
+    from leadloop.crm.stage_check import unmatched_crm_values
 
-    return sync_source(ctx, build_source(ctx))
+    counts: dict[str, Any] = dict(sync_source(ctx, build_source(ctx)))
+    if ctx.settings.snapshot_export:
+        counts["time_mode"] = "snapshot"  # no creation times: see Settings.snapshot_export
+    notes = unmatched_crm_values(ctx.engine, ctx.settings)
+    if counts.get("rejected"):
+        notes.append(_rejected_note(ctx, counts["rejected"]))
+    if notes:
+        counts["notes"] = notes
+    return counts
+
+
+def _rejected_note(ctx: Context, n: int, shown: int = 3) -> str:
+    """The first few records this sync rejected or flagged, with their reasons."""
+    from sqlmodel import select
+
+    from leadloop.tables import RejectedRecord
+
+    with session_scope(ctx.engine) as session:
+        first = session.exec(select(RejectedRecord).where(
+            RejectedRecord.job_run_id == ctx.job_run_id).order_by(
+            RejectedRecord.id).limit(shown)).all()  # type: ignore[arg-type]
+        examples = "; ".join(f"{r.record_ref}: {r.reason}" for r in first)
+    return (f"{n} record(s) rejected or flagged, each kept in the rejected_record table with its "
+            f"reason" + (f", e.g. {examples}" if examples else ""))
 
 
 def _score(ctx: Context) -> dict[str, Any]:
@@ -122,7 +149,25 @@ def _validate(ctx: Context) -> dict[str, Any]:
 def _export(ctx: Context) -> dict[str, Any]:
     from leadloop.export import run_export
 
-    return run_export(ctx)
+    enabled = [n for n, d in ctx.settings.destinations.items() if d.enabled]
+    if not enabled:
+        why = ("every [destinations.<name>] section has enabled = false"
+               if ctx.settings.destinations else "the config has no [destinations.<name>] section")
+        return {"skipped": f"no destination to export to: {why} (see config/leadloop.example.toml; "
+                           "kind = \"csv_files\" writes manual-import files)"}
+    counts = run_export(ctx)
+    notes = [_nothing_sent_note(name, per) for name, per in counts.get("destinations", {}).items()
+             if not per.get("sent") and per.get("held") and "error" not in per]
+    if notes:
+        counts["notes"] = notes
+    return counts
+
+
+def _nothing_sent_note(destination: str, per: dict[str, Any]) -> str:
+    """Why a destination received nothing: every conversion is held by a platform rule."""
+    return (f"{destination}: nothing uploaded this run; {per['held']} conversion(s) held by "
+            "platform rules (upload_holds.csv in the report counts each rule; `no_click_id`: the "
+            "CRM data has no click id, e-mail or phone this platform can match)")
 
 
 def _report(ctx: Context) -> dict[str, Any]:

@@ -268,7 +268,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
         first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
         has = first.notna().to_numpy()
         if micro.property and micro.property in attrs:
-            has |= attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
+            # not `|=`: under pandas 3 (copy-on-write) `to_numpy()` above is a read-only view
+            has = has | attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
         flags[micro.name] = has
         gap = (macro_eligible - first).dt.total_seconds() / 86400
         before = gap > 0

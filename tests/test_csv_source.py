@@ -79,7 +79,11 @@ def test_olist_mqls_joined_with_closed_deals(engine) -> None:
     ctx = _example_ctx("olist.toml", engine)
     sync_source(ctx, build_source(ctx))
     leads, stages, _, rejects = _counts(engine)
-    assert not rejects
+    # One MQL was won before its first contact: kept (lead and stage), and flagged with why.
+    first_contact = mqls.set_index("mql_id")["first_contact_date"]
+    early = won[won["won_date"].str[:10] < won["mql_id"].map(first_contact)]
+    assert len(early) == 1 and [r.payload["lead"] for r in rejects] == list(early["mql_id"])
+    assert "before the lead was created" in rejects[0].reason and "kept" in rejects[0].reason
     assert len(leads) == 8000
     assert stages == Counter({"Won": len(won)}) and len(won) == 842
     deal = won.iloc[0]

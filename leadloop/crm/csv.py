@@ -8,8 +8,10 @@ naming `line N`, and the rest of the file goes on.
 
 Mapping (see `config.CsvMapping`):
 - `id_column` -> crm_id; `created_column` (+ `created_format`) -> created_at. Exports without a
-  time column get the file's modification time, marked `time_estimated`: it is only when we
-  first learned of the lead, so a newer export (a later file time) does not move a stored one.
+  time column (time mode "snapshot", `Settings.snapshot_export`) get the file's modification
+  time, marked `time_estimated`: it is only when we first learned of the lead, so a newer export
+  (a later file time) does not move a stored one. The label and every flag stage or
+  micro-conversion of such a lead carry the same stand-in time, also marked `time_estimated`.
 - Stage facts are `StageIn(field="stage", value=<key>)`: each `stage_columns` key whose column
   holds a time (entered then) or a truthy flag (entered at created_at, a stand-in when that is),
   and the label column's name when its value is one of `positive_values`. `amount_column` is
@@ -174,6 +176,7 @@ class CsvSource:
             except RecordRejected as exc:
                 page.rejects.append(exc)
                 continue
+            page.rejects.extend(_stages_before_creation(lead, stages, line))
             for name, hits in expr_hits.items():
                 if hits[idx]:
                     events.append(EventIn(lead.crm_id, name, lead.created_at,
@@ -299,6 +302,20 @@ class CsvSource:
             and (v := self._clean(raw)) is not None
         }
         return lead, stages, events
+
+
+def _stages_before_creation(lead: LeadIn, stages: list[StageIn], line: int) -> list[RecordRejected]:
+    """Flags each dated stage entered before its lead was created. The lead and the stage are
+    kept (the export holds the conversion as `before_lead_created`); the rejected_record row says
+    why, so the inconsistency is reported rather than silently learned from."""
+    return [
+        RecordRejected(f"line {line}", f"lead {lead.crm_id}: stage {s.value!r} entered "
+                       f"{s.entered_at.isoformat()}, before the lead was created "
+                       f"({lead.created_at.isoformat()}); kept, flagged as inconsistent (the export "
+                       "holds it, and it is no evidence for the model)",
+                       {"lead": lead.crm_id, "stage": s.value})
+        for s in stages if not s.time_estimated and s.entered_at < lead.created_at
+    ]
 
 
 def _public(row: dict[str, str]) -> dict[str, Any]:
