@@ -70,6 +70,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # deleted content is zeroed, not left in free pages (`leadloop forget`)
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
     elif parsed.drivername == "postgresql+psycopg":
