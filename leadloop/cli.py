@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -228,7 +229,7 @@ def status(click_ctx: click.Context, as_json: bool) -> None:
     ctx = _context(click_ctx)
     data = collect_status(ctx)
     click.echo(json.dumps(data, indent=2, default=str) if as_json else format_status(data))
-    sys.exit(EXIT_FAILED if data.get("failed_jobs") else EXIT_OK)
+    sys.exit(EXIT_FAILED if data.get("failed_jobs") or data.get("interrupted_jobs") else EXIT_OK)
 
 
 @cli.command()
@@ -396,6 +397,7 @@ def forget(click_ctx: click.Context, email: str | None, crm_id: str | None) -> N
 
 
 def main() -> None:
+    os.umask(0o077)  # the store, models, reports and payloads hold lead data: owner-only
     try:
         cli.main(standalone_mode=True)
     except LeadloopError as exc:  # errors raised while click itself runs

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from leadloop.errors import ConfigError, ConfigErrors, MissingSecretError
+from leadloop.expr import parse as parse_expression
 from leadloop.redact import register_secret
 
 CrmKind = Literal["hubspot", "salesforce", "pipedrive", "csv"]
@@ -63,9 +64,26 @@ class DatabaseConfig(_Model):
     @field_validator("url")
     @classmethod
     def _known_dialect(cls, v: str) -> str:
-        if not v.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
-            raise ValueError("must start with sqlite:/// or postgresql://")
+        check_database_url(v)
         return v
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a database URL that cannot work, or works on something that is not kept: an
+    in-memory SQLite database (`sqlite:///`, `sqlite://`, `:memory:`) loses every sync."""
+    if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+        raise ValueError("must start with sqlite:/// or postgresql://")
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///"):
+            raise ValueError("a SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/"
+                             "path.db (three slashes, then the file)")
+        path = url.removeprefix("sqlite:///").partition("?")[0]
+        if not path.strip() or path.strip() == ":memory:" or path.startswith("file::memory:"):
+            raise ValueError("names no file (an in-memory database would lose every sync); "
+                             "give a path, e.g. sqlite:///leadloop.db")
+        if path.endswith("/"):
+            raise ValueError(f"{path!r} is a folder; name the database file in it")
+        return
 
 
 class AttributionProperties(_Model):
@@ -200,7 +218,8 @@ class MicroConversionConfig(_Model):
     """A micro-conversion and how to recognise it in CRM data.
 
     Exactly one of: `property` (a CRM property/column that is set, truthy, or a date when it
-    happened), `event` (an activity record type), or `expr` (a pandas query over lead columns).
+    happened), `event` (an activity record type), or `expr` (a condition over lead columns in
+    leadloop's expression language, `leadloop.expr`; checked here, at load).
     """
 
     name: str
@@ -208,6 +227,13 @@ class MicroConversionConfig(_Model):
     event: str | None = None
     expr: str | None = None
     description: str | None = None
+
+    @field_validator("expr")
+    @classmethod
+    def _safe_expression(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_expression(v)  # ExpressionError is a ValueError: one line naming the token
+        return v
 
     @model_validator(mode="after")
     def _one_way(self) -> MicroConversionConfig:

@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from leadloop.errors import LeadloopError
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _ENCODINGS = ("utf-8-sig", "utf-8", "cp1252", "latin-1")
 _POSITIVE = frozenset({"1", "1.0", "yes", "y", "true", "t", "won", "converted"})
 _NEGATIVE = frozenset({"0", "0.0", "no", "n", "false", "f", "lost", ""})
 
 
 def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
-    raw = path.read_bytes()[:sample_bytes]
+    """The first of utf-8-sig, utf-8, cp1252 that decodes the file's first `sample_bytes`
+    (only those are read), else latin-1. A bad byte further on is the reader's to handle:
+    open with `errors="surrogateescape"` and check each record (`undecodable`)."""
+    with path.open("rb") as f:
+        raw = f.read(sample_bytes)
     for enc in _ENCODINGS:
         try:
-            raw.decode(enc)
+            # incremental: a character cut at the end of the sample is not an error
+            codecs.getincrementaldecoder(enc)().decode(raw, final=False)
             return enc
         except UnicodeDecodeError:
             continue
     return "latin-1"
 
 
+def undecodable(text: str) -> bool:
+    """Whether text read with `errors="surrogateescape"` held bytes its encoding refused."""
+    return _ESCAPED_BYTE.search(text) is not None
+
+
 def detect_delimiter(path: Path, encoding: str) -> str:
-    with path.open(encoding=encoding, newline="") as f:
+    with path.open(encoding=encoding, errors="replace", newline="") as f:
         sample = f.read(64 * 1024)
     try:
         return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter

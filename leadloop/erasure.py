@@ -14,8 +14,16 @@ platform's own deletion process); the summary says how many there are.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import zipfile
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select, update
@@ -29,6 +37,7 @@ from leadloop.tables import (
     Conversion,
     ConversionStatus,
     Erasure,
+    JobRun,
     Lead,
     LeadEvent,
     LeadStatus,
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
     from leadloop.crm.base import Page
 
 _CLICK_IDS = ("gclid", "gbraid", "wbraid", "fbclid", "fbc", "msclkid", "li_fat_id", "meta_lead_id")
+ERASURE_KEY_ENV = "LEADLOOP_ERASURE_KEY"
 _IDENTITY = ("email_sha256", "email_google_sha256", "phone_e164_sha256", "phone_digits_sha256")
 
 
@@ -48,16 +58,18 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
     if bool(email) == bool(crm_id):
         raise LeadloopError("give exactly one of --email or --crm-id")
     source = ctx.settings.crm.source_name
+    traces: set[str] = set()  # what identifies the person in files leadloop wrote
     if email:
         try:
             plain, google = hash_email(email)
         except IdentityError as exc:
             raise LeadloopError(f"--email: {exc}") from None
-        selector = f"email_sha256:{plain}"
+        selector = f"email:{audit_hash(plain)}"
         match = or_(Lead.email_sha256 == plain, Lead.email_google_sha256 == google)  # type: ignore[arg-type]
         who = f"e-mail sha256 {plain[:12]}…"
+        traces |= {plain, google, email.strip(), email.strip().lower()}
     else:
-        selector = f"crm_id:{source}:{crm_id}"
+        selector = f"crm_id:{source}:{audit_hash(str(crm_id))}"
         match = (Lead.source == source) & (Lead.crm_id == crm_id)  # type: ignore[arg-type]
         who = f"{source} record {crm_id}"
     now = ctx.now()
@@ -70,6 +82,8 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
             ).all()
             found += [m for m in merged if m.id not in ids]
             ids = [row.id for row in found]
+        if ids:
+            traces |= _traces(session, ids)
         counts = {"leads": len(ids), "events": 0, "scores": 0, "conversions_deleted": 0,
                   "conversions_sent_kept": 0, "rejected_records": 0}
         if ids:
@@ -92,7 +106,10 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
                 update(Lead).where(Lead.id.in_(ids))  # type: ignore[union-attr]
                 .values(**cleared, attributes={}, status=LeadStatus.erased, updated_at=now)
             )
+        files = counts["files_rewritten"] = erase_from_files(output_dirs(ctx, session), traces)
+        models = counts["models_removed"] = erase_from_models(ctx, traces)
         session.add(Erasure(requested_at=now, selector=selector, leads=len(ids), counts=counts))
+    _compact_store(ctx)
     if not ids:
         return f"no lead matched {who}; the request is recorded"
     summary = (
@@ -100,10 +117,151 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
         f"{counts['scores']} scores, {counts['conversions_deleted']} unsent conversions and "
         f"{counts['rejected_records']} rejected records deleted; identities and click ids cleared"
     )
+    if files or models:
+        summary += f"; {files} output file(s) rewritten without them, {models} model(s) removed"
     if counts["conversions_sent_kept"]:
         summary += (f"; {counts['conversions_sent_kept']} conversion(s) already sent to ad "
                     "platforms are kept (erase them there too)")
     return summary
+
+
+def audit_hash(value: str) -> str:
+    """What the erasure record keeps of the person: HMAC-SHA256 under
+    `$LEADLOOP_ERASURE_KEY` (then whoever holds the key can tell whether someone was erased),
+    or under a random key that is thrown away (then nobody can)."""
+    key = os.environ.get(ERASURE_KEY_ENV, "").encode() or secrets.token_bytes(32)
+    return "hmac-sha256:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+
+
+def _traces(session: Session, ids: list[int]) -> set[str]:
+    """The erased leads' identity hashes, click ids and any identity left in their attributes
+    (stores synced before attributes were screened): what payload files and models can hold."""
+    from leadloop.identity import identity_kind
+
+    out: set[str] = set()
+    for row in session.execute(select(Lead).where(Lead.id.in_(ids))).scalars():  # type: ignore[union-attr]
+        out.update(v for c in (*_IDENTITY, *_CLICK_IDS) if (v := getattr(row, c)))
+        out.update(str(v).strip() for k, v in (row.attributes or {}).items()
+                   if identity_kind(k, v) is not None)
+    return {t for t in out if len(t) >= 6}  # a short value would match unrelated text
+
+
+def output_dirs(ctx: Context, session: Session) -> list[Path]:
+    """Every folder leadloop writes lead data to: the report folder (where the demo also puts
+    payloads), each file destination's folder, and every `--out` a run recorded."""
+    from leadloop.jobs import OUT_DIR_KEY
+
+    s = ctx.settings
+    dirs = [s.resolve_path(s.report.out_dir), *(s.resolve_path(d.output_dir)
+                                                for d in s.destinations.values() if d.output_dir)]
+    if ctx.out_dir:
+        dirs.append(Path(ctx.out_dir))
+    for counts in session.execute(select(JobRun.counts)).scalars():
+        if isinstance(counts, dict) and counts.get(OUT_DIR_KEY):
+            dirs.append(Path(counts[OUT_DIR_KEY]))
+    unique = {d.resolve(): None for d in dirs if d.is_dir()}
+    return list(unique)
+
+
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".tsv", ".html")
+_ERASED = "<erased>"
+
+
+def erase_from_files(dirs: Iterable[Path], traces: set[str]) -> int:
+    """Rewrite every text file under `dirs` that holds a trace: a JSON list item or CSV row
+    holding one is dropped (a request body loses that person's conversion), any other
+    occurrence is replaced. Returns the number of files rewritten."""
+    if not traces:
+        return 0
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(traces, key=len, reverse=True)))
+    rewritten = 0
+    for folder in dirs:
+        for path in folder.rglob("*"):
+            if not path.is_file() or path.suffix.lower() not in _TEXT_SUFFIXES:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError:
+                continue
+            if not pattern.search(text):
+                continue
+            path.write_text(_without(text, path.suffix.lower(), pattern), encoding="utf-8",
+                            errors="surrogateescape")
+            rewritten += 1
+    return rewritten
+
+
+def _without(text: str, suffix: str, pattern: re.Pattern[str]) -> str:
+    if suffix == ".json":
+        try:
+            return json.dumps(_prune(json.loads(text), pattern), indent=2) + "\n"
+        except ValueError:
+            pass
+    if suffix in (".csv", ".tsv", ".jsonl"):
+        lines = text.splitlines(keepends=True)
+        head = lines[:1] if suffix != ".jsonl" else []
+        return "".join(head + [ln for ln in lines[len(head):] if not pattern.search(ln)])
+    return pattern.sub(_ERASED, text)
+
+
+def _prune(value: Any, pattern: re.Pattern[str]) -> Any:
+    if isinstance(value, list):
+        return [_prune(v, pattern) for v in value
+                if not pattern.search(json.dumps(v, ensure_ascii=False))]
+    if isinstance(value, dict):
+        return {k: _prune(v, pattern) for k, v in value.items()}
+    if isinstance(value, str) and pattern.search(value):
+        return _ERASED
+    return value
+
+
+def erase_from_models(ctx: Context, traces: set[str]) -> int:
+    """Remove each model artifact that holds a trace (models trained before attributes were
+    screened could embed an e-mail as a category). Its card stays, with no model chosen and
+    the reason, so scoring falls back to the stage values until the retrain job runs."""
+    from leadloop.scoring.registry import models_dir
+
+    d = models_dir(ctx.settings)
+    if not traces or not d.is_dir():
+        return 0
+    needles = [t.encode() for t in traces]
+    removed = 0
+    for artifact in d.glob("*.skops"):
+        if not _holds(artifact, needles):
+            continue
+        artifact.unlink()
+        removed += 1
+        card_path = d / f"{artifact.stem}.json"
+        if card_path.is_file():
+            card = json.loads(card_path.read_text())
+            card.update(artifact=None, artifact_sha256=None, chosen=None,
+                        fallback_reason="removed by `leadloop forget`: it held personal data "
+                                        "of an erased person; the retrain job trains a new one")
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return removed
+
+
+def _holds(artifact: Path, needles: list[bytes]) -> bool:
+    """Whether a skops artifact (a zip) holds any needle, in any member, compressed or not."""
+    try:
+        with zipfile.ZipFile(artifact) as z:
+            for name in z.namelist():
+                data = z.read(name)
+                if any(n in data for n in needles) or any(
+                        n.decode().encode("utf-32-le") in data for n in needles):
+                    return True
+    except (zipfile.BadZipFile, OSError):
+        data = artifact.read_bytes()
+        return any(n in data for n in needles)
+    return False
+
+
+def _compact_store(ctx: Context) -> None:
+    """SQLite keeps deleted content in free pages and the write-ahead log: with secure_delete
+    (see store.make_engine) freed pages are zeroed; checkpointing empties the log."""
+    if ctx.engine.dialect.name == "sqlite":
+        with ctx.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _delete(session: Session, stmt: Any) -> int:

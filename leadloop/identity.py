@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import phonenumbers
 
@@ -135,3 +136,58 @@ def hash_identity(
         except IdentityError as exc:
             problems.append(f"phone: {exc}")
     return HashedIdentity(em, emg, ph, phd), problems
+
+
+# -- identity in columns leadloop does not know ---------------------------------------------
+
+PiiKind = Literal["email", "phone", "name", "contains_email"]
+_EMAIL_VALUE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]{2,}$")
+_EMAIL_INSIDE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+_PHONE_VALUE = re.compile(r"^(\+|00)\d[\d\s().\-/]{6,22}$")  # written with a country code
+_EMAIL_COLUMN = re.compile(r"e[\s_-]?mail")
+_PHONE_COLUMN = re.compile(r"phone|mobile|\btel\b|telephone|\bfax\b|whatsapp|\bcell\b|\bsms\b")
+_NAME_WORDS = frozenset({"name", "firstname", "lastname", "fullname", "surname", "forename",
+                         "givenname", "familyname", "middlename", "maidenname", "username"})
+_NOT_A_PERSON = frozenset({
+    "company", "account", "campaign", "product", "source", "stage", "utm", "org",
+    "organisation", "organization", "business", "domain", "file", "page", "form", "event",
+    "list", "pipeline", "deal", "city", "country", "region", "state", "brand", "host", "ad",
+    "adset", "group", "plan", "package", "course", "specialization", "industry", "tag",
+    "segment", "medium", "channel", "site", "website", "team", "department", "job", "role",
+    "category", "template", "property", "field", "column", "object", "record", "opportunity",
+    "store", "shop", "seller", "branch", "location", "asset", "creative", "keyword",
+})
+
+
+def _column_words(column: str) -> list[str]:
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", column)  # firstName -> first Name
+    return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
+
+
+def identity_kind(column: str, value: object) -> PiiKind | None:
+    """Whether an attribute (a column leadloop does not map) holds identity in clear: an
+    e-mail or phone column or value, a person's name by its column name, or free text with an
+    e-mail address in it. None for anything else."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    words = _column_words(column)
+    joined = " ".join(words)
+    # By column name, when the value could be one: a `Do Not Email` flag is not an address.
+    if (_EMAIL_COLUMN.search(joined) or "email" in words) and "@" in text:
+        return "email"
+    if _PHONE_COLUMN.search(joined) and sum(c.isdigit() for c in text) >= 7:
+        return "phone"
+    squashed = {"".join(words[i:i + 2]) for i in range(len(words))} | set(words)
+    if (squashed & _NAME_WORDS and not set(words) & _NOT_A_PERSON
+            and any(c.isalpha() for c in text)):
+        return "name"
+    if not isinstance(value, str):
+        return None
+    if _EMAIL_VALUE.match(text):
+        return "email"
+    if _PHONE_VALUE.match(text) and sum(c.isdigit() for c in text) >= 8:
+        return "phone"
+    if "@" in text and _EMAIL_INSIDE.search(text):
+        return "contains_email"
+    return None

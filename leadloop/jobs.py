@@ -9,9 +9,13 @@ other exception is recorded too and re-raised, because it is a bug.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sqlmodel import select
 
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
@@ -26,8 +30,9 @@ CYCLE = ("sync", "score", "validate", "export", "report")
 
 def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]]) -> JobResult:
     """Run `body` as job `name`, recorded in `job_run` (`run_job` for the jobs by name)."""
+    mark_interrupted(ctx, name)
     with session_scope(ctx.engine) as session:
-        run = JobRun(name=name, started_at=ctx.now())
+        run = JobRun(name=name, started_at=ctx.now(), counts={RUNNER_KEY: this_runner()})
         session.add(run)
         session.flush()
         run_id = run.id
@@ -39,6 +44,8 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
         result.notes = list(result.counts.get("notes", []))
         for note in result.notes:
             log.warning("%s: %s", name, note, extra={"job": name})
+        if ctx.out_dir:  # where lead data went: `leadloop forget` erases there too
+            result.counts.setdefault(OUT_DIR_KEY, str(Path(ctx.out_dir).resolve()))
         if ctx.stopping:
             outcome = JobOutcome.interrupted
     except LeadloopError as exc:
@@ -55,6 +62,47 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
     log.info("job %s %s %s", name, outcome.value, result.counts, extra={"job": name,
              "counts": result.counts})
     return result
+
+
+OUT_DIR_KEY = "out_dir"  # counts of a run that wrote files to a folder given at run time
+RUNNER_KEY = "runner"  # counts of a running job_run: "host:pid" of the process running it
+
+
+def this_runner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def runner_gone(runner: str | None) -> bool | None:
+    """Whether the process that recorded a running job_run has ended: True or False when it
+    ran on this host, None when that cannot be told from here (another host, no runner)."""
+    host, _, pid = (runner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def mark_interrupted(ctx: Context, name: str) -> int:
+    """Record as interrupted the runs of job `name` still marked running whose process on this
+    host has ended (SIGKILL, OOM, power loss): they will never record an outcome themselves.
+    Runs of other jobs stay as they are until their own next run: `status` reports them."""
+    with session_scope(ctx.engine) as session:
+        stale = [run for run in session.exec(select(JobRun).where(
+            JobRun.name == name, JobRun.outcome == JobOutcome.running)).all()
+            if runner_gone((run.counts or {}).get(RUNNER_KEY))]
+        for run in stale:
+            run.outcome = JobOutcome.interrupted
+            run.error = (f"interrupted: the process {run.counts[RUNNER_KEY]} ended without "
+                         "recording an outcome (killed or crashed)")
+            session.add(run)
+    return len(stale)
 
 
 def _finish(ctx: Context, run_id: int | None, outcome: JobOutcome, counts: dict, error: str | None

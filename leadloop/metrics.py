@@ -10,8 +10,11 @@ Each daemon has its own `CollectorRegistry`, so tests can build several in one p
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -89,37 +92,111 @@ class DaemonMetrics:
         return generate_latest(self.registry)
 
 
-class HealthServer:
-    """A tiny threaded HTTP server for /healthz and /metrics on a loopback address."""
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threaded server that serves at most `max_connections` clients at once (a connection
+    beyond that is closed at once) and closes any connection older than `deadline` seconds,
+    whatever it is doing: a slow or stalled client holds a thread for a bounded time only."""
 
-    def __init__(self, host: str, port: int, metrics: DaemonMetrics, health: Health) -> None:
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 max_connections: int, deadline: float) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.deadline = deadline
+        self.open: dict[Any, float] = {}  # socket -> monotonic time it was accepted
+        self.lock = threading.Lock()
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        with self.lock:
+            self.open[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self.lock:
+            if self.open.pop(request, None) is not None:
+                self.slots.release()
+
+    def reap(self) -> None:
+        """Shut the sockets of connections past their deadline (their threads then end)."""
+        now = time.monotonic()
+        with self.lock:
+            late = [sock for sock, since in self.open.items() if now - since > self.deadline]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class HealthServer:
+    """A tiny threaded HTTP server for /healthz and /metrics on a loopback address.
+
+    Bounded: at most `max_connections` at once, `idle_timeout` seconds of silence per read or
+    write, `deadline` seconds per connection in all."""
+
+    def __init__(self, host: str, port: int, metrics: DaemonMetrics, health: Health, *,
+                 max_connections: int = 16, idle_timeout: float = 5.0,
+                 deadline: float = 15.0) -> None:
         self.metrics, self.health = metrics, health
+        self.idle_timeout = idle_timeout
         handler = self._handler_class()
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedHTTPServer((host, port), handler, max_connections=max_connections,
+                                         deadline=deadline)
+        self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="leadloop-health", daemon=True
         )
+        self._reaper = threading.Thread(target=self._reap, name="leadloop-health-reaper",
+                                        daemon=True)
 
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        with self._httpd.lock:
+            return len(self._httpd.open)
+
     def start(self) -> HealthServer:
         self._thread.start()
+        self._reaper.start()
         log.info("health and metrics on http://%s:%d/healthz and /metrics",
                  self._httpd.server_address[0], self.port)
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+        self._reaper.join(timeout=5)
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(min(1.0, self._httpd.deadline / 4)):
+            self._httpd.reap()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = server.idle_timeout  # per read/write: a silent client is dropped
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from leadloop import lease
 from leadloop.context import Context
 from leadloop.daemon import first_run_time, last_starts, scheduled_jobs
-from leadloop.jobs import JOBS
+from leadloop.jobs import JOBS, RUNNER_KEY, runner_gone
 from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus, JobOutcome, JobRun
 
@@ -52,6 +52,8 @@ def collect_status(ctx: Context) -> dict[str, Any]:
     starts = last_starts(ctx)
     schedule = ctx.settings.schedule.jobs()
     own = scheduled_jobs(ctx.settings)
+    info = lease.holder(ctx.engine)
+    crashed = {name: why for name, run in runs.items() if (why := interrupted_reason(run, info, now))}
     jobs: dict[str, Any] = {}
     for name in [*JOBS, *sorted(set(runs) - set(JOBS))]:
         run = runs.get(name)
@@ -68,12 +70,11 @@ def collect_status(ctx: Context) -> dict[str, Any]:
                 "finished_at": _iso(run.finished_at),
                 "seconds": round((run.finished_at - run.started_at).total_seconds(), 3)
                 if run.finished_at else None,
-                "outcome": run.outcome.value,
+                "outcome": "interrupted" if name in crashed else run.outcome.value,
                 "counts": run.counts,
-                "error": run.error,
+                "error": crashed.get(name, run.error),
             },
         }
-    info = lease.holder(ctx.engine)
     return {
         "generated_at": _iso(now),
         "daemon": None if info is None else {
@@ -86,7 +87,29 @@ def collect_status(ctx: Context) -> dict[str, Any]:
         "jobs": jobs,
         "conversions": _conversions(ctx),
         "failed_jobs": sorted(n for n, r in runs.items() if r.outcome == JobOutcome.failed),
+        "interrupted_jobs": sorted(crashed),
     }
+
+
+def interrupted_reason(run: JobRun, info: lease.LeaseInfo | None, now: datetime) -> str | None:
+    """Why a run still marked running is not running any more (killed, crashed), or None.
+
+    The run records the host and pid that runs it: on this host the pid tells; a daemon's
+    runs elsewhere end with its lease; a run without a runner (an older version) is stale when
+    no daemon holds the lease."""
+    if run.outcome != JobOutcome.running:
+        return None
+    runner = (run.counts or {}).get(RUNNER_KEY)
+    gone = runner_gone(runner)
+    daemon_live = info is not None and not info.expired(now)
+    if gone:
+        return f"interrupted: the process {runner} ended without recording an outcome"
+    if gone is None and not runner and not daemon_live:
+        return "interrupted: still marked running, and no daemon holds the lease"
+    if (gone is None and runner and info is not None and info.expired(now)
+            and info.owner.startswith(f"{runner}:")):
+        return f"interrupted: the daemon {info.owner} stopped renewing its lease"
+    return None
 
 
 def _counts_text(counts: dict[str, Any]) -> str:
@@ -125,4 +148,6 @@ def format_status(data: dict[str, Any]) -> str:
         lines.append("conversions: no destinations configured")
     if data["failed_jobs"]:
         lines += ["", f"FAILED (last run): {', '.join(data['failed_jobs'])}"]
+    if data.get("interrupted_jobs"):
+        lines += ["", f"INTERRUPTED (last run killed or crashed): {', '.join(data['interrupted_jobs'])}"]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ upserts use each dialect's `INSERT ... ON CONFLICT`, so re-running a page or a j
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -15,11 +16,13 @@ from typing import Any
 from sqlalchemy import JSON, Text, any_, bindparam, cast, column, event, or_, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 from leadloop import tables
-from leadloop.errors import ConfigError
+from leadloop.config import check_database_url
+from leadloop.errors import ConfigError, LeadloopError
 
 # SQLite limits bound parameters per statement; PostgreSQL allows 65,535. Chunk to stay under.
 _MAX_PARAMS = 30_000
@@ -42,21 +45,22 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _make_parent_dir(sqlite_url: str) -> None:
-    """A new SQLite store's folder is created (e.g. example-output/olist/ on a first run)."""
-    database = make_url(sqlite_url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-
-
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Create the engine and the schema (no migrations yet: `create_all` is idempotent, and
-    indexes added since a store was created are created on it)."""
-    url = normalise_url(url)
-    if url.startswith("sqlite"):
-        _make_parent_dir(url)
+    indexes added since a store was created are created on it).
+
+    A URL that cannot work is a `ConfigError` naming `database.url` (exit 2); a PostgreSQL
+    server that cannot be reached is one `LeadloopError` line (exit 1). A new SQLite file is
+    created readable by its owner only (its WAL and shared-memory files take its mode)."""
+    try:
+        check_database_url(url)
+        parsed = make_url(normalise_url(url))
+    except (ValueError, ArgumentError) as exc:
+        raise ConfigError("database.url", str(exc).splitlines()[0]) from None
+    if parsed.drivername.startswith("sqlite"):
+        _create_private_sqlite_file(Path(parsed.database or ""))
         engine = create_engine(
-            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+            parsed, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
         )
 
         @event.listens_for(engine, "connect")
@@ -66,26 +70,71 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # deleted content is zeroed, not left in free pages (`leadloop forget`)
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
-    elif url.startswith("postgresql+psycopg"):
+    elif parsed.drivername == "postgresql+psycopg":
         # No server-side prepared statements: PostgreSQL may keep one generic plan for a
         # prepared statement, and one first planned while a table was nearly empty (a new
         # store's backfill) kept its sequential scan as the table grew: at 20,000 leads the
         # sync's CRM-id lookup took 75 ms a page instead of 4 ms. Planning each time is cheap
         # next to the batch statements leadloop runs.
-        engine = create_engine(url, echo=echo, pool_pre_ping=True,
-                               connect_args={"prepare_threshold": None})
+        engine = create_engine(parsed, echo=echo, pool_pre_ping=True,
+                               connect_args={"prepare_threshold": None,
+                                             "connect_timeout": _CONNECT_TIMEOUT_S})
     else:
         raise ConfigError("database.url", "must start with sqlite:/// or postgresql://")
-    SQLModel.metadata.create_all(engine)
-    with engine.begin() as conn:
-        for table in SQLModel.metadata.sorted_tables:
-            for index in table.indexes:
-                index.create(conn, checkfirst=True)
-        for name in _RETIRED_INDEXES:
-            conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+    try:
+        SQLModel.metadata.create_all(engine)
+        with engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
+            for name in _RETIRED_INDEXES:
+                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+    except (OperationalError, InterfaceError) as exc:
+        engine.dispose()
+        raise _connection_error(parsed, exc) from None
     return engine
+
+
+_CONNECT_TIMEOUT_S = 10
+# Words of a PostgreSQL connection error that mean the URL is wrong (a config error), not
+# that the server is down: role or database missing, password refused.
+_CONFIG_PROBLEMS = ("does not exist", "authentication failed", "no password supplied",
+                    "permission denied", "password", "not permitted", "pg_hba.conf")
+
+
+def _create_private_sqlite_file(path: Path) -> None:
+    """Create a new SQLite file as 0600, and its missing folders as 0700 (a first run of an
+    example makes example-output/<name>/); a path through a file is a config error."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError("database.url", f"the folder {str(folder)!r} of the SQLite file is "
+                          "not a folder") from None
+    except OSError as exc:
+        raise ConfigError("database.url", f"cannot create the folder {str(folder)!r}: "
+                          f"{exc.strerror}") from None
+    if path.is_dir():
+        raise ConfigError("database.url", f"{str(path)!r} is a folder, not a database file")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise ConfigError("database.url", f"cannot create {str(path)!r}: {exc.strerror}") from None
+
+
+def _connection_error(url: URL, exc: Exception) -> LeadloopError:
+    """One line for a store that cannot be opened; the URL is shown without its password."""
+    orig = getattr(exc, "orig", None) or exc
+    detail = " ".join(str(orig).split()).removeprefix("connection failed: ")
+    where = url.render_as_string(hide_password=True)
+    if url.drivername.startswith("sqlite") or any(w in detail for w in _CONFIG_PROBLEMS):
+        return ConfigError("database.url", f"cannot open {where}: {detail}")
+    return LeadloopError(f"database.url: cannot reach the database server of {where}: {detail}",
+                         hint="is PostgreSQL running and reachable from here?")
 
 
 @contextmanager

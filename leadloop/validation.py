@@ -41,7 +41,9 @@ from scipy import stats
 
 from leadloop.context import Context
 from leadloop.csvio import parse_label, read_csv
-from leadloop.errors import LeadloopError
+from leadloop.errors import ConfigError, LeadloopError
+from leadloop.expr import ExpressionError
+from leadloop.expr import parse as parse_expression
 from leadloop.scoring.csvframe import MISSING_VALUES
 from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data
 from leadloop.store import session_scope
@@ -322,17 +324,13 @@ def _truthy(value: Any) -> bool:
 
 
 def _eval_flag(frame: pd.DataFrame, expr: str, name: str) -> np.ndarray:
+    """One bool per row: `expr` in leadloop's expression language (never pandas.eval)."""
     try:
-        result = frame.eval(expr)
-    except Exception as exc:  # pandas raises many types for a bad expression
-        raise LeadloopError(f"micro-conversion {name}: cannot evaluate {expr!r}: {exc}",
-                            hint="column names with spaces go in backticks") from None
-    if not isinstance(result, pd.Series) or len(result) != len(frame):
-        raise LeadloopError(f"micro-conversion {name}: {expr!r} is not a per-row condition")
-    try:
-        return result.fillna(False).astype(bool).to_numpy()
-    except (TypeError, ValueError):
-        raise LeadloopError(f"micro-conversion {name}: {expr!r} is not true/false per row") from None
+        return parse_expression(expr).evaluate(frame)
+    except ExpressionError as exc:
+        raise ConfigError(f"micro-conversion {name}", str(exc),
+                          hint="column names with spaces go in backticks; the grammar is in "
+                               "the README (micro-conversion expressions)") from None
 
 
 # -- a CSV export ---------------------------------------------------------------------------
@@ -341,7 +339,7 @@ def _eval_flag(frame: pd.DataFrame, expr: str, name: str) -> np.ndarray:
 def validate_csv(path: str | Path, *, label: str, positive: str | None = None,
                  micros: list[str], sep: str | None = None, alpha: float = 0.05,
                  min_events: int = 10, min_group: int = 30) -> list[dict[str, Any]]:
-    """`leadloop validate --csv`: the same analysis on a CRM export; EXPR is a pandas query."""
+    """`leadloop validate --csv`: the same analysis on a CRM export; EXPR is a `leadloop.expr` condition."""
     df = read_csv(path, sep=sep, missing=MISSING_VALUES, dtype=None)
     if label not in df.columns:
         raise LeadloopError(f"label column {label!r} not in {Path(path).name}")

@@ -109,7 +109,8 @@ def test_forget_by_email_erases_the_person_and_merged_records(
     assert_untouched(engine, people["bob"])
     assert [r.record_ref for r in rows(engine, RejectedRecord)] == ["202"]
     (erasure,) = rows(engine, Erasure)
-    assert erasure.selector.startswith("email_sha256:") and len(erasure.selector) == 13 + 64
+    # only a keyed hash: the identifier hash the platforms share is not kept
+    assert erasure.selector.startswith("email:hmac-sha256:") and len(erasure.selector) == 18 + 64
     assert erasure.leads == 2 and erasure.counts["conversions_deleted"] == 12
     assert "annlee" not in caplog.text.lower()
 
@@ -120,7 +121,7 @@ def test_forget_by_crm_id(engine: Engine, make_context: Callable[..., Context],
     assert summary.startswith("erased 1 lead(s) for hubspot record 202")
     assert_erased(engine, people["bob"])
     assert_untouched(engine, people["ann"])
-    assert rows(engine, Erasure)[0].selector == "crm_id:hubspot:202"
+    assert rows(engine, Erasure)[0].selector.startswith("crm_id:hubspot:hmac-sha256:")
 
 
 def test_no_match_is_still_recorded(engine: Engine, make_context: Callable[..., Context],
@@ -155,3 +156,75 @@ def test_a_later_sync_does_not_bring_the_person_back(
     assert counts["leads"] == 1 and counts["rejected"] == 0
     assert_erased(engine, people["ann"])
     assert rows(engine, Lead, crm_id="303")[0].email_sha256
+
+
+def test_forget_leaves_no_trace_in_any_file_leadloop_wrote(tmp_path, monkeypatch) -> None:
+    """Payload files of an earlier dry run, a model trained before attributes were screened,
+    the SQLite file and its log: grep every file for the person afterwards."""
+    import numpy as np
+    import pandas as pd
+
+    from leadloop.config import settings_from_dict
+    from leadloop.identity import hash_email, hash_phone
+    from leadloop.jobs import run_job
+    from leadloop.sandbox.fake_platforms import FakePlatforms
+    from leadloop.scoring import registry
+    from leadloop.scoring.evaluate import fit_final
+    from leadloop.scoring.features import Feature
+    from leadloop.store import make_engine
+    from tests.conftest import BASE_CONFIG
+    from tests.export_helpers import NOW, full_lead, settings_sections
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    for i in range(4):
+        full_lead(engine, i)
+    person, phone = "person1@example.com", "+1 650 555 1001"
+    traces = {*hash_email(person), *hash_phone(phone), person}
+    monkeypatch.setenv("LL_TEST_GADS_TOKEN", "tok-123456")
+    with FakePlatforms(now=lambda: NOW) as fakes:
+        sections = settings_sections(fakes.urls, ("gdm", "meta"),
+                                     gdm={"token_env": "LL_TEST_GADS_TOKEN"})
+        settings = settings_from_dict({**BASE_CONFIG, **sections,
+                                       "model": {"dir": str(tmp_path / "models")},
+                                       "report": {"out_dir": str(tmp_path / "reports")}},
+                                      base_dir=tmp_path)
+        ctx = Context(settings=settings, engine=engine, now=lambda: NOW, dry_run=True,
+                      out_dir=tmp_path / "dry-run")
+        run_job(ctx, "export")
+    # a model from before attributes were screened: an e-mail column as a category
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame({"utm_source": [person if i % 7 == 0 else f"s{i % 3}" for i in range(300)],
+                      "visits": rng.integers(0, 9, 300).astype(float)})
+    y = (rng.random(300) < 0.3).astype(int)
+    feats = [Feature("utm_source", "category", "created"), Feature("visits", "numeric", "created")]
+    registry.register(settings, {"version": "old", "created_at": "2026-01-01", "chosen": "lr",
+                                 "library_versions": registry.library_versions()},
+                      fit_final(x, y, feats, "logistic_regression"))
+
+    def files_holding(needles: set[str]) -> set[str]:
+        found = set()
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                if any(n.encode() in data for n in needles):
+                    found.add(path.relative_to(tmp_path).as_posix())
+                elif path.suffix == ".skops":
+                    import zipfile
+                    with zipfile.ZipFile(path) as z:
+                        if any(n.encode() in z.read(m) for m in z.namelist() for n in needles):
+                            found.add(path.relative_to(tmp_path).as_posix())
+        return found
+
+    before = files_holding(traces)
+    assert any(p.startswith("dry-run/payloads/") for p in before)
+    assert "models/old.skops" in before
+    assert {"store.db", "store.db-wal"} & before
+    later = Context(settings=settings, engine=engine, now=lambda: NOW)  # a later `forget` run
+    summary = forget_person(later, email=person, crm_id=None)
+    assert "model(s) removed" in summary
+    engine.dispose()
+    assert files_holding(traces) == set()
+    others = {*hash_email("person2@example.com")}
+    assert any(p.startswith("dry-run/payloads/") for p in files_holding(others))
+    card = registry.load_card(settings, "old")
+    assert card["artifact"] is None and "leadloop forget" in card["fallback_reason"]

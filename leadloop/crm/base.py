@@ -19,9 +19,11 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import psycopg
 from sqlalchemy import update
+from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlmodel import Session, select
 
 from leadloop.context import Context
@@ -29,7 +31,7 @@ from leadloop.errors import RecordRejected
 from leadloop.identity import hash_identity
 from leadloop.prefetch import prefetched
 from leadloop.progress import track
-from leadloop.redact import scrub_payload
+from leadloop.redact import redact_text, scrub_payload
 from leadloop.store import (
     among,
     analyze_unanalyzed,
@@ -50,6 +52,9 @@ from leadloop.tables import (
     SyncState,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from leadloop.crm.screening import PiiActions
 
 log = logging.getLogger(__name__)
 
@@ -282,14 +287,23 @@ def _stored_events(session: Session, lead_ids_: set[int]) -> set[tuple[int, str,
 
 
 def apply_page(
-    session: Session, ctx: Context, source: str, object_type: str, page: Page
+    session: Session, ctx: Context, source: str, object_type: str, page: Page, *,
+    pii: PiiActions | None = None, duplicates: Sequence[str] = (),
 ) -> dict[str, int]:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
-    rejects. Runs inside the caller's transaction; returns counts."""
+    rejects. Runs inside the caller's transaction; returns counts.
+
+    The page is screened first (`leadloop.crm.screening`): values the store cannot hold cost
+    only their field or record, and identity found in attributes is hashed or dropped (`pii`
+    collects which). `duplicates`: CRM ids this export already gave, reported here."""
+    from leadloop.crm.screening import screen_page
     from leadloop.erasure import drop_erased
 
-    page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
     now = ctx.now()
+    page, problems, found_pii = screen_page(page, now)
+    if pii is not None:
+        pii.merge(found_pii)
+    page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
     region = ctx.settings.crm.default_region
     counts = dict.fromkeys(
         ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
@@ -311,6 +325,11 @@ def apply_page(
             )
         )
 
+    for problem in problems:
+        reject(problem.ref, problem.reason, problem.payload, kind=f"{object_type}{problem.kind}")
+    for crm_id in dict.fromkeys(duplicates):
+        reject(crm_id, f"CRM id {crm_id} appears more than once in this export; the last one "
+               "read is kept", kind=f"{object_type}.duplicate")
     rows = []
     estimated = {lead.crm_id: lead.time_estimated for lead in page.leads}  # the later row wins
     for lead in page.leads:
@@ -454,12 +473,15 @@ def _advance(state: SyncState, cursor: Cursor | None, started_at: datetime) -> N
 _ANALYZE_AFTER_LEADS = 5_000
 
 
-def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
+def sync_source(ctx: Context, source: CrmSource) -> dict[str, Any]:
     """Sync every stream of `source` into the store. Returns summed counts.
 
     Stops between pages when the context's stop event is set (graceful shutdown).
     """
-    totals: dict[str, int] = {"pages": 0}
+    from leadloop.crm.screening import PiiActions, duplicate_ids
+
+    totals: dict[str, Any] = {"pages": 0}
+    pii = PiiActions()
     analyzed = False
     started_at = ctx.now()
     lookback = timedelta(minutes=ctx.settings.crm.lookback_minutes)
@@ -482,17 +504,11 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
         # on the database, and the two overlap.
         pages = prefetched(source.fetch(stream, since, started_at=started_at),
                            name=f"sync-{source.name}-{stream}")
+        seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
         with track(f"sync {source.name} {stream}") as progress, closing(pages):
             for page in pages:
-                with session_scope(ctx.engine) as session:
-                    counts = apply_page(session, ctx, source.name, stream, page)
-                    state = session.exec(
-                        select(SyncState).where(
-                            SyncState.source == source.name, SyncState.object_type == stream
-                        )
-                    ).one()
-                    _advance(state, page.cursor, started_at)
-                    session.add(state)
+                repeated = duplicate_ids(page.leads, seen) if page.cursor is None else []
+                counts = _store_page(ctx, source.name, stream, page, started_at, pii, repeated)
                 totals["pages"] += 1
                 for key, n in counts.items():
                     totals[key] = totals.get(key, 0) + n
@@ -505,10 +521,108 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, int]:
                 progress.advance(len(page.leads) or page.size)
                 if ctx.stopping:
                     log.info("stop requested: sync ends after a committed page")
-                    return totals
+                    return _with_pii_summary(totals, pii)
         with session_scope(ctx.engine) as session:
             state = session.get(SyncState, (source.name, stream))
             if state is not None:
                 state.last_success_at = utcnow()
                 session.add(state)
+    return _with_pii_summary(totals, pii)
+
+
+def _with_pii_summary(totals: dict[str, Any], pii: PiiActions) -> dict[str, Any]:
+    """The sync's counts, and which columns held identity and what was done with it."""
+    if pii.by_column:
+        totals["identity_in_attributes"] = pii.summary()
+        log.warning("identity found in unmapped columns, never stored in clear: %s",
+                    pii.summary())
     return totals
+
+
+# What the store raises for a value it cannot hold (a driver's data error, a bind processor's
+# ValueError): the page is then written in halves until the record at fault is found.
+_REFUSED = (StatementError, psycopg.DataError, psycopg.ProgrammingError, psycopg.IntegrityError,
+            ValueError, OverflowError)
+_UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError,
+                psycopg.InterfaceError)
+
+
+def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
+                pii: PiiActions, duplicates: Sequence[str]) -> dict[str, int]:
+    """Write a page with its cursor in one transaction. When the store refuses it, the page is
+    written in halves (each a transaction; the cursor moves with the last), down to the single
+    record it refuses, which is kept in `rejected_record`: one poison record costs itself."""
+    try:
+        with session_scope(ctx.engine) as session:
+            counts = apply_page(session, ctx, source, stream, page, pii=pii,
+                                duplicates=duplicates)
+            _advance_stream(session, source, stream, page.cursor, started_at)
+        return counts
+    except _UNREACHABLE:
+        raise
+    except _REFUSED as exc:
+        cause = getattr(exc, "orig", None) or exc
+        problem = redact_text(f"{type(cause).__name__}: "
+                              + (str(cause).strip().splitlines() or [""])[0][:300])
+    parts = _halves(page)
+    if parts is None:
+        return _refuse_records(ctx, source, stream, page, started_at, problem)
+    log.warning("the store refused a page of %s/%s (%s): writing it in halves", source, stream,
+                problem)
+    totals: dict[str, int] = {}
+    for part in parts:
+        for key, n in _store_page(ctx, source, stream, part, started_at, pii, duplicates).items():
+            totals[key] = totals.get(key, 0) + n
+        duplicates = ()
+    return totals
+
+
+def _halves(page: Page) -> tuple[Page, Page] | None:
+    """The page in two, each lead with its own stages and events; the second carries the
+    cursor. None when it holds one record group only."""
+    groups: dict[str, Page] = {}
+    for kind in ("leads", "stages", "events"):
+        for item in getattr(page, kind):
+            getattr(groups.setdefault(str(item.crm_id), Page()), kind).append(item)
+    rest = Page(rejects=page.rejects, deleted_crm_ids=page.deleted_crm_ids,
+                deleted_deal_ids=page.deleted_deal_ids)
+    units = [*groups.values(), *([rest] if rest.size or rest.deleted_crm_ids
+                                 or rest.deleted_deal_ids else [])]
+    if len(units) <= 1:
+        return None
+    middle = len(units) // 2
+    first, second = Page(), Page(cursor=page.cursor, total=page.total)
+    for target, chunk in ((first, units[:middle]), (second, units[middle:])):
+        for unit in chunk:
+            for kind in ("leads", "stages", "events", "rejects", "deleted_crm_ids",
+                         "deleted_deal_ids"):
+                getattr(target, kind).extend(getattr(unit, kind))
+    return first, second
+
+
+def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
+                    problem: str) -> dict[str, int]:
+    """Keep the records of a page the store refused as rejects, and move the cursor past them."""
+    from leadloop.crm.screening import clean_text
+
+    reason = f"the store refused this record ({problem}); record refused"
+    refs = [(str(x.crm_id), kind) for kind, items in (("", page.leads), (".stage", page.stages),
+                                                       (".event", page.events)) for x in items]
+    refs += [(r.record_ref, "") for r in page.rejects]
+    with session_scope(ctx.engine) as session:
+        session.add_all(RejectedRecord(
+            job_run_id=ctx.job_run_id, source=source, object_type=f"{stream}{kind}",
+            record_ref=clean_text(ref)[:200], flow_stage="ingest", reason=clean_text(reason),
+            payload={}, created_at=ctx.now()) for ref, kind in refs)
+        _advance_stream(session, source, stream, page.cursor, started_at)
+    log.warning("the store refused %d record(s) of %s/%s: %s", len(refs), source, stream, problem)
+    return {"rejected": len(refs)}
+
+
+def _advance_stream(session: Session, source: str, stream: str, cursor: Cursor | None,
+                    started_at: datetime) -> None:
+    state = session.exec(
+        select(SyncState).where(SyncState.source == source, SyncState.object_type == stream)
+    ).one()
+    _advance(state, cursor, started_at)
+    session.add(state)

@@ -17,8 +17,8 @@ Mapping (see `config.CsvMapping`):
   and the label column's name when its value is one of `positive_values`. `amount_column` is
   the deals' amount.
 - `[crm.properties]` names the attribution columns (only columns present in the file are used);
-  `[[micro_conversions]]` with `property` (a truthy or date column) or `expr` (a pandas query
-  over the chunk, numbers parsed) become `lead_event` rows.
+  `[[micro_conversions]]` with `property` (a truthy or date column) or `expr` (a `leadloop.expr`
+  condition over the chunk, numbers parsed) become `lead_event` rows.
 - Every other column goes into `LeadIn.attributes`, except clear PII (e-mail, phone, names:
   hashed first when mapped, then dropped) and the stage/label/amount columns (outcomes).
 """
@@ -37,8 +37,10 @@ import pandas as pd
 from leadloop.config import CsvMapping
 from leadloop.context import Context
 from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, EventIn, LeadIn, Page, StageIn
-from leadloop.csvio import detect_delimiter, detect_encoding, read_csv
+from leadloop.csvio import detect_delimiter, detect_encoding, read_csv, undecodable
 from leadloop.errors import ConfigError, RecordRejected
+from leadloop.expr import ExpressionError
+from leadloop.expr import parse as parse_expression
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,9 @@ class CsvSource:
 
     def _rows(self) -> Iterator[tuple[int, dict[str, str] | None, str | None]]:
         """(line number, row or None, problem) for every record of the file."""
-        with self.path.open(encoding=self.encoding, newline="") as f:
+        # A byte the encoding refuses (the sample that chose it ends after 1 MB) becomes an
+        # escape, and costs only its record.
+        with self.path.open(encoding=self.encoding, errors="surrogateescape", newline="") as f:
             reader = csv.reader(f, delimiter=self.delimiter)
             try:
                 header = next(reader)
@@ -134,6 +138,11 @@ class CsvSource:
                 if len(fields) != len(header):
                     yield (reader.line_num, None,
                            f"expected {len(header)} fields, found {len(fields)}")
+                    continue
+                bad = [h for h, v in zip(header, fields, strict=True) if undecodable(v)]
+                if bad:
+                    yield (reader.line_num, None, f"bytes that are not valid {self.encoding} "
+                           f"in column {bad[0]!r}")
                     continue
                 yield reader.line_num, dict(zip(header, fields, strict=True)), None
 
@@ -205,11 +214,10 @@ class CsvSource:
             if not mc.expr or frame.empty:
                 continue
             try:
-                mask = frame.eval(mc.expr)
-            except Exception as exc:  # pandas raises many types for a bad expression
-                raise ConfigError(f"micro_conversions[{i}].expr",
-                                  f"cannot evaluate {mc.expr!r}: {exc}") from None
-            out[mc.name] = [bool(v) for v in pd.Series(mask).fillna(False)]
+                mask = parse_expression(mc.expr).evaluate(frame)
+            except ExpressionError as exc:
+                raise ConfigError(f"micro_conversions[{i}].expr", str(exc)) from None
+            out[mc.name] = mask.tolist()
         return out
 
     def _time(self, value: str, fmt: str | None) -> datetime:

@@ -26,12 +26,25 @@ from leadloop import __version__
 from leadloop.config import Settings
 from leadloop.context import Context
 from leadloop.errors import ModelError
+from leadloop.files import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.", "collections.")
-_TRUSTED_NAMES = {"functools.partial"}  # HistGradientBoosting keeps its loss as a partial
+# Exactly the types beyond skops' own defaults that leadloop's training writes (the
+# calibrated HistGradientBoosting and LogisticRegression pipelines of `scoring.evaluate`), and
+# nothing else: a prefix such as "builtins." would trust `builtins.eval`, and a tampered
+# artifact could then run code through `functools.partial(eval, ...)`. A partial is trusted
+# because HistGradientBoosting keeps `partial(check_array, ...)`; its function must itself be a
+# trusted type. tests/test_hostile_model.py fails when training starts writing another type.
+TRUSTED_TYPES = frozenset({
+    "functools.partial",
+    "numpy.dtype",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+})
 
 
 def models_dir(settings: Settings) -> Path:
@@ -67,20 +80,32 @@ def new_version(settings: Settings, now: datetime) -> str:
 def register(settings: Settings, card: dict[str, Any], model: Any | None) -> str:
     """Write the artifact (if any) and the card, then point CURRENT at it."""
     d = models_dir(settings)
-    d.mkdir(parents=True, exist_ok=True)
+    private_dir(d)
     version = card["version"]
     if model is not None:
         import skops.io as sio
 
-        sio.dump(model, d / f"{version}.skops")
-        card["artifact"] = f"{version}.skops"
+        artifact = d / f"{version}.skops"
+        with private_file(artifact).open("wb") as f:
+            sio.dump(model, f)
+        card["artifact"] = artifact.name
+        card["artifact_sha256"] = file_sha256(artifact)
     else:
         card["artifact"] = None
-    (d / f"{version}.json").write_text(json.dumps(card, indent=2, default=_json_default) + "\n")
-    tmp = d / f".{CURRENT}.tmp"
+    private_file(d / f"{version}.json").write_text(
+        json.dumps(card, indent=2, default=_json_default) + "\n")
+    tmp = private_file(d / f".{CURRENT}.tmp")
     tmp.write_text(version + "\n")
     tmp.replace(d / CURRENT)  # atomic: a reader never sees a half-written pointer
     return version
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _json_default(value: Any) -> Any:
@@ -145,21 +170,34 @@ def check_versions(card: dict[str, Any]) -> None:
 
 
 def load_model(settings: Settings, card: dict[str, Any]) -> Any:
-    """Load a card's artifact, trusting only scikit-learn/numpy/scipy types."""
+    """Load a card's artifact: only when its SHA-256 is the one the card recorded when it was
+    written, and it holds only skops' default types and `TRUSTED_TYPES`."""
     if not card.get("artifact"):
         raise ModelError(f"model card {card['version']} has no artifact "
                          f"({card.get('fallback_reason') or 'no model chosen'})")
     check_versions(card)
-    path = models_dir(settings) / card["artifact"]
+    d = models_dir(settings)
+    path = d / card["artifact"]
+    if path.resolve().parent != d.resolve() or path.suffix != ".skops":
+        raise ModelError(f"model card {card['version']} names an artifact outside {d}; "
+                         "refusing to load it")
     if not path.is_file():
         raise ModelError(f"model artifact {path} is missing")
+    expected = card.get("artifact_sha256")
+    if not expected:
+        raise ModelError(f"model card {card['version']} records no SHA-256 of its artifact "
+                         "(written by an older leadloop); refusing to load it",
+                         hint="retrain: run the retrain job or `leadloop score` after removing it")
+    if file_sha256(path) != expected:
+        raise ModelError(f"model artifact {path.name} does not match the SHA-256 in its card "
+                         "(changed since it was trained); refusing to load it")
     import skops.io as sio
 
     untrusted = sio.get_untrusted_types(file=path)
-    foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES) and t not in _TRUSTED_NAMES]
+    foreign = sorted(set(untrusted) - TRUSTED_TYPES)
     if foreign:
-        raise ModelError(f"model artifact {path.name} contains unexpected types {foreign[:5]}; "
-                         "refusing to load it")
+        raise ModelError(f"model artifact {path.name} contains types leadloop's training never "
+                         f"writes {foreign[:5]}; refusing to load it")
     return sio.load(path, trusted=untrusted)
 
 
