@@ -133,8 +133,50 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
         except FatalDestinationError as exc:
             _pause(per, dest, exc, now)
         per["held"] += per.get("held_before_retry", 0)
+        _record_state(ctx, name, per)
         _add(totals, name, per)
     return _finish(totals)
+
+
+DESTINATION_STATE = "destination"  # sync_state.source of the per-destination state rows
+
+
+def _record_state(ctx: Context, name: str, per: dict[str, Any]) -> None:
+    """Keep what `leadloop status` shows about a destination in `sync_state` (source
+    "destination"): the pause and its fix, cleared once a request goes through again, and the
+    refresh token's announced expiry."""
+    sent_something = per.get("requests", 0) > 0 and "paused" not in per
+    if not (per.get("paused") or sent_something or per.get("refresh_token_expires_at")):
+        return
+    with session_scope(ctx.engine) as session:
+        state = _state_row(session, DESTINATION_STATE, name)
+        extra = dict(state.extra or {})
+        if per.get("paused"):
+            since = (extra.get("paused") or {}).get("since") or per["paused"]["at"]
+            extra["paused"] = {**per["paused"], "since": since}
+        elif sent_something:
+            extra.pop("paused", None)
+        if per.get("refresh_token_expires_at"):
+            extra["refresh_token_expires_at"] = per["refresh_token_expires_at"]
+        state.extra = extra
+        session.add(state)
+
+
+def destination_states(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Destination name -> what the export last recorded about it (see `_record_state`)."""
+    with session_scope(ctx.engine) as session:
+        found = session.execute(select(SyncState.object_type, SyncState.extra).where(  # type: ignore[call-overload]
+            SyncState.source == DESTINATION_STATE)).all()
+    return {name: extra or {} for name, extra in found}
+
+
+def _state_row(session: Any, source: str, key: str) -> SyncState:
+    """The `sync_state` row (source, key), created with `ON CONFLICT DO NOTHING` and locked, so
+    two writers starting together cannot collide on its key."""
+    table = SyncState.__table__  # type: ignore[attr-defined]
+    session.execute(_insert_for(session, table).values(
+        source=source, object_type=key, extra={}).on_conflict_do_nothing())
+    return session.get(SyncState, (source, key), with_for_update=True, populate_existing=True)
 
 
 def _totals(built: dict[str, int]) -> dict[str, Any]:
@@ -174,10 +216,7 @@ def _pause(per: dict[str, Any], dest: BaseDestination, exc: FatalDestinationErro
 def _advance_watermark(session: Any, key: str, now: datetime) -> datetime | None:
     """Move the outbox build watermark to `now`; return the previous one. The row is created with
     `ON CONFLICT DO NOTHING`, so two builders starting together cannot collide on its key."""
-    table = SyncState.__table__  # type: ignore[attr-defined]
-    session.execute(_insert_for(session, table).values(
-        source="outbox", object_type=key, extra={}).on_conflict_do_nothing())
-    state = session.get(SyncState, ("outbox", key), with_for_update=True)
+    state = _state_row(session, "outbox", key)
     since = state.cursor_updated_at
     state.cursor_updated_at, state.last_success_at = now, now
     session.add(state)
