@@ -67,6 +67,18 @@ _BACKOFF_CAP = 6 * 3600.0
 _RULES_CHUNK = 20_000  # outbox rows checked per read in apply_rules
 
 
+def adjustment_support(settings: Any) -> dict[str, dict[str, bool]]:
+    """Destination name -> whether its platform can restate a sent conversion's value and
+    retract it (lost deal, deleted lead), for the report. Data Manager restates (same
+    transactionId, new value) but documents no retraction; Meta, LinkedIn and manual files take
+    neither."""
+    out = {}
+    for name in settings.destinations:
+        takes = DESTINATIONS[settings.destination_kind(name)].adjustments
+        out[name] = {"can_restate": "restatement" in takes, "can_retract": "retraction" in takes}
+    return out
+
+
 def build_destination(ctx: Context, name: str) -> BaseDestination:
     cfg = ctx.settings.destinations[name]
     cls = DESTINATIONS[ctx.settings.destination_kind(name)]
