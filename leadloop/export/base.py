@@ -231,6 +231,7 @@ class BaseDestination:
                                  ("client_id_env", "client_secret_env", "refresh_token_env")
                                  if getattr(self.cfg, k)},
                     retriable=RetryLater, fatal=FatalDestinationError,
+                    wall_clock=lambda: self._clock().timestamp(),
                 )
             return {"Authorization": f"Bearer {self._oauth.token()}"}
         token = self.secret("token_env")
@@ -265,9 +266,17 @@ class BaseDestination:
 
     def post(self, url: str, payload: dict[str, Any], headers: dict[str, str],
              params: dict[str, str] | None = None) -> requests.Response:
+        """POST `payload` as JSON. A 401 on an OAuth-refreshed token (expired early, revoked)
+        refreshes it once and sends again."""
         try:
-            return self.http.post(url, data=json.dumps(payload), params=params,
-                                  headers={"Content-Type": "application/json", **headers})
+            response = self.http.post(url, data=json.dumps(payload), params=params,
+                                      headers={"Content-Type": "application/json", **headers})
+            if response.status_code == 401 and self._oauth is not None:
+                self._oauth.invalidate()
+                headers = {**headers, "Authorization": f"Bearer {self._oauth.token()}"}
+                response = self.http.post(url, data=json.dumps(payload), params=params,
+                                          headers={"Content-Type": "application/json", **headers})
+            return response
         except requests.RequestException as exc:
             raise RetryLater(f"destination {self.name}: {type(exc).__name__} reaching the platform"
                              ) from None

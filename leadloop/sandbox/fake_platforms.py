@@ -78,6 +78,7 @@ class FakePlatforms:
         self._async: tuple[str, dict[str, int]] | None = None
         self._tokens: dict[str, dict[str, datetime]] = defaultdict(dict)  # kind -> token -> expiry
         self._token_life: dict[str, float] = {}
+        self._refresh_life = 365 * 86400.0
         self.token_requests: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.echo_token = False
         self.urls: dict[str, str] = {}
@@ -149,10 +150,13 @@ class FakePlatforms:
         with these error counts in `requestStatus:retrieve`; None goes back to normal."""
         self._async = None if status is None else (status, dict(reasons or {}))
 
-    def oauth(self, kind: str, lifetime: float = 3600.0) -> None:
+    def oauth(self, kind: str, lifetime: float = 3600.0, refresh_lifetime: float = 365 * 86400.0
+              ) -> None:
         """Serve the token endpoint of `kind` (microsoft, linkedin) and require its tokens: each
-        refresh grant issues a new access token valid `lifetime` seconds of the fake's clock."""
+        refresh grant issues a new access token valid `lifetime` seconds of the fake's clock
+        (LinkedIn also announces `refresh_token_expires_in` = `refresh_lifetime`)."""
         self._token_life[kind] = lifetime
+        self._refresh_life = refresh_lifetime
 
     def expire_tokens(self, kind: str) -> None:
         """Every access token of `kind` issued so far is now expired."""
@@ -221,7 +225,7 @@ class FakePlatforms:
             body: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
                                     "expires_in": int(life), "refresh_token": form["refresh_token"]}
             if kind == "linkedin":
-                body["refresh_token_expires_in"] = 30 * 86400
+                body["refresh_token_expires_in"] = int(self._refresh_life)
             return Reply(200, body)
 
         return grant
