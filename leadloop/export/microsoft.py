@@ -8,7 +8,9 @@ restatements and retractions; times in UTC; ≤ 1,000 per request. Per-row probl
 Every error name matched here is one of Microsoft's published operation error codes
 (https://learn.microsoft.com/advertising/guides/operation-error-codes; numbers in comments), and
 `tests/test_export_microsoft.py` checks them against that list. A goal created less than two hours
-ago refuses conversions (`OfflineConversionNotAcceptedForGoal`): the row is retried after the wait.
+ago refuses conversions (`OfflineConversionNotAcceptedForGoal`, 5615; the offline conversion daily
+summary names the same condition `OfflineConversionGoalTooRecent`): the row is retried after the
+wait, not rejected.
 Microsoft ignores a duplicate (same click id, goal and time) silently, so no code means "exists".
 
 Access tokens come from the Microsoft identity platform (refresh-token grant, about an hour
@@ -36,6 +38,7 @@ TOKEN_URL = "https://login.microsoftonline.com/common/oauth2/v2.0/token"
 SCOPE = "https://ads.microsoft.com/msads.manage offline_access"
 RETRY_AFTER = {
     "OfflineConversionNotAcceptedForGoal": 2 * 3600.0,  # 5615: the 2-hour wait after a goal is created
+    "OfflineConversionGoalTooRecent": 2 * 3600.0,  # the same, as the daily summary status names it
     "InternalError": 300.0,  # 0
     "CallRateExceeded": 60.0,  # 117
     "OfflineConversionsApplyFailed": 300.0,  # 5612: could not reach Microsoft's internal server
