@@ -9,7 +9,9 @@ crashed stops renewing, and once `expires_at` has passed anyone may take the lea
 One sender at a time: every command that writes the outbox or talks to an ad platform outside the
 daemon (`export`, `run --once`) holds the same lease for its duration (`exclusive`), renewing it
 from a heartbeat thread, so it never runs beside the daemon or another such command. Without
-`--wait` it refuses at once and says who holds the lease; with `--wait` it waits for it.
+`--wait` it refuses at once and says who holds the lease; with `--wait` it waits for it. A
+holder on the same host whose process is gone (killed with SIGKILL) is taken over at once instead
+of waiting for its lease to expire.
 """
 
 from __future__ import annotations
@@ -115,6 +117,22 @@ def holder(engine: Engine) -> LeaseInfo | None:
     return LeaseInfo(*row) if row else None
 
 
+def _dead_here(owner: str) -> bool:
+    """True when `owner` (see `make_owner`) ran on this host and its process no longer exists: a
+    holder killed with SIGKILL, whose lease need not be waited out."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 @contextmanager
 def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
               now: Callable[[], datetime], stop: threading.Event) -> Iterator[str | None]:
@@ -132,6 +150,10 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
         info = holder(engine)
         if info is None:
             continue  # released between our two statements
+        if _dead_here(info.owner):
+            log.warning("taking over the lease of %s: that process on this host is gone", info.owner)
+            release(engine, info.owner)
+            continue
         if not wait:
             raise LeaseHeldError(
                 f"{purpose} needs the lease on this database, held by {info.describe(now())}",

@@ -135,3 +135,24 @@ def test_the_outbox_watermark_row_cannot_collide(engine: Any) -> None:
         first.commit()
     with Session(engine) as s:
         assert s.get(SyncState, ("outbox", "k")).cursor_updated_at == NOW + timedelta(minutes=1)  # type: ignore[union-attr]
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(sqlite_engine: Any) -> None:
+    import os
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer exists
+    dead = f"{socket.gethostname()}:{gone.pid}:deadbeef (export)"
+    stop = threading.Event()
+    assert lease.acquire(sqlite_engine, dead, timedelta(hours=1), NOW)
+    with lease.exclusive(sqlite_engine, "export", ttl=TTL, wait=False, now=lambda: NOW,
+                         stop=stop) as owner:
+        assert owner is not None and owner.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+    # a live holder (this very process under another tag) is not taken over
+    alive = f"{socket.gethostname()}:{os.getppid()}:cafe (export)"
+    assert lease.acquire(sqlite_engine, alive, timedelta(hours=1), NOW)
+    with pytest.raises(LeaseHeldError), lease.exclusive(
+            sqlite_engine, "export", ttl=TTL, wait=False, now=lambda: NOW, stop=stop):
+        pass
