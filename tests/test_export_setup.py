@@ -5,6 +5,7 @@ error pointing at a row rejects that row."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def _rejected(engine: Any) -> int:
     ("msads", "OfflineConversionNameInvalid", "offline conversion goals"),
     ("msads", "InvalidCredentials", "OAuth credentials"),
     ("li", "ACCESS_DENIED", "rw_conversions"),
+    ("li", "NONEXISTENT_VERSION", "api_version"),
 ])
 def test_an_account_not_set_up_pauses_the_destination(sqlite_engine: Any, fakes: FakePlatforms,
                                                       tmp_path: Path, name: str, code: str,
@@ -146,3 +148,43 @@ def test_google_click_not_found_is_final(sqlite_engine: Any, fakes: FakePlatform
     fakes.reject("google_ads", order_id("gads", "hubspot", "1001", "Qualified", 0), "CLICK_NOT_FOUND")
     result = run_export(make_ctx(sqlite_engine, fakes, tmp_path))
     assert result["rejected"] == 1 and result["failed"] == 0
+
+
+def test_cli_status_exits_1_and_names_the_fix(tmp_path: Path, fakes: FakePlatforms,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from leadloop.cli import cli
+    from leadloop.store import make_engine
+
+    db = tmp_path / "ll.db"
+    config = tmp_path / "leadloop.toml"
+    config.write_text(f"""
+[database]
+url = "sqlite:///{db}"
+[crm]
+kind = "hubspot"
+token_env = "LL_TEST_HUBSPOT"
+[destinations.gdm]
+kind = "google_data_manager"
+operating_account_id = "1234567890"
+base_url = "{fakes.urls['google_data_manager']}"
+[[stages]]
+name = "Qualified"
+crm_values = ["salesqualifiedlead"]
+field = "lifecyclestage"
+macro = true
+value = 10.0
+destinations = {{ gdm = "7001" }}
+""")
+    monkeypatch.setenv("LL_TEST_HUBSPOT", "x")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["-c", str(config), "status"]).exit_code == 0  # creates the store
+    full_lead(make_engine(f"sqlite:///{db}"), 1, age=timedelta(hours=2))
+    fakes.setup_error("google_data_manager", "TERMS_AND_CONDITIONS_NOT_SIGNED")
+    export = runner.invoke(cli, ["-c", str(config), "export"])
+    assert export.exit_code == 1 and "customer data terms" in export.output
+    status = runner.invoke(cli, ["-c", str(config), "status"])
+    assert status.exit_code == 1
+    assert "PAUSED gdm: paused by the platform (TERMS_AND_CONDITIONS_NOT_SIGNED): accept Google's " \
+           "customer data terms" in status.output

@@ -206,9 +206,11 @@ class DataManagerDestination(BaseDestination):
         return BatchRejected(status_name, message)
 
     def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+        """`settle` for this destination (a pause's fix names it)."""
         outcome, code, text, retry_after = settle(diagnostics)
-        return outcome, code, text.format(name=self.name) if outcome == "paused" and text else text, \
-            retry_after
+        if outcome == "paused" and text:
+            text = text.format(name=self.name)
+        return outcome, code, text, retry_after
 
     def diagnose(self, request_id: str) -> dict[str, Any] | None:
         """Status of an ingested request: SUCCESS, PROCESSING, PARTIAL_SUCCESS or FAILED, with
