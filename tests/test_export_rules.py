@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from leadloop.export import run_export
+from leadloop.report.data import build_report_data
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
 from leadloop.tables import ConversionStatus, StageChange
@@ -85,6 +86,7 @@ def test_denied_consent_without_consent_required_is_not_counted_as_an_identity(
     assert "userIdentifiers" not in text and "SHA256_EMAIL" not in text
 
 
+@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # report: leads without utm
 @pytest.mark.parametrize("amount", ["-5", "Infinity", "1e308", "200000001"])
 def test_values_out_of_range_are_held_with_a_named_rule(
         sqlite_engine: Any, fakes: FakePlatforms, tmp_path: Path, amount: str) -> None:
@@ -98,6 +100,9 @@ def test_values_out_of_range_are_held_with_a_named_rule(
     assert [(r.status, r.hold_rule, r.value) for r in won] == [
         (ConversionStatus.held, "value_out_of_range", None)]
     assert result["sent"] == 1  # the Qualified conversion went out
+    holds = build_report_data(ctx).holds
+    assert holds.to_dict("records") == [
+        {"destination": "gads", "hold_rule": "value_out_of_range", "n": 1}]  # counted in the report
     # the CRM is corrected: the row is released with the sane value
     with session_scope(sqlite_engine) as s:
         s.execute(update(StageChange).where(StageChange.value == "closedwon")  # type: ignore[arg-type]
