@@ -178,19 +178,41 @@ def validate(click_ctx: click.Context, csv_path: str | None, label: str | None,
               "--out/payloads/<destination>/, use validate-only modes, and send nothing for real.")
 @click.option("--out", type=click.Path(file_okay=False), default="leadloop-dry-run",
               show_default=True, help="With --dry-run: where the payload files go.")
+@click.option("--wait", is_flag=True, help="If the daemon (or another export) holds the lease on "
+              "this database, wait for it instead of refusing.")
 @click.pass_context
 @handle_errors
-def export(click_ctx: click.Context, dry_run: bool, out: str) -> None:
+def export(click_ctx: click.Context, dry_run: bool, out: str, wait: bool) -> None:
     """Build conversions for qualified stages and upload them to the configured platforms.
 
-    Uploads are idempotent: each conversion has a deterministic order id and is sent once.
+    Uploads are idempotent: each conversion has a deterministic order id and is sent once. One
+    sender at a time: export takes the database's lease (or waits for it with --wait). A dry run
+    changes nothing in the store and is not recorded as a run.
 
     Example: leadloop -c leadloop.toml export --dry-run --out /tmp/payloads
     """
-    from leadloop.jobs import run_job
-
     ctx = _context(click_ctx, dry_run=dry_run, out_dir=Path(out) if dry_run else None)
-    sys.exit(_print_results([run_job(ctx, "export")]))
+    with _lease(ctx, "export", wait) as owner:
+        if owner is None:
+            return
+        if dry_run:
+            from leadloop.context import JobResult
+            from leadloop.export import run_export
+
+            sys.exit(_print_results([JobResult("export", counts=run_export(ctx))]))
+        from leadloop.jobs import run_job
+
+        sys.exit(_print_results([run_job(ctx, "export")]))
+
+
+def _lease(ctx: Any, purpose: str, wait: bool) -> Any:
+    """The database's lease for a command that sends or writes the outbox (see leadloop.lease)."""
+    from datetime import timedelta
+
+    from leadloop.lease import exclusive
+
+    return exclusive(ctx.engine, purpose, ttl=timedelta(seconds=ctx.settings.schedule.lease_seconds),
+                     wait=wait, now=ctx.now, stop=ctx.stop)
 
 
 @cli.command()
@@ -229,26 +251,32 @@ def status(click_ctx: click.Context, as_json: bool) -> None:
     ctx = _context(click_ctx)
     data = collect_status(ctx)
     click.echo(json.dumps(data, indent=2, default=str) if as_json else format_status(data))
-    sys.exit(EXIT_FAILED if data.get("failed_jobs") or data.get("interrupted_jobs") else EXIT_OK)
+    paused = any(a["level"] == "paused" for a in data.get("destination_alerts") or [])
+    failed = data.get("failed_jobs") or data.get("interrupted_jobs") or paused
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Run one full cycle (sync, score, validate, export, "
               "report) and exit.")
-@click.option("--wait", is_flag=True, help="If another daemon holds the lease, wait for it.")
+@click.option("--wait", is_flag=True, help="If another daemon (or an export) holds the lease, "
+              "wait for it.")
 @click.pass_context
 @handle_errors
 def run(click_ctx: click.Context, once: bool, wait: bool) -> None:
     """Run leadloop: as a daemon on the [schedule] of the config, or one cycle with --once.
 
-    One daemon per database (a lease in the store); SIGTERM/SIGINT finish the batch in
-    flight, commit, and exit 0.
+    One daemon per database (a lease in the store); `run --once` takes the same lease for its
+    cycle. SIGTERM/SIGINT finish the batch in flight, commit, and exit 0.
     """
     if once:
         from leadloop.jobs import run_cycle
 
         ctx = _context(click_ctx)
-        sys.exit(_print_results(run_cycle(ctx)))
+        with _lease(ctx, "run --once", wait) as owner:
+            if owner is None:
+                return
+            sys.exit(_print_results(run_cycle(ctx)))
     from leadloop.daemon import run_daemon
 
     ctx = _context(click_ctx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,6 +198,10 @@ class StageConfig(_Model):
         default_factory=dict,
         description="destination name -> conversion action (id, event name, goal or rule id)",
     )
+    min_value: float = Field(0.0, description="a value below this is held (value_out_of_range)")
+    max_value: float = Field(
+        100_000_000.0, description="a value above this is held (value_out_of_range), e.g. a typo"
+    )
 
     @field_validator("currency")
     @classmethod
@@ -266,7 +270,14 @@ class DestinationConfig(_Model):
     linked_account_id: str | None = None
     account_id: str | None = None
     dataset_id: str | None = None
-    api_version: str | None = None
+    api_version: str | None = Field(
+        None, description="the platform's API version; linkedin: LinkedIn-Version YYYYMM (default in "
+        "leadloop/export/linkedin.py; `status` warns 60 days before its sunset)")
+    token_expires_on: date | None = Field(
+        None, description="when the access (or refresh) token expires; `status` warns 14 days before")
+    conversion_window_days: int | None = Field(
+        None, ge=1, description="upload conversions at most this many days old (default and "
+        "maximum: the platform's window)")
     lead_event_source: str = "leadloop"
     batch_size: int | None = Field(None, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)

@@ -5,23 +5,36 @@ One row in `daemon_lease` (name "daemon") says who runs the schedule. Taking it 
 SQLite (3.35+) and PostgreSQL execute atomically: of two daemons racing for a free or expired
 lease exactly one gets a row back. The holder renews the expiry with a heartbeat; a holder that
 crashed stops renewing, and once `expires_at` has passed anyone may take the lease over.
+
+One sender at a time: every command that writes the outbox or talks to an ad platform outside the
+daemon (`export`, `run --once`) holds the same lease for its duration (`exclusive`), renewing it
+from a heartbeat thread, so it never runs beside the daemon or another such command. Without
+`--wait` it refuses at once and says who holds the lease; with `--wait` it waits for it. A
+holder on the same host whose process is gone (killed with SIGKILL) is taken over at once instead
+of waiting for its lease to expire.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
 
+from leadloop.errors import LeaseHeldError
 from leadloop.store import _insert_for, session_scope
 from leadloop.tables import DaemonLease
 
 LEASE_NAME = "daemon"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,3 +115,73 @@ def holder(engine: Engine) -> LeaseInfo | None:
             .where(table.c.name == LEASE_NAME)
         ).first()
     return LeaseInfo(*row) if row else None
+
+
+def _dead_here(owner: str) -> bool:
+    """True when `owner` (see `make_owner`) ran on this host and its process no longer exists: a
+    holder killed with SIGKILL, whose lease need not be waited out."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@contextmanager
+def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
+              now: Callable[[], datetime], stop: threading.Event) -> Iterator[str | None]:
+    """Hold the database's lease while a command (`purpose`, e.g. "export") runs.
+
+    Refuses with `LeaseHeldError` naming the holder when the lease is live and `wait` is False;
+    otherwise polls until it is free, and yields None (do nothing) if `stop` is set meanwhile;
+    else yields the owner name it holds the lease under. A heartbeat thread renews the lease every third of
+    `ttl`; if it is lost anyway (the process stalled past `ttl`), `stop` is set so the command
+    ends after its batch in flight. The lease is released on exit."""
+    owner = f"{make_owner()} ({purpose})"
+    poll = max(0.2, min(5.0, ttl.total_seconds() / 3))
+    announced = False
+    while not acquire(engine, owner, ttl, now()):
+        info = holder(engine)
+        if info is None:
+            continue  # released between our two statements
+        if _dead_here(info.owner):
+            log.warning("taking over the lease of %s: that process on this host is gone", info.owner)
+            release(engine, info.owner)
+            continue
+        if not wait:
+            raise LeaseHeldError(
+                f"{purpose} needs the lease on this database, held by {info.describe(now())}",
+                hint=f"wait for it with `{purpose} --wait`, or stop the holder first (a crashed "
+                f"holder's lease expires after [schedule] lease_seconds = {ttl.total_seconds():.0f})")
+        if not announced:
+            log.info("%s is waiting for the lease held by %s", purpose, info.describe(now()))
+            announced = True
+        if stop.wait(poll):
+            yield None
+            return
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(ttl.total_seconds() / 3):
+            try:
+                if not renew(engine, owner, ttl, now()):
+                    log.error("%s lost the lease; stopping after the batch in flight", purpose)
+                    stop.set()
+                    return
+            except Exception as exc:  # database unreachable: keep trying while the lease lasts
+                log.warning("lease heartbeat failed (%s); retrying", type(exc).__name__)
+
+    beat = threading.Thread(target=heartbeat, name=f"leadloop-lease-{purpose}", daemon=True)
+    beat.start()
+    try:
+        yield owner
+    finally:
+        done.set()
+        beat.join()
+        release(engine, owner)

@@ -86,6 +86,7 @@ def collect_status(ctx: Context) -> dict[str, Any]:
         },
         "jobs": jobs,
         "conversions": _conversions(ctx),
+        "destination_alerts": destination_alerts(ctx),
         "failed_jobs": sorted(n for n, r in runs.items() if r.outcome == JobOutcome.failed),
         "interrupted_jobs": sorted(crashed),
     }
@@ -146,8 +147,54 @@ def format_status(data: dict[str, Any]) -> str:
             lines.append(f"{dest:<20}" + "".join(f"{by_status[s]:>10}" for s in STATUSES))
     else:
         lines.append("conversions: no destinations configured")
+    for alert in data.get("destination_alerts") or []:
+        lines.append(f"{alert['level'].upper()} {alert['destination']}: {alert['message']}")
     if data["failed_jobs"]:
         lines += ["", f"FAILED (last run): {', '.join(data['failed_jobs'])}"]
     if data.get("interrupted_jobs"):
         lines += ["", f"INTERRUPTED (last run killed or crashed): {', '.join(data['interrupted_jobs'])}"]
     return "\n".join(lines)
+
+
+LINKEDIN_VERSION_WARN_DAYS = 60
+TOKEN_WARN_DAYS = 14
+
+
+def destination_alerts(ctx: Context) -> list[dict[str, str]]:
+    """What needs a person, per destination: a pause by the platform (level "paused", with the
+    fix in one sentence; `status` exits 1), a LinkedIn-Version within 60 days of its sunset, and
+    credentials within 14 days of their known expiry (level "warning")."""
+    from leadloop.export import destination_states
+    from leadloop.export.linkedin import API_VERSION, sunset
+
+    now = ctx.now()
+    per = destination_states(ctx)
+    alerts = []
+    for name, cfg in ctx.settings.destinations.items():
+        if not cfg.enabled:
+            continue
+        paused = (per.get(name) or {}).get("paused")
+        if paused:
+            alerts.append({"destination": name, "level": "paused", "code": paused["code"],
+                           "message": f"paused by the platform ({paused['code']}): {paused['fix']}; "
+                                      "its conversions stay due and the next run retries"})
+        if ctx.settings.destination_kind(name) == "linkedin":
+            version = cfg.api_version or API_VERSION
+            ends = sunset(version)
+            if ends is None:
+                alerts.append({"destination": name, "level": "warning", "code": "LINKEDIN_VERSION",
+                               "message": f"api_version {version!r} is not a LinkedIn-Version (YYYYMM)"})
+            elif (ends - now.date()).days <= LINKEDIN_VERSION_WARN_DAYS:
+                alerts.append({"destination": name, "level": "warning", "code": "LINKEDIN_VERSION",
+                               "message": f"LinkedIn-Version {version} is sunset on {ends.isoformat()}: "
+                                          f"set api_version of [destinations.{name}] to a newer one"})
+        expiries = [(cfg.token_expires_on, "token_expires_on")]
+        known = (per.get(name) or {}).get("refresh_token_expires_at")
+        if known:
+            expiries.append((datetime.fromisoformat(known).date(), "the refresh token"))
+        for when, what in expiries:
+            if when is not None and (when - now.date()).days <= TOKEN_WARN_DAYS:
+                alerts.append({"destination": name, "level": "warning", "code": "TOKEN_EXPIRY",
+                               "message": f"credentials expire on {when.isoformat()} ({what}): renew "
+                                          f"them before then"})
+    return alerts

@@ -100,6 +100,55 @@ def test_data_manager_body_parses_strictly_and_canonically() -> None:
     assert body["events"][4]["consent"]["adUserData"] == "CONSENT_DENIED"
 
 
+def test_data_manager_restatement_parses_and_reuses_the_transaction_id() -> None:
+    from google.ads import datamanager_v1
+
+    restated = row(7, kind="restatement", revision=1, order_id="f" * 32,
+                   original_order_id="a" * 32, value=Decimal("1500"))
+    body = dm().build_payload([restated])
+    assert canonical_problems(datamanager_v1.IngestEventsRequest, body) == []
+    (ev,) = body["events"]
+    assert ev["transactionId"] == "a" * 32 and ev["conversionValue"] == 1500.0
+    assert ev["lastUpdatedTimestamp"] == "2026-11-20T13:05:07Z"
+
+
+def test_data_manager_error_names_are_the_sdks() -> None:
+    from google.ads import datamanager_v1
+
+    from leadloop.export import google_data_manager as gdm
+
+    reasons = {m.name for m in datamanager_v1.ErrorReason}
+    assert set(gdm.SETUP) <= reasons, set(gdm.SETUP) - reasons
+    processing = {m.name for m in datamanager_v1.ProcessingErrorReason}
+    used = set(gdm.ASYNC_SETUP) | gdm._DUPLICATE | set(gdm._RETRY)
+    assert used <= processing, used - processing
+
+
+def test_google_ads_error_names_are_the_sdks() -> None:
+    from google.ads.googleads.v26.errors.types import (
+        authorization_error,
+        conversion_adjustment_upload_error,
+        conversion_upload_error,
+        database_error,
+        internal_error,
+        not_allowlisted_error,
+    )
+
+    from leadloop.export import google_ads
+
+    enums = [conversion_upload_error.ConversionUploadErrorEnum.ConversionUploadError,
+             conversion_adjustment_upload_error.ConversionAdjustmentUploadErrorEnum
+             .ConversionAdjustmentUploadError,
+             authorization_error.AuthorizationErrorEnum.AuthorizationError,
+             not_allowlisted_error.NotAllowlistedErrorEnum.NotAllowlistedError,
+             database_error.DatabaseErrorEnum.DatabaseError,
+             internal_error.InternalErrorEnum.InternalError]
+    names = {m.name for enum in enums for m in enum}
+    used = set(google_ads.SETUP) | set(google_ads.RETRY_AFTER) | google_ads.DUPLICATE
+    assert used <= names, used - names
+    assert "CLICK_NOT_FOUND" not in google_ads.RETRY_AFTER  # final, not retried to death
+
+
 def test_data_manager_single_action_has_no_references() -> None:
     body = dm().build_payload(VARIANTS[:2])
     assert "reference" not in body["destinations"][0]

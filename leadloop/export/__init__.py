@@ -6,6 +6,16 @@ vendor-sized batches, committing after each batch and stopping between batches w
 was requested, and (4) returns counts. A crash between a send and its commit re-sends the same
 rows under the same order ids next run; the platforms deduplicate them, and their "already
 exists" answer is recorded as sent.
+
+A destination whose platform refuses the account or its setup (`DestinationPaused`, or a row
+answer with outcome "paused") stops after that request: its rows stay due and untouched, its
+counts carry `paused` {code, fix} (what `leadloop status` shows), and the next run tries again.
+Rows waiting for a retry are checked against the platform rules again before they are re-sent,
+so a window that closed meanwhile holds them. Vendor error text is redacted (secrets, bearer
+tokens, e-mails) before it is stored.
+
+`ctx.dry_run` changes nothing in the store: the outbox is built and checked inside a transaction
+that is rolled back, and only the request bodies are written (and validate-only requests sent).
 """
 
 from __future__ import annotations
@@ -20,10 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, union
+from sqlmodel import Session
 
 from leadloop.context import Context
 from leadloop.errors import FatalDestinationError
-from leadloop.export.base import BaseDestination, BatchRejected, OutRow, RetryLater, RowResult
+from leadloop.export.base import (
+    BaseDestination,
+    BatchRejected,
+    DestinationPaused,
+    OutRow,
+    RetryLater,
+    RowResult,
+)
 from leadloop.export.csv_files import CsvFilesDestination
 from leadloop.export.google_ads import GoogleAdsDestination
 from leadloop.export.google_data_manager import DataManagerDestination
@@ -33,7 +51,8 @@ from leadloop.export.microsoft import MicrosoftDestination
 from leadloop.export.outbox import BUILD_RULES, _bulk_update, build_outbox, changed_leads, load_rows
 from leadloop.export.rules import CLEAR_WITH_TIME, check
 from leadloop.progress import track
-from leadloop.store import id_chunks, session_scope
+from leadloop.redact import redact_text, scrub_payload
+from leadloop.store import _insert_for, id_chunks, session_scope
 from leadloop.tables import Conversion, ConversionStatus, RejectedRecord, SyncState
 
 log = logging.getLogger(__name__)
@@ -46,6 +65,18 @@ DESTINATIONS: dict[str, type[BaseDestination]] = {
 _BACKOFF_START = 300.0  # seconds before the first retry of a transient failure
 _BACKOFF_CAP = 6 * 3600.0
 _RULES_CHUNK = 20_000  # outbox rows checked per read in apply_rules
+
+
+def adjustment_support(settings: Any) -> dict[str, dict[str, bool]]:
+    """Destination name -> whether its platform can restate a sent conversion's value and
+    retract it (lost deal, deleted lead), for the report. Data Manager restates (same
+    transactionId, new value) but documents no retraction; Meta, LinkedIn and manual files take
+    neither."""
+    out = {}
+    for name in settings.destinations:
+        takes = DESTINATIONS[settings.destination_kind(name)].adjustments
+        out[name] = {"can_restate": "restatement" in takes, "can_retract": "retraction" in takes}
+    return out
 
 
 def build_destination(ctx: Context, name: str) -> BaseDestination:
@@ -94,19 +125,15 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
     now = ctx.now()
     dests = {name: build_destination(ctx, name)
              for name, cfg in settings.destinations.items() if cfg.enabled}
+    if ctx.dry_run:
+        return _dry_run(ctx, dests, now)
     # Incremental: only leads changed since the last build (same config) are rebuilt and
     # re-checked. The watermark is the previous build's start, stored with the build itself.
     with session_scope(ctx.engine) as session:
-        state = session.get(SyncState, ("outbox", _outbox_key(ctx, dests))) or SyncState(
-            source="outbox", object_type=_outbox_key(ctx, dests))
-        since = state.cursor_updated_at
-        built = build_outbox(session, settings, {n: d.supports_adjustments for n, d in dests.items()},
+        since = _advance_watermark(session, _outbox_key(ctx, dests), now)
+        built = build_outbox(session, settings, {n: d.adjustments for n, d in dests.items()},
                              now, ctx.job_run_id, changed_since=since)
-        state.cursor_updated_at, state.last_success_at = now, now
-        session.add(state)
-    totals: dict[str, Any] = {**built, "held": 0, "sent": 0, "rejected": 0, "failed": 0, "dead": 0,
-                              "requests": 0, "destinations": {}}
-    fatal: list[str] = []
+    totals = _totals(built)
     for name, dest in dests.items():
         if ctx.stopping:
             break
@@ -116,19 +143,136 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
         try:
             per.update(_send_due(ctx, dest, now))
         except FatalDestinationError as exc:
-            per["error"] = exc.message
-            fatal.append(exc.message)
-            log.error("%s", exc.message)
-        totals["destinations"][name] = per
-        for key in ("held", "sent", "rejected", "failed", "dead", "requests"):
-            totals[key] += per.get(key, 0)
-    if fatal:
-        raise FatalDestinationError("; ".join(fatal), hint="the other destinations were exported")
+            _pause(per, dest, exc, now)
+        per["held"] += per.get("held_before_retry", 0)
+        _record_state(ctx, name, per)
+        _add(totals, name, per)
+    return _finish(totals)
+
+
+DESTINATION_STATE = "destination"  # sync_state.source of the per-destination state rows
+
+
+def _record_state(ctx: Context, name: str, per: dict[str, Any]) -> None:
+    """Keep what `leadloop status` shows about a destination in `sync_state` (source
+    "destination"): the pause and its fix, cleared once a request goes through again, and the
+    refresh token's announced expiry."""
+    sent_something = per.get("requests", 0) > 0 and "paused" not in per
+    if not (per.get("paused") or sent_something or per.get("refresh_token_expires_at")):
+        return
+    with session_scope(ctx.engine) as session:
+        state = _state_row(session, DESTINATION_STATE, name)
+        extra = dict(state.extra or {})
+        if per.get("paused"):
+            since = (extra.get("paused") or {}).get("since") or per["paused"]["at"]
+            extra["paused"] = {**per["paused"], "since": since}
+        elif sent_something:
+            extra.pop("paused", None)
+        if per.get("refresh_token_expires_at"):
+            extra["refresh_token_expires_at"] = per["refresh_token_expires_at"]
+        state.extra = extra
+        session.add(state)
+
+
+def destination_states(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Destination name -> what the export last recorded about it (see `_record_state`)."""
+    with session_scope(ctx.engine) as session:
+        found = session.execute(select(SyncState.object_type, SyncState.extra).where(  # type: ignore[call-overload]
+            SyncState.source == DESTINATION_STATE)).all()
+    return {name: extra or {} for name, extra in found}
+
+
+def _state_row(session: Any, source: str, key: str) -> SyncState:
+    """The `sync_state` row (source, key), created with `ON CONFLICT DO NOTHING` and locked, so
+    two writers starting together cannot collide on its key."""
+    table = SyncState.__table__  # type: ignore[attr-defined]
+    session.execute(_insert_for(session, table).values(
+        source=source, object_type=key, extra={}).on_conflict_do_nothing())
+    return session.get(SyncState, (source, key), with_for_update=True, populate_existing=True)
+
+
+def _totals(built: dict[str, int]) -> dict[str, Any]:
+    return {**built, "held": 0, "sent": 0, "rejected": 0, "failed": 0, "dead": 0,
+            "requests": 0, "destinations": {}}
+
+
+def _add(totals: dict[str, Any], name: str, per: dict[str, Any]) -> None:
+    totals["destinations"][name] = per
+    for key in ("held", "sent", "rejected", "failed", "dead", "requests"):
+        totals[key] += per.get(key, 0)
+
+
+def _finish(totals: dict[str, Any]) -> dict[str, Any]:
+    """The totals, or a `FatalDestinationError` naming every paused destination and its fix (the
+    job fails, so `leadloop status` exits non-zero; the other destinations were exported)."""
+    paused = {n: p["paused"] for n, p in totals["destinations"].items() if p.get("paused")}
+    if paused:
+        log.info("export totals %s", {k: v for k, v in totals.items() if k != "destinations"})
+        raise FatalDestinationError(
+            "; ".join(f"destination {n} paused: {p['code']}: {p['fix']}" for n, p in paused.items()),
+            hint="rows stay due and the next run retries; the other destinations were exported")
     return totals
+
+
+def _pause(per: dict[str, Any], dest: BaseDestination, exc: FatalDestinationError,
+           now: datetime) -> None:
+    """Record in the destination's counts that the platform refused its account or setup."""
+    code = exc.code if isinstance(exc, DestinationPaused) else "CREDENTIALS"
+    fix = exc.fix if isinstance(exc, DestinationPaused) else (exc.hint or exc.message)
+    per["paused"] = {"code": code, "fix": redact_text(fix), "at": now.isoformat(),
+                     "detail": redact_text(exc.message)}
+    log.error("destination %s paused: %s (%s); its rows stay due, the next run retries",
+              dest.name, code, redact_text(fix))
+
+
+def _advance_watermark(session: Any, key: str, now: datetime) -> datetime | None:
+    """Move the outbox build watermark to `now`; return the previous one. The row is created with
+    `ON CONFLICT DO NOTHING`, so two builders starting together cannot collide on its key."""
+    state = _state_row(session, "outbox", key)
+    since = state.cursor_updated_at
+    state.cursor_updated_at, state.last_success_at = now, now
+    session.add(state)
+    return since
+
+
+def _dry_run(ctx: Context, dests: dict[str, BaseDestination], now: datetime) -> dict[str, Any]:
+    """Build, check and write the request bodies (validate-only where the platform has it) with
+    the store left exactly as it was: the build runs in a transaction that is rolled back before
+    anything is sent."""
+    due: dict[str, tuple[int, list[OutRow]]] = {}
+    with Session(ctx.engine) as session:
+        try:
+            key = _outbox_key(ctx, dests)
+            state = session.get(SyncState, ("outbox", key))
+            since = state.cursor_updated_at if state else None
+            built = build_outbox(session, ctx.settings, {n: d.adjustments for n, d in dests.items()},
+                                 now, changed_since=since)
+            for name, dest in dests.items():
+                held = apply_rules(session, dest, now, changed_since=since)
+                rows, newly_held = _sendable(session, dest, now)
+                due[name] = (held + len(newly_held), rows)
+        finally:
+            session.rollback()
+    totals = _totals(built)
+    for name, dest in dests.items():
+        held, rows = due[name]
+        per: dict[str, Any] = {"held": held}
+        try:
+            per.update(_send_rows(ctx, dest, rows, now, dry=True))
+        except FatalDestinationError as exc:
+            _pause(per, dest, exc, now)
+        _add(totals, name, per)
+    return _finish(totals)
 
 
 def rule_set(dest: BaseDestination) -> str:
     return f"file:{dest.cfg.file_platform}" if dest.kind == "csv_files" else dest.kind
+
+
+def _rule(dest: BaseDestination, row: OutRow, now: datetime) -> str | None:
+    cfg = dest.cfg
+    return check(rule_set(dest), row, now, consent_required=cfg.consent_required,
+                 send_user_data=cfg.send_user_data, window_days=cfg.conversion_window_days)
 
 
 def apply_rules(session: Any, dest: BaseDestination, now: datetime,
@@ -139,7 +283,6 @@ def apply_rules(session: Any, dest: BaseDestination, now: datetime,
     lead changed since then; pending rows are always checked. Rows are read in chunks, so memory
     stays flat with the outbox's size."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
-    kind = rule_set(dest)
     for rows in _rows_to_check(session, dest.name, changed_since):
         was = dict(session.execute(select(conv.c.id, conv.c.hold_rule).where(
             conv.c.destination == dest.name, conv.c.id.between(rows[0].id, rows[-1].id))).all())
@@ -147,8 +290,7 @@ def apply_rules(session: Any, dest: BaseDestination, now: datetime,
         for row in rows:
             if was.get(row.id) in BUILD_RULES:
                 continue
-            rule = check(kind, row, now, consent_required=dest.cfg.consent_required,
-                         send_user_data=dest.cfg.send_user_data)
+            rule = _rule(dest, row, now)
             if rule != was.get(row.id):
                 updates.append({"id": row.id, "hold_rule": rule,
                                 "status": ConversionStatus.held if rule else ConversionStatus.pending})
@@ -190,20 +332,48 @@ def _rows_to_check(session: Any, destination: str, changed_since: datetime | Non
             yield rows
 
 
-def _send_due(ctx: Context, dest: BaseDestination, now: datetime) -> dict[str, int]:
+def _sendable(session: Any, dest: BaseDestination, now: datetime
+              ) -> tuple[list[OutRow], list[dict[str, Any]]]:
+    """The due rows that still pass the platform rules, and the hold updates for those that no
+    longer do (a retry whose window closed while it waited: Meta's 7 days)."""
+    rows = load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.failed],
+                     due_before=now)
+    ok, holds = [], []
+    for row in rows:
+        rule = _rule(dest, row, now)
+        if rule is None:
+            ok.append(row)
+        else:
+            holds.append({"id": row.id, "status": ConversionStatus.held, "hold_rule": rule,
+                          "next_attempt_at": None})
+    return ok, holds
+
+
+def _send_due(ctx: Context, dest: BaseDestination, now: datetime) -> dict[str, Any]:
+    with session_scope(ctx.engine) as session:
+        rows, holds = _sendable(session, dest, now)
+        _bulk_update(session, holds, ctx.job_run_id)
+    counts = _send_rows(ctx, dest, rows, now, dry=bool(dest.cfg.dry_run))
+    if holds:
+        counts["held_before_retry"] = len(holds)
+    return counts
+
+
+def _send_rows(ctx: Context, dest: BaseDestination, rows: list[OutRow], now: datetime, *,
+               dry: bool) -> dict[str, Any]:
     cfg = dest.cfg
-    dry = ctx.dry_run or cfg.dry_run
+    dry = dry or ctx.dry_run
     validate = dest.has_validate_only and (cfg.validate_only or (dry and dest.has_credentials))
     writer = PayloadWriter(ctx.out_dir, dest.name)
-    with session_scope(ctx.engine) as session:
-        rows = load_rows(session, dest.name, [ConversionStatus.pending, ConversionStatus.failed],
-                         due_before=now)
     counts: Counter[str] = Counter(due=len(rows), min_requests=dest.min_requests(len(rows)))
+    paused: RowResult | None = None
     with track(f"export {dest.name}", total=len(rows)) as progress:
         for batch in dest.batches(rows):
             sender = _BatchSender(dest, writer, send=not dry or validate, validate=validate)
-            results = sender.run(batch)
-            counts["requests"] += sender.requests
+            try:
+                results = sender.run(batch)
+            finally:
+                counts["requests"] += sender.requests
             if validate or dry:
                 counts["validated" if validate else "written"] += len(batch)
                 counts["invalid"] += sum(r.outcome == "rejected" for r in results)
@@ -212,14 +382,23 @@ def _send_due(ctx: Context, dest: BaseDestination, now: datetime) -> dict[str, i
                     for key, n in _apply_results(ctx, session, dest, batch, results).items():
                         counts[key] += n
             progress.advance(len(batch))
-            if ctx.stopping:
-                log.info("stop requested: export of %s ends after a committed batch", dest.name)
+            paused = next((r for r in results if r.outcome == "paused"), None)
+            if paused is not None or ctx.stopping:
                 break
-    if not dry and not validate and hasattr(dest, "diagnose"):
-        counts["diagnosed"] = _diagnose(ctx, dest)
+    if not dry and not validate and hasattr(dest, "diagnose") and paused is None:
+        counts["diagnosed"], paused = _diagnose(ctx, dest)
     if writer.written:
         counts["files"] = writer.written
-    return dict(counts)
+    out: dict[str, Any] = dict(counts)
+    if getattr(dest, "refresh_token_expires_at", None):
+        out["refresh_token_expires_at"] = dest.refresh_token_expires_at.isoformat()
+    if paused is not None:
+        # Rows before the paused one were applied; the rest stay due. Raised after the commit.
+        raise DestinationPaused(dest.name, paused.platform_code or "SETUP", paused.message or "",
+                                f"{counts['requests']} request(s) spent")
+    if ctx.stopping:
+        log.info("stop requested: export of %s ended after a committed batch", dest.name)
+    return out
 
 
 class _BatchSender:
@@ -254,6 +433,14 @@ class _BatchSender:
                     for r in batch]
 
 
+def _redacted(res: RowResult) -> RowResult:
+    """`res` with the vendor's text run through the log redaction (tokens echoed by proxies or
+    WAFs, e-mails) before anything of it is stored."""
+    return RowResult(res.order_id, res.outcome, res.platform_code and redact_text(res.platform_code),
+                     redact_text(res.message) if res.message else res.message, res.retry_after,
+                     scrub_payload(res.response or {}), res.request_id)
+
+
 def _rejected(row: OutRow, exc: BatchRejected) -> RowResult:
     return RowResult(row.order_id, "rejected", exc.code, exc.detail)
 
@@ -271,8 +458,9 @@ def _apply_results(ctx: Context, session: Any, dest: BaseDestination, batch: Seq
     updates = []
     for res in results:
         row = by_order.get(res.order_id)
-        if row is None:
+        if row is None or res.outcome == "paused":  # a paused row stays due, untouched
             continue
+        res = _redacted(res)
         attempts, response = state[row.id]
         attempts += 1
         change: dict[str, Any] = {"id": row.id, "attempts": attempts,
@@ -309,8 +497,11 @@ def _apply_results(ctx: Context, session: Any, dest: BaseDestination, batch: Seq
     return counts
 
 
-def _diagnose(ctx: Context, dest: Any, limit: int = 50) -> int:
-    """Fetch the platform's asynchronous per-request status for rows still PROCESSING."""
+def _diagnose(ctx: Context, dest: Any, limit: int = 50) -> tuple[int, RowResult | None]:
+    """Fetch the platform's asynchronous per-request status for rows still PROCESSING and apply
+    what it means (`settle`): a FAILED request's rows are rejected, retried, or back to due with
+    the destination paused; a PARTIAL_SUCCESS request's rows stay sent but marked so. Returns the
+    number of requests settled and the pause, if any."""
     with session_scope(ctx.engine) as session:
         ids = [r for (r,) in session.execute(
             select(Conversion.request_id).where(  # type: ignore[call-overload]
@@ -318,16 +509,38 @@ def _diagnose(ctx: Context, dest: Any, limit: int = 50) -> int:
                 Conversion.request_id.is_not(None),  # type: ignore[union-attr]
             ).distinct().limit(limit)
         )]
-    done = 0
+    done, paused = 0, None
+    now = ctx.now()
     for request_id in ids:
         status = dest.diagnose(request_id)
         if status is None:
             continue
+        outcome, code, message, retry_after = dest.settle(status)
+        message = redact_text(message) if message else None
         with session_scope(ctx.engine) as session:
-            rows = session.execute(select(Conversion.id).where(  # type: ignore[call-overload]
+            rows = session.execute(select(  # type: ignore[call-overload]
+                Conversion.id, Conversion.order_id, Conversion.stage, Conversion.kind,
+                Conversion.conversion_action).where(
                 Conversion.destination == dest.name, Conversion.request_id == request_id)).all()
-            _bulk_update(session, [{"id": i, "platform_code": status["requestStatus"],
-                                    "platform_response": {"diagnostics": status}} for (i,) in rows],
-                         ctx.job_run_id)
+            change: dict[str, Any] = {"platform_code": code,
+                                      "platform_response": {"diagnostics": status}}
+            if outcome == "rejected":
+                change.update(status=ConversionStatus.rejected, last_error=message)
+                for r in rows:
+                    session.add(RejectedRecord(
+                        job_run_id=ctx.job_run_id, source=dest.name, object_type="conversion",
+                        record_ref=r.order_id, flow_stage="export", created_at=now,
+                        reason=f"{code}: {message}",
+                        payload={"stage": r.stage, "kind": str(r.kind), "request_id": request_id,
+                                 "conversion_action": r.conversion_action}))
+            elif outcome == "retry":
+                change.update(status=ConversionStatus.failed, last_error=message,
+                              next_attempt_at=now + timedelta(seconds=retry_after or _BACKOFF_START))
+            elif outcome == "paused":
+                change.update(status=ConversionStatus.pending, last_error=message, sent_at=None)
+                paused = RowResult(request_id, "paused", code, message)
+            elif message:
+                change["last_error"] = message
+            _bulk_update(session, [{"id": r.id, **change} for r in rows], ctx.job_run_id)
         done += 1
-    return done
+    return done, paused

@@ -4,11 +4,17 @@ A destination turns a batch of due outbox rows into ONE request body (`build_pay
 clock, no network, same rows in -> same body out) and sends it (`send`), answering one
 `RowResult` per row. A failure of the whole request is raised instead:
 
-- `BatchRejected`: the platform refused the request for its content (a fast-fail 400). When the
-  platform names the offending row (`row_index`), that row is rejected and the rest re-sent;
-  otherwise the export engine bisects the batch to isolate the bad row(s).
+- `BatchRejected`: the platform refused the request for one row's content (a fast-fail 400).
+  When the platform names the offending row (`row_index`), that row is rejected and the rest
+  re-sent; only a 400 that names no reason at all is bisected to isolate the bad row(s).
 - `RetriableDestinationError` (429, 5xx, network): every row is retried later with backoff.
-- `FatalDestinationError` (auth, configuration): the destination stops for this run, rows untouched.
+- `DestinationPaused` (a `FatalDestinationError`: credentials, account or setup — terms not
+  signed, unknown conversion action, no permission): the destination pauses for this run after
+  that one request. Its rows stay due, nothing is rejected, `leadloop status` names the fix, and
+  the next run tries again. A per-row answer that is really about the account (every row gets
+  it) is a `RowResult` with outcome "paused" and has the same effect.
+
+Each vendor module classifies its own documented error enums into those outcomes.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import requests
 
 from leadloop.errors import DestinationError, FatalDestinationError, RetriableDestinationError
 from leadloop.http import describe_response, retry_after_seconds
+from leadloop.redact import redact_text
 
-Outcome = Literal["sent", "rejected", "retry"]
+Outcome = Literal["sent", "rejected", "retry", "paused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,25 +92,46 @@ class RowResult:
 
 
 def classify_row(
-    order_id: str, code: str, message: str, *, duplicate: frozenset[str], retry_after: dict[str, float]
+    order_id: str, code: str, message: str, *, duplicate: frozenset[str], retry_after: dict[str, float],
+    setup: dict[str, str] | None = None,
 ) -> RowResult:
     """A platform's per-row error code as our outcome: "already there" counts as sent, known
-    transient codes are retried after their wait, anything else is a permanent rejection."""
+    transient codes are retried after their wait, account/setup codes pause the destination
+    (the row stays due; `message` becomes the fix), anything else is a permanent rejection."""
     if code in duplicate:
         return RowResult(order_id, "sent", code, message)
     if code in retry_after:
         return RowResult(order_id, "retry", code, message, retry_after[code])
+    if setup and code in setup:
+        return RowResult(order_id, "paused", code, setup[code])
     return RowResult(order_id, "rejected", code, message)
 
 
 class BatchRejected(DestinationError):
-    """The platform refused the whole request for its content (no per-row partial failure)."""
+    """The platform refused the whole request for a row's content (no per-row partial failure).
+
+    `row_index` names the row when the platform did; without it the batch is bisected."""
 
     def __init__(self, code: str, message: str, *, row_index: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.detail = message
         self.row_index = row_index
+
+
+class DestinationPaused(FatalDestinationError):
+    """The platform refused the request because of the account or its setup, not a row.
+
+    `fix` is one sentence saying what to change (shown by `leadloop status`); `code` is the
+    vendor's documented error name."""
+
+    def __init__(self, destination: str, code: str, fix: str, detail: str = "") -> None:
+        text = f"destination {destination} paused by the platform: {code}"
+        super().__init__(redact_text(f"{text} ({detail})" if detail else text),
+                         hint=f"{fix}; the next run retries")
+        self.destination = destination
+        self.code = code
+        self.fix = fix
 
 
 class RetryLater(RetriableDestinationError):
@@ -117,7 +145,7 @@ class RetryLater(RetriableDestinationError):
 class Destination(Protocol):
     name: str
     max_batch_size: int
-    supports_adjustments: bool
+    adjustments: frozenset[str]  # which revisions the platform takes: restatement, retraction
 
     def group_key(self, row: OutRow) -> str:
         """Rows of one request share this key (e.g. conversions vs adjustments)."""
@@ -138,7 +166,7 @@ class BaseDestination:
     kind: ClassVar[str] = ""
     default_base_url: ClassVar[str] = ""
     platform_max: ClassVar[int] = 1000
-    supports_adjustments: ClassVar[bool] = False
+    adjustments: ClassVar[frozenset[str]] = frozenset()  # restatement and/or retraction
     has_validate_only: ClassVar[bool] = False
 
     def __init__(
@@ -160,6 +188,7 @@ class BaseDestination:
         self._secret = secret or (lambda key, env: None)
         self._resolve = resolve_path or Path
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._oauth: Any = None
 
     # -- batching --------------------------------------------------------------------------
 
@@ -185,6 +214,35 @@ class BaseDestination:
         return bool(self.cfg.token_env or self.cfg.refresh_token_env
                     or self.cfg.service_account_file_env)
 
+    def bearer(self, token_url: str, scope: str | None = None) -> dict[str, str]:
+        """`Authorization: Bearer ...` from the OAuth refresh-token grant when the config names a
+        refresh token (refreshed before it expires), else from `token_env`, else nothing."""
+        if self.cfg.refresh_token_env:
+            if self._oauth is None:
+                from leadloop.oauth import OAuthTokenProvider
+
+                self._oauth = OAuthTokenProvider(
+                    self.http, self.cfg.token_url or token_url,
+                    client_id=self.secret("client_id_env") or "",
+                    client_secret=self.secret("client_secret_env") or "",
+                    refresh_token=self.secret("refresh_token_env"),
+                    extra={"scope": scope} if scope else None,
+                    secret_envs={f"destinations.{self.name}.{k}": getattr(self.cfg, k) for k in
+                                 ("client_id_env", "client_secret_env", "refresh_token_env")
+                                 if getattr(self.cfg, k)},
+                    retriable=RetryLater, fatal=FatalDestinationError,
+                    wall_clock=lambda: self._clock().timestamp(),
+                )
+            return {"Authorization": f"Bearer {self._oauth.token()}"}
+        token = self.secret("token_env")
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
+    def refresh_token_expires_at(self) -> datetime | None:
+        """When the refresh token dies, if the token endpoint said (LinkedIn does)."""
+        at = self._oauth.extra.get("refresh_token_expires_at") if self._oauth else None
+        return datetime.fromtimestamp(at, UTC) if at else None
+
     def secret(self, attr: str) -> str | None:
         """The secret named by config key `attr`, or None when the config names none."""
         env = getattr(self.cfg, attr)
@@ -208,24 +266,36 @@ class BaseDestination:
 
     def post(self, url: str, payload: dict[str, Any], headers: dict[str, str],
              params: dict[str, str] | None = None) -> requests.Response:
+        """POST `payload` as JSON. A 401 on an OAuth-refreshed token (expired early, revoked)
+        refreshes it once and sends again."""
         try:
-            return self.http.post(url, data=json.dumps(payload), params=params,
-                                  headers={"Content-Type": "application/json", **headers})
+            response = self.http.post(url, data=json.dumps(payload), params=params,
+                                      headers={"Content-Type": "application/json", **headers})
+            if response.status_code == 401 and self._oauth is not None:
+                self._oauth.invalidate()
+                headers = {**headers, "Authorization": f"Bearer {self._oauth.token()}"}
+                response = self.http.post(url, data=json.dumps(payload), params=params,
+                                          headers={"Content-Type": "application/json", **headers})
+            return response
         except requests.RequestException as exc:
             raise RetryLater(f"destination {self.name}: {type(exc).__name__} reaching the platform"
                              ) from None
 
     def raise_for_transport(self, response: requests.Response) -> None:
-        """429/5xx -> RetryLater, 401/403/404 -> FatalDestinationError; other codes pass."""
+        """429/5xx -> RetryLater, 401/403/404 -> DestinationPaused; other codes pass."""
         status = response.status_code
         if status == 429 or status >= 500:
             raise RetryLater(f"destination {self.name}: {describe_response(response)}",
                              retry_after_seconds(response))
         if status in (401, 403, 404):
-            raise FatalDestinationError(
-                f"destination {self.name}: {describe_response(response)}",
-                hint=f"check the credentials and account ids of [destinations.{self.name}]",
-            )
+            raise DestinationPaused(
+                self.name, f"HTTP_{status}",
+                f"check the credentials and account ids of [destinations.{self.name}]",
+                describe_response(response, limit=200))
+
+    def paused(self, code: str, fix: str, detail: str = "") -> DestinationPaused:
+        """A pause of this destination; `fix` may name `{name}` (the destination)."""
+        return DestinationPaused(self.name, code, fix.format(name=self.name), detail)
 
 
 def json_value(value: Decimal | None) -> float | None:

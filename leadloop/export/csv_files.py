@@ -6,6 +6,11 @@ as `yyyy-MM-dd HH:mm:ss` in that zone), Microsoft's equivalent (`Microsoft Click
 Meta's CRM fields (`lead_id,event_name,event_time,value,currency`, Unix seconds) and LinkedIn's
 (`SHA256 Email,LinkedIn First Party Ads Tracking UUID,...`, epoch ms). One file per batch in the
 destination's `output_dir`; rows written are marked sent with platform code `file`.
+
+The files are opened by people in spreadsheets, and their cells come from the CRM: click ids are
+checked against each platform's format before a row is written (`invalid_click_id` holds it, see
+`rules.py`), and any cell that a spreadsheet would read as a formula (`=`, `+`, `-`, `@`, tab,
+carriage return first) is written with a leading `'`, as the report's CSVs are.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from leadloop.errors import FatalDestinationError
 from leadloop.export.base import BaseDestination, OutRow, RowResult, unix_millis, unix_seconds
+from leadloop.export.consent import user_data_allowed
 
 HEADERS = {
     "google": ["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
@@ -29,6 +35,14 @@ HEADERS = {
     "linkedin": ["SHA256 Email", "LinkedIn First Party Ads Tracking UUID", "Conversion Name",
                  "Event Time", "Value", "Currency"],
 }
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert(cell: str) -> str:
+    """`cell` as text a spreadsheet shows but never evaluates."""
+    return f"'{cell}" if cell.startswith(_FORMULA_START) else cell
 
 
 def _num(row: OutRow) -> str:
@@ -51,7 +65,7 @@ class CsvFilesDestination(BaseDestination):
         if platform == "meta":
             return [row.meta_lead_id or "", row.conversion_action,
                     str(unix_seconds(row.conversion_time)), _num(row), (row.currency or "").lower()]
-        email = row.email_sha256 if self.cfg.send_user_data and row.consent_ad_user_data is not False else ""
+        email = row.email_sha256 if user_data_allowed(row, self.cfg.send_user_data) else ""
         return [email or "", row.li_fat_id or "", row.conversion_action,
                 str(unix_millis(row.conversion_time)), _num(row), row.currency or ""]
 
@@ -68,7 +82,7 @@ class CsvFilesDestination(BaseDestination):
             buf.write(line + "\r\n")
         writer = csv.writer(buf, lineterminator="\r\n")
         writer.writerow(payload["header"])
-        writer.writerows(payload["rows"])
+        writer.writerows([inert(str(cell)) for cell in row] for row in payload["rows"])
         return buf.getvalue()
 
     def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:

@@ -3,6 +3,12 @@
 `uploadClickConversions` with `partialFailure: true`: per-row errors come back inside a 200 as a
 `GoogleAdsFailure` whose `location.fieldPathElements[0].index` names the row. Restatements and
 retractions go to `uploadConversionAdjustments`, keyed by the original conversion's order id.
+
+Codes that are about the account or its setup (`SETUP`: terms not accepted, unknown or wrong
+conversion action, not allowlisted, no permission) pause the destination whether they come per
+row or for the whole request; the rows stay due. `CLICK_NOT_FOUND` is final (Google cannot tie
+the click to this account), not retried. Every name is checked against the `google-ads` SDK's
+enums by `tests/test_export_contracts.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from leadloop.errors import FatalDestinationError
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
@@ -20,6 +25,7 @@ from leadloop.export.base import (
     google_ads_time,
     json_value,
 )
+from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
 
 SCOPE = "https://www.googleapis.com/auth/adwords"
@@ -33,16 +39,36 @@ DUPLICATE = frozenset({
 })
 # Transient: retry after the given seconds.
 RETRY_AFTER = {
-    "TOO_RECENT_EVENT": 6 * 3600.0,
-    "TOO_RECENT_CONVERSION_ACTION": 6 * 3600.0,
-    "CLICK_NOT_FOUND": 6 * 3600.0,  # the click may not be processed yet
+    "TOO_RECENT_EVENT": 6 * 3600.0,  # the click is < 6 h old
     "TOO_RECENT_CONVERSION": 24 * 3600.0,  # adjustments: the conversion is < 24 h old
     "CONVERSION_NOT_FOUND": 24 * 3600.0,  # adjustments: the conversion is not processed yet
     "CONCURRENT_MODIFICATION": 60.0,
     "INTERNAL_ERROR": 300.0,
 }
-FATAL = frozenset({"CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE", "UNAUTHORIZED_CUSTOMER",
-                   "USER_PERMISSION_DENIED", "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS"})
+_ACCOUNT = "customer_id/login_account_id of [destinations.{name}]"
+_ACTIONS = "map destination {name} in [[stages]] to "
+# Account and setup errors: pause the destination with this fix (rows stay due).
+SETUP: dict[str, str] = {
+    "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE": "this account may no longer upload through the Ads "
+                                                 "API: use kind = 'google_data_manager' for {name}",
+    "UNAUTHORIZED_CUSTOMER": f"check {_ACCOUNT}: the OAuth user cannot upload for that customer",
+    "USER_PERMISSION_DENIED": f"give the OAuth user access to {_ACCOUNT}",
+    "CUSTOMER_NOT_ENABLED": f"the Google Ads account in {_ACCOUNT} is not enabled",
+    "INVALID_LOGIN_CUSTOMER_ID_SERVING_CUSTOMER_ID_COMBINATION":
+        "set login_account_id of [destinations.{name}] to a manager of customer_id, or remove it",
+    "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS": "accept Google's customer data terms in the Google "
+                                                 "Ads account",
+    "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS":
+        "turn on enhanced conversions for leads in Google Ads (Goals > Settings), or set "
+        "send_user_data = false in [destinations.{name}]",
+    "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS":
+        "the account's data policy forbids enhanced conversions: set send_user_data = false in "
+        "[destinations.{name}]",
+    "NO_CONVERSION_ACTION_FOUND": _ACTIONS + "existing conversion action ids of customer_id",
+    "INVALID_CONVERSION_ACTION_TYPE": _ACTIONS + "conversion actions of type 'Import from clicks'",
+    "TOO_RECENT_CONVERSION_ACTION": "wait about 6 hours: Google accepts uploads to a new conversion "
+                                    "action only some time after it was created",
+}
 
 
 def _code(error: dict[str, Any]) -> str:
@@ -59,14 +85,15 @@ def _index(error: dict[str, Any]) -> int | None:
 
 
 def classify(order_id: str, code: str, message: str) -> RowResult:
-    return classify_row(order_id, code, message, duplicate=DUPLICATE, retry_after=RETRY_AFTER)
+    return classify_row(order_id, code, message, duplicate=DUPLICATE, retry_after=RETRY_AFTER,
+                        setup=SETUP)
 
 
 class GoogleAdsDestination(BaseDestination):
     kind: ClassVar[str] = "google_ads"
     default_base_url: ClassVar[str] = "https://googleads.googleapis.com"
     platform_max: ClassVar[int] = 2000
-    supports_adjustments: ClassVar[bool] = True
+    adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
     has_validate_only: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,7 +121,7 @@ class GoogleAdsDestination(BaseDestination):
             c["currencyCode"] = row.currency
         c["orderId"] = row.order_id
         ids = []
-        if self.cfg.send_user_data and row.consent_ad_user_data is not False:
+        if user_data_allowed(row, self.cfg.send_user_data):
             if row.email_google_sha256:
                 ids.append({"hashedEmail": row.email_google_sha256})
             if row.phone_e164_sha256:
@@ -139,13 +166,15 @@ class GoogleAdsDestination(BaseDestination):
             "uploadClickConversions")
         url = f"{self.base_url}/{self.cfg.api_version or API_VERSION}/customers/{self.customer}:{method}"
         response = self.post(url, payload, self._headers())
-        self.raise_for_transport(response)
         try:
             body = response.json()
         except ValueError:
             body = {}
-        if response.status_code >= 400:
+        if not isinstance(body, dict):
+            body = {}
+        if response.status_code in (400, 401, 403, 404):
             raise self._request_error(body, response.status_code)
+        self.raise_for_transport(response)
         row_errors: dict[int, RowResult] = {}
         failure = body.get("partialFailureError") or {}
         for detail in failure.get("details") or []:
@@ -162,14 +191,22 @@ class GoogleAdsDestination(BaseDestination):
         return out
 
     def _request_error(self, body: dict[str, Any], status: int) -> Exception:
+        """A failed request as: the row an error's field path names (reject it), an account or
+        setup code (pause), any other named code (pause: not about one row), or nothing named
+        (bisect)."""
         err = body.get("error") or {}
-        for detail in err.get("details") or []:
-            for error in detail.get("errors") or []:
-                code = _code(error)
-                if code in FATAL:
-                    return FatalDestinationError(
-                        f"destination {self.name}: Google Ads refused the upload ({code})",
-                        hint="accounts no longer allowlisted must use kind = "
-                        "'google_data_manager'" if "ALLOWLIST" in code else None)
-                return BatchRejected(code, error.get("message", ""), row_index=_index(error))
+        errors = [e for d in err.get("details") or [] for e in d.get("errors") or []]
+        for error in errors:
+            code = _code(error)
+            if code in SETUP:
+                return self.paused(code, SETUP[code], error.get("message", ""))
+        for error in errors:
+            if _index(error) is not None:
+                return BatchRejected(_code(error), error.get("message", ""), row_index=_index(error))
+        if errors:
+            return self.paused(_code(errors[0]), "the request, not one conversion, was refused: "
+                               "check [destinations.{name}]", errors[0].get("message", ""))
+        if status in (401, 403, 404):
+            return self.paused(err.get("status") or f"HTTP_{status}",
+                               f"check the OAuth credentials and {_ACCOUNT}", err.get("message", ""))
         return BatchRejected(err.get("status") or f"HTTP_{status}", err.get("message", ""))

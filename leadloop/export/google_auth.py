@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from leadloop.errors import FatalDestinationError
-
 TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 
@@ -48,9 +46,9 @@ class GoogleToken:
             try:
                 info = json.loads(Path(path).read_text())
             except (OSError, ValueError) as exc:
-                raise FatalDestinationError(
-                    f"destinations.{dest.name}.service_account_file_env: the key file cannot be "
-                    f"read ({type(exc).__name__})") from None
+                raise dest.paused("KEY_FILE_UNREADABLE", "make the key file named by "
+                                  "service_account_file_env of [destinations.{name}] readable",
+                                  type(exc).__name__) from None
             if cfg.token_url:
                 info["token_uri"] = cfg.token_url
             return service_account.Credentials.from_service_account_info(info, scopes=[self._scope])
@@ -73,11 +71,9 @@ class GoogleToken:
             try:
                 self._creds.refresh(Request(session=self._dest.http))
             except (RefreshError, TransportError) as exc:
-                raise FatalDestinationError(
-                    f"destinations.{self._dest.name}: Google token refresh failed "
-                    f"({type(exc).__name__})",
-                    hint="check the client id/secret, refresh token or service account key",
-                ) from None
+                raise self._dest.paused(
+                    "TOKEN_REFRESH_FAILED", "check the client id/secret, refresh token or service "
+                    "account key of [destinations.{name}]", type(exc).__name__) from None
         from leadloop.redact import register_secret
 
         register_secret(self._creds.token)

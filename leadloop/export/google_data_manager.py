@@ -1,11 +1,16 @@
 """Google Data Manager API (`events:ingest`): the Google path for new integrations.
 
 Offline click conversions and enhanced conversions for leads in one event shape. No partial
-failure: an invalid field rejects the whole request (fast-fail). The error names the event
-(`events[3]....` in `BadRequest.fieldViolations`), so that row is rejected and the rest re-sent.
-Per-event processing results arrive later, as counts per reason, from `requestStatus:retrieve`;
-they are stored on every conversion of the request. Adjustments (restate/retract) are not sent
-here: their Data Manager shape is not published yet (spec sheet §9).
+failure: an invalid field rejects the whole request (fast-fail). When the error names an event
+(`events[3]....` in `BadRequest.fieldViolations`) that row is rejected and the rest re-sent; when
+its `ErrorInfo.reason` is about the account or its setup (`SETUP`, names from the SDK's
+`ErrorReason`) the destination pauses with its rows still due; only a 400 that names no reason is
+bisected. Per-event processing results arrive later, as counts per reason, from
+`requestStatus:retrieve` (see `diagnose`).
+
+A value change is a restatement: the same `transactionId` re-sent with the new value, which Data
+Manager treats as an adjustment of the conversion it already has. Data Manager documents no
+retraction, so a lost deal or deleted lead cannot be withdrawn here (the report says so).
 """
 
 from __future__ import annotations
@@ -22,12 +27,42 @@ from leadloop.export.base import (
     json_value,
     rfc3339,
 )
+from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
 from leadloop.http import RateLimiter
 
 SCOPE = "https://www.googleapis.com/auth/datamanager"
 MAX_DESTINATIONS = 10
 _EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+_GENERIC = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "ERROR_REASON_UNSPECIFIED"})
+_ACCOUNT = "operating_account_id/login_account_id of [destinations.{name}]"
+# ErrorReason values (google-ads-datamanager) that are about the account or its setup, not a row:
+# the fix, in one sentence. `tests/test_export_contracts.py` checks each name against the SDK.
+SETUP: dict[str, str] = {
+    "PERMISSION_DENIED": "give the Google account of the OAuth credentials access to the Google Ads "
+                         f"account in {_ACCOUNT}",
+    "NOT_FOUND": f"check {_ACCOUNT}: Google does not find that account",
+    "INVALID_DESTINATION": f"check {_ACCOUNT} and linked_account_id",
+    "OPERATING_ACCOUNT_LOGIN_ACCOUNT_MISMATCH": "set login_account_id of [destinations.{name}] to a "
+                                                "manager account of operating_account_id, or remove it",
+    "TERMS_AND_CONDITIONS_NOT_SIGNED": "accept Google's customer data terms in the Google Ads account "
+                                       "(Tools > Data manager)",
+    "INVALID_CONVERSION_ACTION_ID": "map destination {name} in [[stages]] to existing conversion action "
+                                    "ids of the operating account",
+    "INVALID_CONVERSION_ACTION_TYPE": "map destination {name} in [[stages]] to conversion actions of type "
+                                      "'Import from clicks' or 'CRM'",
+    "CONVERSION_ACTION_TOO_RECENTLY_CREATED": "wait a few hours: Google accepts uploads to a new "
+                                              "conversion action only some time after it was created",
+    "DESTINATION_ACCOUNT_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS":
+        "turn on enhanced conversions for leads in Google Ads (Goals > Settings), or set "
+        "send_user_data = false in [destinations.{name}]",
+    "DESTINATION_ACCOUNT_ENHANCED_CONVERSIONS_TERMS_NOT_SIGNED":
+        "accept the enhanced conversions terms in Google Ads (Goals > Settings > Enhanced conversions)",
+    "DESTINATION_ACCOUNT_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS":
+        "the account's data policy forbids enhanced conversions: set send_user_data = false in "
+        "[destinations.{name}]",
+    "NOT_ALLOWLISTED": "ask Google to allowlist the Cloud project of the OAuth client for this feature",
+}
 
 
 def consent_value(flag: bool | None) -> str | None:
@@ -39,6 +74,7 @@ class DataManagerDestination(BaseDestination):
     default_base_url: ClassVar[str] = "https://datamanager.googleapis.com"
     platform_max: ClassVar[int] = 2000
     has_validate_only: ClassVar[bool] = True
+    adjustments: ClassVar[frozenset[str]] = frozenset({"restatement"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,10 +119,13 @@ class DataManagerDestination(BaseDestination):
         ev: dict[str, Any] = {}
         if reference:
             ev["destinationReferences"] = [row.conversion_action]
-        ev["transactionId"] = row.order_id
+        # A restatement re-sends the conversion under its original transaction id, new value.
+        ev["transactionId"] = row.original_order_id
         ev["eventTimestamp"] = rfc3339(row.conversion_time)
+        if row.kind == "restatement":
+            ev["lastUpdatedTimestamp"] = rfc3339(max(row.created_at, row.conversion_time))
         ids = []
-        if self.cfg.send_user_data and row.consent_ad_user_data is not False:
+        if user_data_allowed(row, self.cfg.send_user_data):
             if row.email_google_sha256:
                 ids.append({"emailAddress": row.email_google_sha256})
             if row.phone_e164_sha256:
@@ -125,16 +164,53 @@ class DataManagerDestination(BaseDestination):
     def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:
         self.limiter.acquire()
         response = self.post(f"{self.base_url}/v1/events:ingest", payload, self.token.header())
-        self.raise_for_transport(response)
         body = _json(response)
-        if response.status_code >= 400:
-            raise _fast_fail(body, response.status_code)
+        if response.status_code in (400, 401, 403, 404):
+            raise self._request_error(body, response.status_code)
+        self.raise_for_transport(response)
         request_id = body.get("requestId")
         code = "VALIDATED" if payload.get("validateOnly") else "PROCESSING"
         warnings = body.get("fieldWarnings") or []
         return [RowResult(r.order_id, "sent", code, None, response={"requestId": request_id,
                           **({"fieldWarnings": warnings} if warnings else {})},
                           request_id=request_id) for r in rows]
+
+    def _request_error(self, body: dict[str, Any], status: int) -> Exception:
+        """A google.rpc error as: the event it names (reject that row), a setup or account
+        reason (pause), any other named reason (pause: it is about the request, not a row), or
+        no reason at all (bisect)."""
+        err = body.get("error") or {}
+        status_name = err.get("status") or f"HTTP_{status}"
+        message = err.get("message") or "request rejected"
+        reasons = [d["reason"] for d in err.get("details") or []
+                   if d.get("@type", "").endswith("google.rpc.ErrorInfo") and d.get("reason")]
+        violations = [fv for d in err.get("details") or [] for fv in d.get("fieldViolations") or []]
+        for fv in violations:
+            m = _EVENT_INDEX.match(fv.get("field", ""))
+            if m:
+                return BatchRejected(fv.get("reason") or (reasons or [status_name])[0],
+                                     f"{fv.get('field')}: {fv.get('description', message)}",
+                                     row_index=int(m.group(1)))
+        named = [r for r in [*reasons, *(fv.get("reason") for fv in violations)]
+                 if r and r not in _GENERIC]
+        setup = next((r for r in named if r in SETUP), None)
+        if setup is None and status_name in SETUP:
+            setup = status_name
+        if setup is not None:
+            return self.paused(setup, SETUP[setup], message)
+        if status in (401, 403, 404) or status_name == "UNAUTHENTICATED":
+            return self.paused(status_name, "check the OAuth credentials and " + _ACCOUNT, message)
+        if named:
+            return self.paused(named[0], "the request, not one event, was refused: check "
+                               "[destinations.{name}] and its conversion actions in [[stages]]", message)
+        return BatchRejected(status_name, message)
+
+    def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+        """`settle` for this destination (a pause's fix names it)."""
+        outcome, code, text, retry_after = settle(diagnostics)
+        if outcome == "paused" and text:
+            text = text.format(name=self.name)
+        return outcome, code, text, retry_after
 
     def diagnose(self, request_id: str) -> dict[str, Any] | None:
         """Status of an ingested request: SUCCESS, PROCESSING, PARTIAL_SUCCESS or FAILED, with
@@ -162,27 +238,49 @@ class DataManagerDestination(BaseDestination):
         return {"requestStatus": worst, "errorCounts": errors, "requestId": request_id}
 
 
+# What an asynchronous FAILED means (ProcessingErrorReason): the events were there already, the
+# account needs a fix (rows go back to due and the destination pauses), or try again later.
+# Any other reason rejects the request's rows; CLICK_NOT_FOUND and EVENT_TOO_OLD are final.
+_DUPLICATE = frozenset({"PROCESSING_ERROR_REASON_DUPLICATE_TRANSACTION_ID",
+                        "PROCESSING_ERROR_REASON_DUPLICATE_GCLID"})
+_RETRY = {"PROCESSING_ERROR_REASON_INTERNAL_ERROR": 3600.0,
+          "PROCESSING_ERROR_REASON_TOO_RECENT_CLICK": 6 * 3600.0}
+ASYNC_SETUP = {
+    "PROCESSING_ERROR_REASON_DESTINATION_ACCOUNT_ENHANCED_CONVERSIONS_TERMS_NOT_SIGNED":
+        SETUP["DESTINATION_ACCOUNT_ENHANCED_CONVERSIONS_TERMS_NOT_SIGNED"],
+    "PROCESSING_ERROR_OPERATING_ACCOUNT_MISMATCH_FOR_AD_IDENTIFIER":
+        "the click ids belong to another Google Ads account than operating_account_id of "
+        "[destinations.{name}]",
+    "PROCESSING_ERROR_REASON_INVALID_OPERATING_ACCOUNT_FOR_CLICK":
+        "the click ids belong to another Google Ads account than operating_account_id of "
+        "[destinations.{name}]",
+    "PROCESSING_ERROR_REASON_ONE_PER_CLICK_CONVERSION_ACTION_NOT_PERMITTED_WITH_BRAID":
+        "set the conversion actions of destination {name} to count every conversion, not one per click",
+}
+
+
+def settle(diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+    """What a request's asynchronous status means for each of its rows: (outcome, code, message
+    or fix, retry after). PARTIAL_SUCCESS keeps the rows sent but marked: Google reports counts
+    per reason, not which events failed, so the report does not count them as accepted."""
+    status, errors = diagnostics["requestStatus"], diagnostics.get("errorCounts") or {}
+    summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(errors.items()))
+    if status != "FAILED":
+        return "sent", status, summary or None, None
+    reasons = set(errors) or {"PROCESSING_ERROR_REASON_UNSPECIFIED"}
+    setup = sorted(reasons & set(ASYNC_SETUP))
+    if setup:
+        return "paused", setup[0].removeprefix("PROCESSING_ERROR_REASON_"), ASYNC_SETUP[setup[0]], None
+    if reasons <= _DUPLICATE:
+        return "sent", "DUPLICATE", summary, None
+    if reasons <= set(_RETRY):
+        return "retry", "FAILED", summary, max(_RETRY[r] for r in reasons)
+    return "rejected", "FAILED", f"Google failed the request after accepting it: {summary}", None
+
+
 def _json(response: Any) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _fast_fail(body: dict[str, Any], status: int) -> BatchRejected:
-    """Map a google.rpc error to the event it names (fieldViolations) when it names one."""
-    err = body.get("error") or {}
-    reason = err.get("status") or f"HTTP_{status}"
-    message = err.get("message") or "request rejected"
-    for detail in err.get("details") or []:
-        if detail.get("@type", "").endswith("google.rpc.ErrorInfo") and detail.get("reason"):
-            reason = detail["reason"]
-    for detail in err.get("details") or []:
-        for fv in detail.get("fieldViolations") or []:
-            m = _EVENT_INDEX.match(fv.get("field", ""))
-            if m:
-                return BatchRejected(fv.get("reason") or reason,
-                                     f"{fv.get('field')}: {fv.get('description', message)}",
-                                     row_index=int(m.group(1)))
-    return BatchRejected(reason, message)

@@ -3,16 +3,18 @@
 `lead_id` is the 15-16 digit Lead Ads id, sent unhashed as an integer; `action_source` is
 `system_generated`, `custom_data.event_source` is `crm`. Hashes follow Meta's rules (e-mail
 trimmed and lower-cased, phone digits only). The access token travels as a query parameter and
-is never logged or written with the payload. A request with one invalid event fails as a whole;
-the export engine then splits the batch to find it.
+is never logged or written with the payload. A request with one invalid event fails as a whole:
+when the error names it (`data[3]`) that row is rejected, otherwise the export engine splits the
+batch to find it. Token, permission and dataset errors (Graph API codes 190, 102, 10, 200-299,
+and 100/33 "object does not exist or no permission") are about the setup: the destination pauses.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from leadloop.errors import FatalDestinationError
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
@@ -22,11 +24,26 @@ from leadloop.export.base import (
     json_value,
     unix_seconds,
 )
+from leadloop.export.consent import user_data_allowed
 from leadloop.http import describe_response, retry_after_seconds
 
 API_VERSION = "v26.0"
 _TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 341, 613, 80004})
-_AUTH_CODES = frozenset({10, 102, 190, 200})
+_TOKEN = "renew the access token named by token_env of [destinations.{name}] (a system-user token)"
+_DATASET = ("check dataset_id of [destinations.{name}] and that the token's system user has access "
+            "to that dataset")
+_EVENT_INDEX = re.compile(r"\bdata\[(\d+)\]")
+
+
+def _setup_fix(code: int, subcode: int | None) -> str | None:
+    """The fix for a Graph API error about the token, permissions or dataset; None otherwise."""
+    if code in (102, 190):
+        return _TOKEN
+    if code == 10 or 200 <= code <= 299:
+        return _DATASET
+    if code == 100 and subcode == 33:
+        return _DATASET
+    return None
 
 
 class MetaDestination(BaseDestination):
@@ -36,7 +53,7 @@ class MetaDestination(BaseDestination):
 
     def event(self, row: OutRow) -> dict[str, Any]:
         user: dict[str, Any] = {}
-        if self.cfg.send_user_data and row.consent_ad_user_data is not False:
+        if user_data_allowed(row, self.cfg.send_user_data):
             if row.email_sha256:
                 user["em"] = [row.email_sha256]
             if row.phone_digits_sha256:
@@ -62,8 +79,8 @@ class MetaDestination(BaseDestination):
 
     def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:
         if not self.cfg.dataset_id:
-            raise FatalDestinationError(f"config key destinations.{self.name}.dataset_id: "
-                                        "is required (the Meta dataset / pixel id)")
+            raise self.paused("NO_DATASET_ID", "set dataset_id of [destinations.{name}] "
+                              "(the Meta dataset / pixel id)")
         token = self.secret("token_env")
         url = f"{self.base_url}/{self.cfg.api_version or API_VERSION}/{self.cfg.dataset_id}/events"
         response = self.post(url, payload, {}, params={"access_token": token} if token else None)
@@ -79,11 +96,11 @@ class MetaDestination(BaseDestination):
             if err.get("is_transient") or code in _TRANSIENT_CODES or response.status_code >= 500:
                 raise RetryLater(f"destination {self.name}: Meta error {label}: {message}",
                                  retry_after_seconds(response))
-            if code in _AUTH_CODES:
-                raise FatalDestinationError(
-                    f"destination {self.name}: Meta refused the token ({label}: {message})",
-                    hint=f"check the access token named by destinations.{self.name}.token_env")
-            raise BatchRejected(label, message)
+            fix = _setup_fix(code, err.get("error_subcode"))
+            if fix:
+                raise self.paused(label, fix, message)
+            named = _EVENT_INDEX.search(message)
+            raise BatchRejected(label, message, row_index=int(named.group(1)) if named else None)
         self.raise_for_transport(response)
         if response.status_code >= 400:
             raise BatchRejected(f"HTTP_{response.status_code}", describe_response(response))

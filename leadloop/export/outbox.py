@@ -15,11 +15,15 @@ Which CRM facts make a conversion (`[[stages]]` in the config):
   with `no_score`).
 
 After a row was sent it is never edited; later truth becomes a new revision (for destinations
-that support adjustments): `retraction` when the lead was deleted or merged away, or the deal that
-made a deal-stage conversion was later closed lost; `restatement` when a fixed or deal-amount
-value changed. Predicted values are not restated: a re-scored model is not new information about
-the conversion. Rows not yet sent simply follow the store (refreshed, or withdrawn when the lead
-is gone).
+that take that kind of adjustment): `retraction` when the lead was deleted or merged away, or the
+deal that made a deal-stage conversion was later closed lost; `restatement` when a fixed or
+deal-amount value changed. Predicted values are not restated: a re-scored model is not new
+information about the conversion. Rows not yet sent simply follow the store (refreshed, or
+withdrawn when the lead is gone).
+
+A value that is not a finite number within the stage's `min_value`..`max_value` (negative, NaN,
+infinite, a typo of 1e308) is never sent: the row is held with `value_out_of_range` (and stores no
+value) until the CRM has a sane one; a sent conversion is not restated to such a value.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from leadloop.tables import (
 )
 
 UNSENT = (ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed)
-BUILD_RULES = frozenset({"no_score", "no_value"})  # decided by the outbox, not by platform rules
+BUILD_RULES = frozenset({"no_score", "no_value", "value_out_of_range"})  # decided by the outbox
+ALL_ADJUSTMENTS = frozenset({ConversionKind.restatement.value, ConversionKind.retraction.value})
 _CENT = Decimal("0.01")
 _INSERT_CHUNK = 10_000  # new rows are written as they are built, in the same transaction: bounded memory
 _LEAD_CHUNK = 50_000  # lead ids per build step
@@ -141,9 +146,24 @@ def _latest_scores(session: Session, scope: Scope) -> dict[int, tuple[Decimal | 
     return out
 
 
+def _in_bounds(stage: StageConfig, value: Decimal | None) -> bool:
+    if value is None:
+        return True
+    value = Decimal(value)
+    return value.is_finite() and Decimal(str(stage.min_value)) <= value <= Decimal(str(stage.max_value))
+
+
 def _value(stage: StageConfig, fact: _Fact, scores: dict[int, Any], lead_id: int
            ) -> tuple[Decimal | None, str, str | None]:
-    """(value, currency, build hold rule)."""
+    """(value, currency, build hold rule); an out-of-range value is dropped and held."""
+    value, currency, hold = _raw_value(stage, fact, scores, lead_id)
+    if not _in_bounds(stage, value):
+        return None, currency, "value_out_of_range"
+    return value, currency, hold
+
+
+def _raw_value(stage: StageConfig, fact: _Fact, scores: dict[int, Any], lead_id: int
+               ) -> tuple[Decimal | None, str, str | None]:
     if stage.value == "deal_amount":
         amount = fact.amount
         if amount is None and stage.default_value is not None:
@@ -162,12 +182,13 @@ def _changed(a: Decimal | None, b: Decimal | None) -> bool:
     return abs(Decimal(a) - Decimal(b)) >= _CENT
 
 
-def build_outbox(session: Session, settings: Settings, destinations: dict[str, bool],
+def build_outbox(session: Session, settings: Settings, destinations: dict[str, bool | frozenset[str]],
                  now: datetime, job_run_id: int | None = None,
                  changed_since: datetime | None = None) -> dict[str, int]:
     """Insert new conversions and revisions, refresh or withdraw unsent ones.
 
-    `destinations` maps each enabled destination name to whether it supports adjustments. With
+    `destinations` maps each enabled destination name to the adjustments it takes (a set of
+    "restatement"/"retraction"; True means both, False none). With
     `changed_since`, only leads changed since then are looked at (see `changed_leads`); the
     result is the same as a full build when the previous build ran at `changed_since`.
     Leads are taken in ranges of `_LEAD_CHUNK` ids, so memory stays flat with the store's size.
@@ -193,7 +214,7 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
 
 
 def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
-                destinations: dict[str, bool], now: datetime, job_run_id: int | None,
+                destinations: dict[str, bool | frozenset[str]], now: datetime, job_run_id: int | None,
                 scope: Scope, counts: dict[str, int]) -> None:
     """`build_outbox` for the leads in `scope`; adds to `counts`."""
     scores = _latest_scores(session, scope) if any(s.value == "predicted" for s in stages) else {}
@@ -222,7 +243,8 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
             if dest not in destinations:
                 continue
             kind = settings.destination_kind(dest)
-            adjustable = destinations[dest]
+            takes = destinations[dest]
+            adjustable = ALL_ADJUSTMENTS if takes is True else (takes or frozenset())
             keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
             for lead_id in keys:
                 if len(inserts) >= _INSERT_CHUNK:
@@ -262,6 +284,8 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                 wanted = None
                 if last_sent is not None and adjustable:
                     wanted = _adjustment(stage, last_sent, retract, value)
+                    if wanted is not None and wanted[0] not in adjustable:
+                        wanted = None  # e.g. Data Manager restates but cannot retract
                 if latest.status in UNSENT:
                     if last_sent is None:
                         if retract:

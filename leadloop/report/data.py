@@ -391,6 +391,26 @@ def _uploads(conv: pd.DataFrame, destinations: list[str]) -> tuple[pd.DataFrame,
     return uploads, holds, rejections
 
 
+def _export_facts(uploads: pd.DataFrame, conv: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    """What the exporter knows beyond the row statuses: rows of a request the platform later
+    reported as partly failed (Data Manager PARTIAL_SUCCESS: Google says how many events failed,
+    not which) are not counted as sent but as `sent_unconfirmed`; and whether each platform can
+    restate or retract a sent conversion."""
+    from leadloop.export import adjustment_support
+
+    partial = conv.loc[(conv["status"] == "sent") & (conv["platform_code"] == "PARTIAL_SUCCESS")]
+    unconfirmed = partial.groupby("destination", observed=True).size()
+    value = partial.groupby("destination", observed=True)["value"].sum()
+    support = adjustment_support(settings)
+    out = uploads.copy()
+    out["sent_unconfirmed"] = [int(unconfirmed.get(d, 0)) for d in out["destination"]]
+    out["sent"] = out["sent"] - out["sent_unconfirmed"]
+    out["value_accepted"] = out["value_accepted"] - [float(value.get(d, 0.0)) for d in out["destination"]]
+    for key in ("can_restate", "can_retract"):
+        out[key] = [support.get(d, {}).get(key, False) for d in out["destination"]]
+    return out
+
+
 def _crm_vs_platform(settings: Settings, reach: pd.DataFrame, conv: pd.DataFrame) -> pd.DataFrame:
     rows = []
     first = conv.loc[conv["kind"] == ConversionKind.conversion.value, ["destination", "stage", "status"]]
@@ -432,6 +452,7 @@ def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData
     validation, run = _load_validation(ctx.engine)
     card, note = _model_card(settings)
     uploads, holds, rejections = _uploads(conv, destinations)
+    uploads = _export_facts(uploads, conv, settings)
     currency = settings.macro_stage.currency
     n = len(df)
     q, w = int(df["qualified"].sum()), int(df["won"].sum())

@@ -10,7 +10,13 @@ ledger of accepted ids (order / transaction / event id) so a re-upload is dedupl
 real thing.
 
 Tests script answers: `fail_next(kind, "429" | "500" | "fast_fail", ...)` for whole-request
-failures and `reject(kind, order_id, code)` for a per-row error.
+failures, `reject(kind, order_id, code)` for a per-row error, `setup_error(kind, code)` for an
+account that is not set up (every request refused the vendor's way until `setup_error(kind, None)`),
+`fail_async(status, reasons)` for Data Manager diagnostics that report FAILED or PARTIAL_SUCCESS,
+and `oauth(kind, lifetime)` for Microsoft/LinkedIn token endpoints whose access tokens expire
+(an expired or unknown token is refused with the vendor's 401). `echo_token` makes error bodies
+repeat the Authorization header, as some proxies and WAFs do. Data Manager restates an event
+re-sent with a known `transactionId` and a new value.
 
     platforms = FakePlatforms()
     urls = platforms.start()        # {kind: base_url}; [destinations.x] base_url = urls["meta"]
@@ -27,6 +33,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 from leadloop.sandbox.server import LocalServer, Reply, Request
 
@@ -36,6 +43,16 @@ _RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 _ADS_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _ACTION = re.compile(r"^customers/\d+/conversionActions/\d+$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# Microsoft's published operation error codes this fake answers with (name -> number).
+MS_ERRORS = {
+    "InvalidCredentials": 105, "AuthenticationTokenExpired": 109, "NullRequest": 100,
+    "OfflineConversionsNullOrEmpty": 5600, "OfflineConversionsLimitExceeded": 5601,
+    "OfflineConversionMicrosoftClickIdNullOrEmpty": 5603, "OfflineConversionNameInvalid": 5606,
+    "OfflineConversionNameNullOrEmpty": 5605, "OfflineConversionTimeInvalid": 5607,
+    "OfflineConversionTimeOutOfWindow": 5609, "FutureConversionTimeCannotBeSet": 5614,
+    "OfflineConversionNotAcceptedForGoal": 5615, "OfflineConversionInvalidAdjustmentType": 5618,
+    "EmailMustBeHashed": 8004,
+}
 
 
 def _parse_ads_time(text: str) -> datetime:
@@ -57,6 +74,13 @@ class FakePlatforms:
         self._scripted: dict[str, deque[Reply]] = defaultdict(deque)
         self._row_errors: dict[str, dict[str, str]] = defaultdict(dict)
         self._requests_status: dict[str, dict[str, Any]] = {}
+        self._setup: dict[str, str] = {}
+        self._async: tuple[str, dict[str, int]] | None = None
+        self._tokens: dict[str, dict[str, datetime]] = defaultdict(dict)  # kind -> token -> expiry
+        self._token_life: dict[str, float] = {}
+        self._refresh_life = 365 * 86400.0
+        self.token_requests: dict[str, list[dict[str, str]]] = defaultdict(list)
+        self.echo_token = False
         self.urls: dict[str, str] = {}
         self._routes()
 
@@ -84,6 +108,12 @@ class FakePlatforms:
         self._scripted.clear()
         self._row_errors.clear()
         self._requests_status.clear()
+        self._setup.clear()
+        self._async = None
+        self._tokens.clear()
+        self._token_life.clear()
+        self.token_requests.clear()
+        self.echo_token = False
 
     def __enter__(self) -> FakePlatforms:
         self.start()
@@ -93,7 +123,9 @@ class FakePlatforms:
         self.stop()
 
     def received(self, kind: str) -> list[Request]:
-        return [r for r in self.servers[kind].received if r.method == "POST"]
+        """The upload requests `kind` received (token requests are in `token_requests`)."""
+        return [r for r in self.servers[kind].received if r.method == "POST" and "token" not in
+                r.path.lower()]
 
     def fail_next(self, kind: str, mode: str, *, times: int = 1, retry_after: int = 1) -> None:
         """Script whole-request failures: "429" (with Retry-After), "500", "503", "fast_fail"."""
@@ -103,6 +135,33 @@ class FakePlatforms:
     def reject(self, kind: str, order_id: str, code: str) -> None:
         """Make the platform refuse one row (by order / transaction / event id) with `code`."""
         self._row_errors[kind][order_id] = code
+
+    def setup_error(self, kind: str, code: str | None) -> None:
+        """Refuse every upload to `kind` as an account that is not set up (`code` is the vendor's
+        name, e.g. TERMS_AND_CONDITIONS_NOT_SIGNED, OfflineConversionNameInvalid, 403); None
+        clears it (the account was fixed)."""
+        if code is None:
+            self._setup.pop(kind, None)
+        else:
+            self._setup[kind] = code
+
+    def fail_async(self, status: str | None, reasons: dict[str, int] | None = None) -> None:
+        """Data Manager: report the next ingested requests as `status` (FAILED, PARTIAL_SUCCESS)
+        with these error counts in `requestStatus:retrieve`; None goes back to normal."""
+        self._async = None if status is None else (status, dict(reasons or {}))
+
+    def oauth(self, kind: str, lifetime: float = 3600.0, refresh_lifetime: float = 365 * 86400.0
+              ) -> None:
+        """Serve the token endpoint of `kind` (microsoft, linkedin) and require its tokens: each
+        refresh grant issues a new access token valid `lifetime` seconds of the fake's clock
+        (LinkedIn also announces `refresh_token_expires_in` = `refresh_lifetime`)."""
+        self._token_life[kind] = lifetime
+        self._refresh_life = refresh_lifetime
+
+    def expire_tokens(self, kind: str) -> None:
+        """Every access token of `kind` issued so far is now expired."""
+        for token in self._tokens[kind]:
+            self._tokens[kind][token] = self.now() - timedelta(seconds=1)
 
     def _failure(self, kind: str, mode: str, retry_after: int) -> Reply:
         if mode == "429":
@@ -128,13 +187,95 @@ class FakePlatforms:
 
     def _wrap(self, kind: str, handler: Callable[[Request], Reply]) -> Callable[[Request], Reply]:
         def serve(req: Request) -> Reply:
-            if self._scripted[kind] and req.method == "POST":
-                return self._scripted[kind].popleft()
-            if self.require_token and not self._authorised(kind, req):
-                return self._unauthorised(kind)
-            return handler(req)
+            reply = self._serve(kind, handler, req)
+            if self.echo_token and reply.status >= 400 and isinstance(reply.body, dict):
+                # a proxy or WAF that repeats the request's credentials in its error text
+                echo = f" (request had Authorization: {req.header('authorization')}, " \
+                       f"access_token={req.arg('access_token')})"
+                reply = Reply(reply.status, _append_message(reply.body, echo), reply.headers)
+            return reply
 
         return serve
+
+    def _serve(self, kind: str, handler: Callable[[Request], Reply], req: Request) -> Reply:
+        if self._scripted[kind] and req.method == "POST":
+            return self._scripted[kind].popleft()
+        if kind in self._token_life and not self._oauth_valid(kind, req):
+            return self._unauthorised(kind)
+        if self.require_token and not self._authorised(kind, req):
+            return self._unauthorised(kind)
+        if kind in self._setup and req.method == "POST":
+            return self._setup_reply(kind, self._setup[kind], req)
+        return handler(req)
+
+    def _oauth_valid(self, kind: str, req: Request) -> bool:
+        token = (req.header("authorization") or "").removeprefix("Bearer ")
+        expiry = self._tokens[kind].get(token)
+        return expiry is not None and expiry > self.now()
+
+    def _token(self, kind: str) -> Callable[[Request], Reply]:
+        def grant(req: Request) -> Reply:
+            form = dict(parse_qsl(req.body.decode()))
+            self.token_requests[kind].append(form)
+            if form.get("grant_type") != "refresh_token" or not form.get("refresh_token"):
+                return Reply(400, {"error": "invalid_grant", "error_description": "bad grant"})
+            token = f"{kind}-access-{uuid.uuid4().hex[:12]}"
+            life = self._token_life.get(kind, 3600.0)
+            self._tokens[kind][token] = self.now() + timedelta(seconds=life)
+            body: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
+                                    "expires_in": int(life), "refresh_token": form["refresh_token"]}
+            if kind == "linkedin":
+                body["refresh_token_expires_in"] = int(self._refresh_life)
+            return Reply(200, body)
+
+        return grant
+
+    def _setup_reply(self, kind: str, code: str, req: Request) -> Reply:
+        """How each vendor refuses an account that is not set up."""
+        if kind == "google_data_manager":
+            status = 403 if code == "PERMISSION_DENIED" else 400
+            details: list[dict[str, Any]] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                              "reason": code, "domain": "datamanager.googleapis.com"}]
+            if code == "INVALID_CONVERSION_ACTION_ID":
+                details.insert(0, {"@type": "type.googleapis.com/google.rpc.BadRequest",
+                                   "fieldViolations": [{
+                                       "field": "destinations[0].product_destination_id",
+                                       "description": "conversion action not found",
+                                       "reason": code}]})
+            return Reply(status, {"error": {
+                "code": status, "message": f"{code.replace('_', ' ').lower()}",
+                "status": "PERMISSION_DENIED" if status == 403 else "INVALID_ARGUMENT",
+                "details": details}})
+        if kind == "google_ads":
+            key = "conversionAdjustments" if "Adjustments" in req.path else "conversions"
+            n = len((req.json() or {}).get(key) or [])
+            field = "conversion_adjustments" if key == "conversionAdjustments" else "conversions"
+            enum = "conversionUploadError"
+            errors = [self._ads_error(i, field, code, code.lower(), enum) for i in range(n)]
+            return self._ads_reply(errors, [{} for _ in range(n)])
+        if kind == "meta":
+            return Reply(400, {"error": {
+                "message": "Unsupported post request. Object with ID does not exist, cannot be "
+                           "loaded due to missing permissions, or does not support this operation",
+                "type": "GraphMethodException", "code": 100, "error_subcode": 33,
+                "fbtrace_id": uuid.uuid4().hex[:11]}})
+        if kind == "microsoft":
+            if code in ("InvalidCredentials", "AuthenticationTokenExpired"):
+                return Reply(401, {"TrackingId": str(uuid.uuid4()), "Type": "AdApiFaultDetail",
+                                   "Errors": [{"Code": MS_ERRORS[code], "ErrorCode": code,
+                                               "Message": "Authentication failed.", "Detail": None}]})
+            items = (req.json() or {}).get("OfflineConversions") or \
+                (req.json() or {}).get("OfflineConversionAdjustments") or []
+            return Reply(200, {"PartialErrors": [self._ms_row_error(i, code) for i in range(len(items))]})
+        if code == "NONEXISTENT_VERSION":
+            return Reply(426, {"status": 426, "code": code, "message": "Requested version is not active"})
+        return Reply(403, {"status": 403, "serviceErrorCode": 100, "code": code,
+                           "message": "Not enough permissions to access: conversionEvents"})
+
+    @staticmethod
+    def _ms_row_error(i: int, code: str, path: str | None = None) -> dict[str, Any]:
+        return {"Code": MS_ERRORS.get(code, 0), "ErrorCode": code, "Message": code, "Index": i,
+                "FieldPath": path, "Details": None, "Type": "BatchError"}
 
     def _authorised(self, kind: str, req: Request) -> bool:
         if kind == "meta":
@@ -145,6 +286,14 @@ class FakePlatforms:
         if kind == "meta":
             return Reply(400, {"error": {"message": "Invalid OAuth access token.",
                                          "type": "OAuthException", "code": 190}})
+        if kind == "microsoft":
+            return Reply(401, {"TrackingId": str(uuid.uuid4()), "Type": "AdApiFaultDetail",
+                               "Errors": [{"Code": 109, "ErrorCode": "AuthenticationTokenExpired",
+                                           "Message": "Authentication token expired.",
+                                           "Detail": None}]})
+        if kind == "linkedin":
+            return Reply(401, {"status": 401, "serviceErrorCode": 65601, "code": "EXPIRED_ACCESS_TOKEN",
+                               "message": "The token used in the request has expired"})
         return Reply(401, self._error_body(kind, 401, "UNAUTHENTICATED", "invalid credentials"))
 
     def _routes(self) -> None:
@@ -163,6 +312,8 @@ class FakePlatforms:
         s["microsoft"].route("POST", r"/CampaignManagement/v13/OfflineConversionAdjustments/Apply",
                              self._wrap("microsoft", self._ms_adjust))
         s["linkedin"].route("POST", r"/rest/conversionEvents", self._wrap("linkedin", self._li_batch))
+        s["microsoft"].route("POST", r"/common/oauth2/v2\.0/token", self._token("microsoft"))
+        s["linkedin"].route("POST", r"/oauth/v2/accessToken", self._token("linkedin"))
 
     # -- Google Data Manager --------------------------------------------------------------
 
@@ -232,12 +383,18 @@ class FakePlatforms:
             code = self._row_errors["google_data_manager"].get(tid)
             if code:
                 errors[code] += 1
+            elif tid and tid in ledger and ledger[tid].get("conversionValue") != ev.get("conversionValue"):
+                ledger[tid] = ev  # the same transaction with a new value: a restatement
+                self.adjustments["google_data_manager"].append(ev)
+                accepted += 1
             elif tid and tid in ledger:
                 errors["PROCESSING_ERROR_REASON_DUPLICATE_TRANSACTION_ID"] += 1
             else:
                 ledger[tid or uuid.uuid4().hex] = ev
                 accepted += 1
         status = "SUCCESS" if not errors else ("PARTIAL_SUCCESS" if accepted else "FAILED")
+        if self._async is not None:
+            status, errors = self._async[0], defaultdict(int, self._async[1])
         self._requests_status[request_id] = {"requestStatusPerDestination": [{
             "destination": d, "requestStatus": status,
             "errorInfo": {"errorCounts": [{"recordCount": str(n), "reason": r}
@@ -443,45 +600,43 @@ class FakePlatforms:
     def _ms_fault(self, code: str, message: str) -> Reply:
         return Reply(400, {"TrackingId": str(uuid.uuid4()), "Type": "ApiFaultDetail",
                            "BatchErrors": [], "OperationErrors": [
-                               {"Code": 1000, "ErrorCode": code, "Message": message, "Details": None}]})
+                               {"Code": MS_ERRORS[code], "ErrorCode": code, "Message": message,
+                                "Details": None}]})
 
     def _ms_common(self, i: int, item: dict[str, Any], keys: frozenset[str]) -> dict[str, Any] | None:
-        def err(code: str, msg: str, path: str) -> dict[str, Any]:
-            return {"Code": 4700, "ErrorCode": code, "Message": msg, "Index": i, "FieldPath": path,
-                    "Details": None, "Type": "BatchError"}
+        def err(code: str, path: str | None) -> dict[str, Any]:
+            return self._ms_row_error(i, code, path)
 
         unknown = set(item) - keys
-        if unknown:
-            return err("InvalidRequest", f"unknown fields {sorted(unknown)}", sorted(unknown)[0])
+        if unknown:  # the REST deserialiser drops unknown fields; the fake refuses them loudly
+            return err("NullRequest", sorted(unknown)[0])
         if not item.get("MicrosoftClickId"):
-            return err("OfflineConversionMicrosoftClickIdInvalid", "MicrosoftClickId is required",
-                       "MicrosoftClickId")
+            return err("OfflineConversionMicrosoftClickIdNullOrEmpty", "MicrosoftClickId")
         if not item.get("ConversionName"):
-            return err("OfflineConversionNameInvalid", "ConversionName is required", "ConversionName")
+            return err("OfflineConversionNameNullOrEmpty", "ConversionName")
         if not _RFC3339_Z.match(str(item.get("ConversionTime", ""))):
-            return err("OfflineConversionTimeInvalid", "ConversionTime must be UTC", "ConversionTime")
+            return err("OfflineConversionTimeInvalid", "ConversionTime")
         when = _parse_z(item["ConversionTime"])
         if when > self.now() + timedelta(minutes=5):
-            return err("FutureConversionTimeCannotBeSet", "conversion in the future", "ConversionTime")
+            return err("FutureConversionTimeCannotBeSet", "ConversionTime")
         if when < self.now() - timedelta(days=90):
-            return err("ConversionTimeOutsideWindow", "older than 90 days", "ConversionTime")
+            return err("OfflineConversionTimeOutOfWindow", "ConversionTime")
         for key in ("HashedEmailAddress", "HashedPhoneNumber"):
             if key in item and not HEX64.match(str(item[key])):
-                return err("InvalidHashedValue", f"{key} must be SHA-256 hex", key)
+                return err("EmailMustBeHashed", key)
         return None
 
     def _ms_apply(self, req: Request) -> Reply:
         items = (req.json() or {}).get("OfflineConversions")
         if not isinstance(items, list) or not 1 <= len(items) <= 1000:
-            return self._ms_fault("OfflineConversionsArrayShouldNotBeNullOrEmpty" if not items
+            return self._ms_fault("OfflineConversionsNullOrEmpty" if not items
                                   else "OfflineConversionsLimitExceeded", "1 to 1000 conversions")
         ledger, errors = self.ledgers["microsoft"], []
         for i, item in enumerate(items):
             e = self._ms_common(i, item, self._MS_KEYS)
             scripted = self._row_errors["microsoft"].get(item.get("MicrosoftClickId", ""))
             if not e and scripted:
-                e = {"Code": 4700, "ErrorCode": scripted, "Message": scripted, "Index": i,
-                     "FieldPath": None, "Details": None, "Type": "BatchError"}
+                e = self._ms_row_error(i, scripted)
             if e:
                 errors.append(e)
                 continue
@@ -493,17 +648,17 @@ class FakePlatforms:
     def _ms_adjust(self, req: Request) -> Reply:
         items = (req.json() or {}).get("OfflineConversionAdjustments")
         if not isinstance(items, list) or not 1 <= len(items) <= 1000:
-            return self._ms_fault("OfflineConversionAdjustmentsLimitExceeded", "1 to 1000 items")
+            return self._ms_fault("OfflineConversionsLimitExceeded", "1 to 1000 items")
         errors = []
         for i, item in enumerate(items):
             e = self._ms_common(i, item, self._MS_ADJ_KEYS)
             key = f"{item.get('MicrosoftClickId')}|{item.get('ConversionName')}|{item.get('ConversionTime')}"
             if not e and item.get("AdjustmentType") not in ("Restate", "Retract"):
-                e = {"Code": 4700, "ErrorCode": "InvalidAdjustmentType", "Message": "Restate|Retract",
-                     "Index": i, "FieldPath": "AdjustmentType", "Details": None, "Type": "BatchError"}
+                e = self._ms_row_error(i, "OfflineConversionInvalidAdjustmentType", "AdjustmentType")
             if not e and key not in self.ledgers["microsoft"]:
-                e = {"Code": 4700, "ErrorCode": "OfflineConversionNotFound", "Message": "no such conversion",
-                     "Index": i, "FieldPath": None, "Details": None, "Type": "BatchError"}
+                # no published code for "no such conversion"; the click id names nothing we know
+                e = self._ms_row_error(i, "OfflineConversionMicrosoftClickIdNullOrEmpty",
+                                       "MicrosoftClickId")
             if e:
                 errors.append(e)
             else:
@@ -563,3 +718,24 @@ class FakePlatforms:
                 return "/user/userIds SHA256_EMAIL must be SHA-256 hex"
         scripted = self._row_errors["linkedin"].get(el.get("eventId", ""))
         return scripted
+
+
+def _append_message(body: dict[str, Any], text: str) -> dict[str, Any]:
+    """`body` with `text` added to the message fields a vendor's error carries."""
+    out = dict(body)
+    if isinstance(out.get("error"), dict):
+        err = dict(out["error"])
+        for key in ("message", "error_user_msg"):
+            if key in err:
+                err[key] = f"{err[key]}{text}"
+        out["error"] = err
+    for key in ("message", "Message"):
+        if key in out:
+            out[key] = f"{out[key]}{text}"
+    for key in ("Errors", "OperationErrors", "BatchErrors", "PartialErrors"):
+        if isinstance(out.get(key), list):
+            out[key] = [{**e, "Message": f"{e.get('Message')}{text}"} for e in out[key]]
+    if "message" not in out and "error" not in out and not any(
+            k in out for k in ("Errors", "OperationErrors", "BatchErrors", "PartialErrors", "Message")):
+        out["message"] = text
+    return out
