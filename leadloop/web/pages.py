@@ -18,9 +18,10 @@ from leadloop.web.app import Workbench, form_of, in_thread, page_data, render
 from leadloop.web.preview import EFFECTS, preview_change
 
 ROLES: tuple[str, ...] = MicroRole.__args__  # type: ignore[attr-defined]
-ROW_LIMIT = 200
+ROW_LIMIT = 50
 EFFECT_LABELS = {"new_conversions": "new conversions", "value_changes": "conversions change value",
-                 "restatements": "restatements sent", "retractions": "retractions sent"}
+                 "restatements": "restatements sent", "retractions": "retractions sent",
+                 "not_restated": "sent, keep the old value (no adjustments on this platform)"}
 
 
 def _wb(request: Request) -> Workbench:

@@ -4,13 +4,15 @@ The preview runs the exporter's own outbox build (`leadloop.export.outbox.build_
 the edited stages, once with the current config and once with the proposed one, each inside a
 transaction that is always rolled back: the numbers are exactly what the next export would
 build, and nothing is written. For each destination it counts the conversions that would be
-new, the queued (not yet sent) conversions whose value would change, and the restatements and
-retractions that would be sent. The guardrails are evaluated again on the proposed outbox.
+new, the queued (not yet sent) conversions whose value would change, the restatements and
+retractions that would be sent, and, on platforms that accept no adjustments, the conversions
+already sent that keep their old value. The guardrails are evaluated again on the proposed outbox.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
@@ -24,7 +26,7 @@ from leadloop.report.data import ReportData, load_conversions
 from leadloop.tables import Conversion, ConversionKind, ConversionStatus
 
 DUE = (ConversionStatus.pending.value, ConversionStatus.failed.value)
-EFFECTS = ("new_conversions", "value_changes", "restatements", "retractions")
+EFFECTS = ("new_conversions", "value_changes", "restatements", "retractions", "not_restated")
 
 
 @dataclass
@@ -71,6 +73,19 @@ def _effects(ctx: Context, settings: Settings, stages: list[str], data: ReportDa
                 select(conv.c.id, conv.c.value).where(conv.c.stage.in_(stages),
                                                      conv.c.status.in_(DUE)))}
             build_outbox(session, scoped, dests, ctx.now())
+            for stage in scoped.stages:
+                for dest in stage.destinations:
+                    if dest not in dests:
+                        continue
+                    per = counts.setdefault(dest, dict.fromkeys(EFFECTS, 0))
+                    if not dests[dest] and isinstance(stage.value, float):
+                        per["not_restated"] += session.execute(
+                            select(func.count()).where(
+                                conv.c.destination == dest, conv.c.stage == stage.name,
+                                conv.c.status == ConversionStatus.sent.value,
+                                conv.c.kind == ConversionKind.conversion.value,
+                                func.abs(conv.c.value - Decimal(str(stage.value))) >= Decimal("0.01"))
+                        ).scalar() or 0
             rows = session.execute(
                 select(conv.c.id, conv.c.destination, conv.c.kind, conv.c.status, conv.c.value)
                 .where(conv.c.stage.in_(stages), conv.c.status.in_(DUE)))
