@@ -234,3 +234,17 @@ def test_report_has_next_steps_readable_labels_and_spend(sqlite_engine: Engine,
     assert google["roas"] == pytest.approx(1000.0 / 1000.0)
     assert any("line 5 left out" in n for n in doc["notes"])
     assert "cost / qualified" in page and "ROAS" in page
+
+
+def test_the_demo_ends_with_the_command_that_opens_the_workbench_on_its_output(
+        tmp_path: Path) -> None:
+    from leadloop.config import load_settings
+    from leadloop.demo import WORKBENCH_CONFIG, _summary, _write_workbench_config
+
+    path = _write_workbench_config(tmp_path)
+    settings = load_settings(path)
+    assert settings.database.url == f"sqlite:///{(tmp_path / 'leadloop.db').resolve()}"
+    assert "# The stage-to-value mapping." in path.read_text()  # demo.toml's comments kept
+    last = _summary(tmp_path, {}, {}, 1.0).splitlines()[-1]
+    assert f"leadloop -c {tmp_path / WORKBENCH_CONFIG} serve" in last
+    assert client(path).get("/").status_code == 200  # an empty store still renders
