@@ -32,7 +32,7 @@ def fakes() -> Any:
 
 @pytest.fixture
 def config(tmp_path: Path, sqlite_engine: Engine, fakes: Any) -> Path:
-    return write_config(tmp_path, str(sqlite_engine.url), fakes.urls)
+    return write_config(tmp_path, sqlite_engine.url.render_as_string(), fakes.urls)
 
 
 def client(path: Path, **kw: Any) -> TestClient:
@@ -129,9 +129,11 @@ def test_a_bad_value_is_shown_next_to_its_field_and_nothing_is_written(config: P
     assert config.read_bytes() == before
 
 
-def test_preview_counts_what_the_next_export_sends(config: Path, sqlite_engine: Engine,
+@pytest.mark.postgres
+def test_preview_counts_what_the_next_export_sends(tmp_path: Path, engine: Engine,
                                                    fakes: Any) -> None:
-    sent_store(sqlite_engine, config, n=3)
+    config = write_config(tmp_path, engine.url.render_as_string(hide_password=False), fakes.urls)
+    sent_store(engine, config, n=3)
     c = client(config)
     csrf, version = csrf_of(c.get("/stages").text)
     before = config.read_bytes()
@@ -143,7 +145,7 @@ def test_preview_counts_what_the_next_export_sends(config: Path, sqlite_engine: 
     assert "Guardrails after the change" in r.text and 'id="save-1"' in r.text
     r = c.post("/stages", data=stage_form(csrf, version, "250"), headers={"origin": BASE})
     assert r.status_code == 303
-    result = run_export(export_context(config, sqlite_engine))
+    result = run_export(export_context(config, engine))
     assert result["revisions"] == 6 and result["sent"] == 6
     restated = [a for a in fakes.adjustments["google_ads"] if a["adjustmentType"] == "RESTATEMENT"]
     assert len(restated) == 3 and {a["restatementValue"]["adjustedValue"] for a in restated} == {250.0}
