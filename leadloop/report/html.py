@@ -22,30 +22,31 @@ __all__ = ["HOLD_RULES", "MAX_ROWS", "headlines", "integer", "maturity_note", "m
 MAX_ROWS = 25
 
 # What each hold rule means and what to do about it, in a marketer's words.
-HOLD_RULES: dict[str, tuple[str, str]] = {
-    "no_click_id": ("no click id or hashed identity the platform can match",
+HOLD_RULES: dict[str, tuple[str, str]] = {  # "<n> conversions <meaning>: <action>."
+    "no_click_id": ("have no click id or hashed identity the platform can match",
                     "map the click id property in [crm.properties] (gclid, msclkid, …)"),
-    "no_meta_lead_id": ("no Meta lead id", "map the lead id property ([crm.properties] "
+    "no_meta_lead_id": ("have no Meta lead id", "map the lead id property ([crm.properties] "
                         "meta_lead_id) to the field your Meta lead forms fill"),
-    "no_linkedin_id": ("no LinkedIn click id or hashed e-mail",
+    "no_linkedin_id": ("have no LinkedIn click id or hashed e-mail",
                        "map [crm.properties] li_fat_id, or keep send_user_data on"),
-    "event_too_old": ("older than the platform accepts (Meta 7 days, Microsoft and LinkedIn 90)",
+    "event_too_old": ("are older than the platform accepts (Meta 7 days, Microsoft and LinkedIn 90)",
                       "run the export more often so stages are sent while they are fresh"),
-    "click_too_old": ("the click is older than Google's 90-day click window",
+    "click_too_old": ("come from a click older than Google's 90-day click window",
                       "upload an earlier stage that happens within 90 days of the click"),
-    "consent_denied": ("the person denied ad-user-data consent", "nothing to do: this is correct"),
-    "no_value": ("no value: the deal has no amount and the stage has no default_value",
+    "consent_denied": ("are of people who denied ad-user-data consent",
+                       "nothing to do: holding them is correct"),
+    "no_value": ("have no value (the deal has no amount and the stage no default_value)",
                  "set default_value on the stage"),
-    "no_score": ("no score yet for a stage valued at 'predicted'", "run `leadloop score`"),
-    "no_currency": ("a value without a currency", "set currency on the stage"),
-    "in_future": ("a stage time in the future", "check the CRM's clock and time zone"),
-    "before_lead_created": ("a stage time before the lead was created",
+    "no_score": ("have no score yet, on a stage valued at 'predicted'", "run `leadloop score`"),
+    "no_currency": ("have a value without a currency", "set currency on the stage"),
+    "in_future": ("have a stage time in the future", "check the CRM's clock and time zone"),
+    "before_lead_created": ("have a stage time before the lead was created",
                             "check the stage history in the CRM"),
-    "adjustment_too_recent": ("an adjustment less than a day after the conversion",
-                              "nothing to do: it goes out tomorrow"),
-    "adjustment_window_passed": ("an adjustment after Google's 54-day window",
-                                 "nothing to do: Google no longer accepts it"),
-    "value_out_of_range": ("a value far outside this stage's usual range",
+    "adjustment_too_recent": ("are adjustments less than a day after their conversion",
+                              "nothing to do: they go out tomorrow"),
+    "adjustment_window_passed": ("are adjustments after Google's 54-day window",
+                                 "nothing to do: Google no longer accepts them"),
+    "value_out_of_range": ("have a value far outside this stage's usual range",
                            "check the deal amount in the CRM, or the stage value"),
 }
 
@@ -106,9 +107,10 @@ def next_steps(data: ReportData, limit: int = 8) -> list[dict[str, str]]:
         if not built or held / built < 0.2:
             continue
         top = rules.sort_values("n", ascending=False).iloc[0]
-        meaning, action = HOLD_RULES.get(str(top["hold_rule"]), (str(top["hold_rule"]), ""))
+        meaning, action = HOLD_RULES.get(str(top["hold_rule"]),
+                                         (f"are held by {top['hold_rule']}", ""))
         add(held, f"{dest}: {held:,} of {built:,} conversions held.",
-            f"{int(top['n']):,} have {meaning}" + (f": {action}." if action else "."),
+            f"{int(top['n']):,} {meaning}" + (f": {action}." if action else "."),
             f"/uploads?destination={dest}&status=held", "see the held rows")
     if not u.empty:
         for dest, row in u.iterrows():
