@@ -250,3 +250,31 @@ def test_the_demo_ends_with_the_command_that_opens_the_workbench_on_its_output(
     last = _summary(tmp_path, {}, {}, 1.0).splitlines()[-1]
     assert f"leadloop -c {tmp_path / WORKBENCH_CONFIG} serve" in last
     assert client(path).get("/").status_code == 200  # an empty store still renders
+
+
+def test_model_card_fields_of_newer_cards_are_shown_when_present(
+        sqlite_engine: Engine, make_context: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from leadloop.report import write_reports
+    from tests.test_report_fixture import REPORT_SECTIONS, populate
+
+    card = {
+        "version": "m-2", "chosen": "hgb", "created_at": "2025-02-28T00:00:00+00:00",
+        "mode": "candidate only", "suspected_leakage": ["attr_deal_owner"],
+        "metrics": {"roc_auc": 0.81}, "baseline": {"roc_auc": 0.5},
+        "candidate_metrics": {"roc_auc": 0.93}, "shipped_auc": 0.81,
+        "calibration_by_age_band": [{"band": "0–30 days", "n": 40, "predicted": 0.2,
+                                     "observed": 0.1}],
+    }
+    fake = types.ModuleType("leadloop.scoring.registry")
+    fake.current_card = lambda settings: card  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "leadloop.scoring.registry", fake)
+    populate(sqlite_engine)
+    write_reports(make_context(sqlite_engine, **REPORT_SECTIONS), tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    for text in ("candidate only", "Suspected leakage: attr_deal_owner", "0.930", "shipped auc",
+                 "Calibration by lead age", "0–30 days", "28 Feb 2025"):
+        assert text in page, text

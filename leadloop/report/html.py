@@ -152,6 +152,14 @@ def _stage_label(kind: str, stage: str | None) -> str:
 # -- the view -------------------------------------------------------------------------------------
 
 
+_CARD_SHOWN = frozenset({
+    "version", "chosen", "created_at", "data_window", "counts", "features", "config_hash", "metrics",
+    "baseline", "calibration", "lift_by_decile", "permutation_importance", "fallback_reason",
+    "suspected_leakage", "candidate_metrics", "candidate", "calibration_by_age_band",
+    "calibration_by_age",
+})
+
+
 def _card_view(card: dict[str, Any] | None) -> dict[str, Any] | None:
     """The model card's facts for people; fields newer cards add (mode, suspected leakage,
     candidate metrics, calibration by age band) are shown when present."""
@@ -164,7 +172,6 @@ def _card_view(card: dict[str, Any] | None) -> dict[str, Any] | None:
     features = card.get("features") or []
     facts = [
         ("version", card.get("version")), ("chosen model", card.get("chosen")),
-        *([("mode", card["mode"])] if card.get("mode") else []),
         ("trained", when(card.get("created_at"))),
         ("data window", f"{day(window.get('start'))} → {day(window.get('end'))}"),
         ("leads / positives", f"{counts.get('n', '?')} / {counts.get('positives', '?')}"),
@@ -172,11 +179,12 @@ def _card_view(card: dict[str, Any] | None) -> dict[str, Any] | None:
                                           if isinstance(f, dict)) or "–"),
         ("config hash", card.get("config_hash")),
     ]
-    for key, label in (("shipped_auc", "shipped model ROC AUC"),
-                       ("candidate_auc", "candidate model ROC AUC")):
-        if card.get(key) is not None:
-            facts.append((label, num(card[key], 3)))
+    for key, value in card.items():  # scalar fields newer cards add (mode, AUCs, …)
+        if key not in _CARD_SHOWN and isinstance(value, str | int | float | bool) and value != "":
+            facts.append((key.replace("_", " "), num(value, 3) if isinstance(value, float) else value))
     leak = card.get("suspected_leakage")
+    if leak is True:
+        leak = "yes (see the model card's JSON)"
     if isinstance(leak, list | tuple):
         leak = ", ".join(str(x.get("feature", x) if isinstance(x, dict) else x) for x in leak)
     elif isinstance(leak, dict):

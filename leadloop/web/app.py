@@ -17,12 +17,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from leadloop.config import Settings, load_settings
 from leadloop.context import Context
+from leadloop.errors import ConfigErrors
 from leadloop.report.data import ReportData, build_report_data
 from leadloop.report.html import report_css, report_view
 from leadloop.report.templating import environment
@@ -124,6 +125,13 @@ async def login(request: Request) -> Response:
     return render(request, "login.html", status_code=401 if error else 200, error=error)
 
 
+def config_broken(request: Request, exc: Exception) -> Response:
+    """The file was edited by hand into an invalid state: say which keys, as the CLI would."""
+    message = getattr(exc, "message", str(exc))
+    return PlainTextResponse(f"{message}\n\nFix the file; this page works again once it is valid.\n",
+                             status_code=503)
+
+
 def create_app(config_path: Path, *, host: str = "127.0.0.1", port: int = 8765,
                token: str | None = None, ad_spend: Path | None = None) -> Any:
     """The ASGI app (wrapped in the guard middleware)."""
@@ -141,7 +149,8 @@ def create_app(config_path: Path, *, host: str = "127.0.0.1", port: int = 8765,
         Route("/status", pages.status),
         Route("/login", login, methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=str(static)), name="static"),
-    ], exception_handlers={Forbidden: lambda request, exc: forbidden(exc.reason)})
+    ], exception_handlers={Forbidden: lambda request, exc: forbidden(exc.reason),
+                           ConfigErrors: config_broken})
     app.state.workbench = Workbench(config_path=Path(config_path).resolve(), guard=guard,
                                     ad_spend=ad_spend)
     return GuardMiddleware(app, guard)
