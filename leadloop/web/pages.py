@@ -21,7 +21,7 @@ ROLES: tuple[str, ...] = MicroRole.__args__  # type: ignore[attr-defined]
 ROW_LIMIT = 50
 EFFECT_LABELS = {"new_conversions": "new conversions", "value_changes": "conversions change value",
                  "restatements": "restatements sent", "retractions": "retractions sent",
-                 "not_restated": "sent, keep the old value (no adjustments on this platform)"}
+                 "not_restated": "already sent, keep the old value"}
 
 
 def _wb(request: Request) -> Workbench:
