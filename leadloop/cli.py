@@ -59,7 +59,7 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
         raise click.UsageError("this command needs --config FILE (see config/leadloop.example.toml)")
     settings = load_settings(path)
     engine = make_engine(settings.database.url, echo=settings.database.echo)
-    return Context(settings=settings, engine=engine, **overrides)
+    return Context(settings=settings, engine=engine, config_path=Path(path), **overrides)
 
 
 def _print_results(results: list[Any]) -> int:
@@ -222,9 +222,13 @@ def _lease(ctx: Any, purpose: str, wait: bool) -> Any:
               "for text/json, [report] out_dir for html/csv).")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]),
               help="Only leads created on or after this date (UTC).")
+@click.option("--ad-spend", type=click.Path(exists=True, dir_okay=False),
+              help="CSV of ad spend per month, source and campaign (overrides [report] ad_spend): "
+              "adds cost per lead, cost per qualified lead and ROAS.")
 @click.pass_context
 @handle_errors
-def report(click_ctx: click.Context, fmt: str, out: str | None, since: Any) -> None:
+def report(click_ctx: click.Context, fmt: str, out: str | None, since: Any,
+           ad_spend: str | None) -> None:
     """The lead-value report: value by source, validation, model card, uploads, guardrails.
 
     Example: leadloop -c leadloop.toml report --format html --out report.html
@@ -232,7 +236,8 @@ def report(click_ctx: click.Context, fmt: str, out: str | None, since: Any) -> N
     from leadloop.report import render_report
 
     ctx = _context(click_ctx)
-    text = render_report(ctx, fmt=fmt, out=Path(out) if out else None, since=since)
+    text = render_report(ctx, fmt=fmt, out=Path(out) if out else None, since=since,
+                         ad_spend=Path(ad_spend) if ad_spend else None)
     if text:
         click.echo(text)
 
@@ -254,6 +259,52 @@ def status(click_ctx: click.Context, as_json: bool) -> None:
     paused = any(a["level"] == "paused" for a in data.get("destination_alerts") or [])
     failed = data.get("failed_jobs") or data.get("interrupted_jobs") or paused
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs --token-env.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@click.option("--token-env", metavar="NAME",
+              help="Environment variable holding the access token: every request then needs "
+              "`Authorization: Bearer <token>` or the session cookie /login sets.")
+@click.option("--ad-spend", type=click.Path(exists=True, dir_okay=False),
+              help="CSV of ad spend per month, source and campaign (overrides [report] ad_spend).")
+@click.pass_context
+@handle_errors
+def serve(click_ctx: click.Context, host: str, port: int, token_env: str | None,
+          ad_spend: str | None) -> None:
+    """The stage-mapping workbench: a local web page to decide stage values, destinations and
+    micro-conversion roles, with the evidence next to each control.
+
+    Saving edits the config file in place (comments kept, a timestamped copy of the previous
+    file kept, every change logged); a running daemon applies it from its next job.
+
+    Example: leadloop -c leadloop.toml serve   # then open http://127.0.0.1:8765/
+    """
+    import os
+
+    from leadloop.errors import ConfigError
+    from leadloop.redact import register_secret
+    from leadloop.web import serve as run_server
+    from leadloop.web.security import LOOPBACK
+
+    path = click_ctx.find_root().params.get("config")
+    if not path:
+        raise click.UsageError("serve needs --config FILE (see config/leadloop.example.toml)")
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise ConfigError("--token-env", f"environment variable {token_env} is not set or empty")
+        register_secret(token)
+    elif host not in LOOPBACK:
+        raise click.UsageError(f"--host {host} is reachable from other machines: "
+                               "give --token-env NAME (an environment variable holding a token)")
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"leadloop workbench on http://{shown}:{port}/ (Ctrl-C to stop)")
+    run_server(Path(path), host=host, port=port, token=token,
+               ad_spend=Path(ad_spend) if ad_spend else None)
 
 
 @cli.command()

@@ -34,6 +34,7 @@ DestinationKind = Literal[
     "google_data_manager", "google_ads", "meta", "microsoft", "linkedin", "csv_files"
 ]
 ValueRule = float | Literal["deal_amount", "predicted"]
+MicroRole = Literal["primary goal", "secondary signal", "diagnostic only", "retire"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INTERVAL = re.compile(r"^(\d+)\s*([smhd])$")
@@ -231,6 +232,9 @@ class MicroConversionConfig(_Model):
     event: str | None = None
     expr: str | None = None
     description: str | None = None
+    role: MicroRole | None = Field(
+        None, description="your decision (the workbench sets it); validation recommends one"
+    )
 
     @field_validator("expr")
     @classmethod
@@ -384,6 +388,9 @@ class ValidationConfig(_Model):
 class ReportConfig(_Model):
     out_dir: str = "reports"
     min_conversions_per_30d: int = Field(30, ge=1)
+    ad_spend: str | None = Field(
+        None, description="CSV of ad spend per month, source and campaign (see report/spend.py)"
+    )
 
 
 class HealthConfig(_Model):

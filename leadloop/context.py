@@ -27,6 +27,7 @@ class Context:
     stop: threading.Event = field(default_factory=threading.Event)
     job_run_id: int | None = None
     http_factory: Callable[..., requests.Session] = make_session
+    config_path: Path | None = None  # the file `settings` came from (the daemon re-reads it)
 
     def http(self, **kwargs: Any) -> requests.Session:
         return self.http_factory(**kwargs)

@@ -44,9 +44,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
 
 from leadloop import lease
-from leadloop.config import Settings, parse_schedule
+from leadloop.config import Settings, load_settings, parse_schedule
 from leadloop.context import Context
-from leadloop.errors import ConfigError, LeaseHeldError
+from leadloop.errors import ConfigError, ConfigErrors, LeaseHeldError
 from leadloop.jobs import run_job
 from leadloop.metrics import DaemonMetrics, HealthServer
 from leadloop.store import session_scope
@@ -158,6 +158,7 @@ class Daemon:
         self.jobs = scheduled_jobs(ctx.settings)
         self.chain_export = "sync" in self.jobs and "export" in ctx.settings.schedule.jobs()
         self.metrics = DaemonMetrics(ctx.engine)
+        self._config_mtime = self._config_stamp()
         self.exit_code = 0
         self.lease_held = False
         self._pipeline = threading.Lock()
@@ -335,9 +336,34 @@ class Daemon:
                     del self._in_flight[name]
                 self._idle.notify_all()
 
+    def _config_stamp(self) -> int | None:
+        try:
+            return self.ctx.config_path.stat().st_mtime_ns if self.ctx.config_path else None
+        except OSError:
+            return None
+
+    def _reload_config(self) -> None:
+        """Apply a config file edited since the last job (e.g. saved from `leadloop serve`).
+        An invalid file is logged and the previous settings stay; the schedule and the database
+        are those the daemon started with."""
+        stamp = self._config_stamp()
+        if stamp is None or stamp == self._config_mtime:
+            return
+        self._config_mtime = stamp
+        try:
+            settings = load_settings(self.ctx.config_path)  # type: ignore[arg-type]
+        except ConfigErrors as exc:
+            log.error("config file changed but is invalid; keeping the previous settings: %s",
+                      exc.message.replace("\n", "; "))
+            return
+        if settings != self.ctx.settings:
+            self.ctx.settings = settings
+            log.info("config file %s changed: applied from this job on", self.ctx.config_path)
+
     def _run_one(self, name: str) -> None:
         if self.ctx.stopping:
             return
+        self._reload_config()
         # A shallow copy per run: settings, engine and the stop event are shared, but the
         # job_run id a job stamps on its rows is its own even when jobs overlap.
         job_ctx = replace(self.ctx, job_run_id=None)

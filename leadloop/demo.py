@@ -28,6 +28,7 @@ from leadloop.store import make_engine
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 _HUBSPOT_TOKEN_ENV = "LEADLOOP_SANDBOX_HUBSPOT_TOKEN"
 _PLATFORM_TOKEN_ENVS = ("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "LEADLOOP_SANDBOX_META_TOKEN")
+WORKBENCH_CONFIG = "leadloop.toml"
 
 
 def _fresh_output(out: Path) -> None:
@@ -35,8 +36,24 @@ def _fresh_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("leadloop.db", "leadloop.db-wal", "leadloop.db-shm"):
         (out / name).unlink(missing_ok=True)
-    for sub in ("payloads", "models"):
+    for sub in ("payloads", "models", f"{WORKBENCH_CONFIG}.history"):
         shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def _write_workbench_config(out: Path) -> Path:
+    """`config/demo.toml` (comments kept) pointed at this output, for `leadloop serve`."""
+    import tomlkit
+
+    doc = tomlkit.parse(DEMO_CONFIG.read_text())
+    doc["database"]["url"] = f"sqlite:///{(out / 'leadloop.db').resolve()}"  # type: ignore[index]
+    doc["model"]["dir"] = str((out / "models").resolve())  # type: ignore[index]
+    doc["report"]["out_dir"] = str(out.resolve())  # type: ignore[index]
+    head = ("# Written by `leadloop demo` so that `leadloop -c <this file> serve` opens the workbench\n"
+            "# on the demo's store. The sandbox's servers stopped with the demo: sync and export\n"
+            "# from this file have nothing to connect to.\n")
+    path = out / WORKBENCH_CONFIG
+    path.write_text(head + tomlkit.dumps(doc), encoding="utf-8")
+    return path
 
 
 def _demo_config() -> dict[str, Any]:
@@ -98,6 +115,7 @@ def run_demo(out: Path | None = None, *, n_leads: int = 5000, seed: int = 7) -> 
             "demo cycle failed: " + "; ".join(f"{r.name}: {r.error}" for r in failed)
         )
     by_name = {r.name: r.counts for r in results}
+    _write_workbench_config(out)
     return _summary(out, by_name, received, time.monotonic() - started)
 
 
@@ -123,5 +141,7 @@ def _summary(out: Path, counts: dict[str, dict], received: dict[str, int], secon
         f"  validation  {out / 'validation.csv'}",
         f"  payloads    {out / 'payloads'}/<destination>/<batch>.json",
         f"  database    {out / 'leadloop.db'}",
+        f"  workbench   leadloop -c {out / WORKBENCH_CONFIG} serve   "
+        "(then open http://127.0.0.1:8765/)",
     ]
     return "\n".join(lines)

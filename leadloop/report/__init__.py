@@ -81,7 +81,7 @@ def _plain(value: Any) -> Any:
 
 
 def report_json(data: ReportData) -> str:
-    from leadloop.report.html import headlines
+    from leadloop.report.html import headlines, maturity_note, next_steps
 
     doc = {
         "generated_at": data.generated_at,
@@ -91,6 +91,12 @@ def report_json(data: ReportData) -> str:
         "won_stage": data.won_stage,
         "summary": data.summary,
         "headlines": headlines(data),
+        "next_steps": next_steps(data),
+        "stage_values": data.stage_values,
+        "maturity": {"days_to_qualify_p90": data.maturity_days,
+                     "immature_months": data.immature_months, "note": maturity_note(data)},
+        "ad_spend": data.spend_summary,
+        "notes": data.notes,
         "tables": {k: v.rename(columns=lambda c: str(c).replace(":", "_")).to_dict("records")
                    for k, v in _tables(data).items()},
         "validation_run": data.validation_run,
@@ -120,12 +126,13 @@ def write_reports(ctx: Context, out_dir: Path, since: datetime | None = None) ->
     return paths
 
 
-def render_report(ctx: Context, *, fmt: str, out: Path | None, since: datetime | None
-                  ) -> str | None:
-    """`leadloop report`: text → the terminal; json → stdout or a file; html/csv → files."""
+def render_report(ctx: Context, *, fmt: str, out: Path | None, since: datetime | None,
+                  ad_spend: Path | None = None) -> str | None:
+    """`leadloop report`: text → the terminal; json → stdout or a file; html/csv → files.
+    `ad_spend` (a CSV) overrides `[report] ad_spend`."""
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    data = build_report_data(ctx, since=since)
+    data = build_report_data(ctx, since=since, ad_spend=ad_spend)
     default_dir = ctx.settings.resolve_path(ctx.settings.report.out_dir)
     if fmt == "text":
         from leadloop.report.terminal import print_report

@@ -149,18 +149,32 @@ def rate_with_intervals(table: pd.DataFrame, key: str, title: str, limit: int = 
     return _svg(fig, f"rate-{key}")
 
 
-def monthly(table: pd.DataFrame, currency: str) -> str:
-    """Leads per month (bars) and the qualified rate (line, right axis)."""
+def monthly(table: pd.DataFrame, currency: str, maturing: set[str] | None = None) -> str:
+    """Leads per month (bars) and the qualified rate (line, right axis); months whose leads have
+    not all had time to qualify (`maturing`) are hatched and their rates drawn dashed."""
+    maturing = maturing or set()
     with rc_context(_STYLE):
         fig, ax = _figure(7.2, 3.2)
         t = table.sort_values("month")
         pos = np.arange(len(t))
-        ax.bar(pos, t["leads"], color=BLUE, alpha=0.35, label="leads")
+        young = np.array([str(m) in maturing for m in t["month"]])
+        ax.bar(pos[~young], t["leads"].to_numpy()[~young], color=BLUE, alpha=0.35, label="leads")
+        if young.any():
+            ax.bar(pos[young], t["leads"].to_numpy()[young], color=BLUE, alpha=0.15, hatch="///",
+                   edgecolor=BLUE, lw=0, label="not yet mature")
         ax.set_ylabel("leads")
         ax.set_xticks(pos, [str(m) for m in t["month"]], rotation=45 if len(t) > 8 else 0, ha="right"
                       if len(t) > 8 else "center")
         ax2 = ax.twinx()
-        ax2.plot(pos, t["qualified_rate"], color=TEAL, marker="o", lw=2, label="qualified rate")
+        rate = t["qualified_rate"].to_numpy()
+        mature_end = int(np.argmax(young)) if young.any() else len(t)
+        ax2.plot(pos[:mature_end], rate[:mature_end], color=TEAL, marker="o", lw=2,
+                 label="qualified rate")
+        if young.any():
+            start = max(mature_end - 1, 0)
+            ax2.plot(pos[start:], rate[start:], color=TEAL, marker="o", lw=1.5, ls="--",
+                     mfc="white")
+            ax.legend(loc="upper left", fontsize=8)
         ax2.fill_between(pos, t["qualified_ci_low"], t["qualified_ci_high"], color=TEAL, alpha=0.15)
         ax2.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax2.set_ylim(bottom=0)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
@@ -104,12 +105,20 @@ class ReportData:
     conversions: pd.DataFrame  # internal, for guardrails
     stage_reach: pd.DataFrame  # internal, for guardrails
     guardrails: list[Any] = field(default_factory=list)
+    stage_values: list[dict[str, Any]] = field(default_factory=list)  # evidence per stage
+    immature_months: list[str] = field(default_factory=list)  # right-censored: rates still rising
+    maturity_days: float = 0.0  # 90 % of leads that qualify do so within this many days
+    spend_summary: dict[str, Any] | None = None  # totals when ad spend was given
+    notes: list[str] = field(default_factory=list)  # inputs left out, with the reason
 
 
 # -- reading the store ---------------------------------------------------------------------------
 
 
-def _frame(engine: Engine, stmt: Any, columns: list[str], **kw: Any) -> pd.DataFrame:
+def _frame(engine: Engine | Connection, stmt: Any, columns: list[str], **kw: Any) -> pd.DataFrame:
+    """Read on `engine` (a connection of its own), or on a connection inside a transaction."""
+    if isinstance(engine, Connection):
+        return read_frame(engine, stmt, columns, **kw)
     with engine.connect() as conn:
         return read_frame(conn, stmt, columns, **kw)
 
@@ -232,7 +241,8 @@ def _load_scores(engine: Engine) -> pd.DataFrame:
     return df[["lead_id", "probability", "expected_value"]]
 
 
-def _load_conversions(engine: Engine, since: datetime | None) -> pd.DataFrame:
+def load_conversions(engine: Engine | Connection, since: datetime | None) -> pd.DataFrame:
+    """The outbox rows of the leads a report covers (see `_lead_conditions`)."""
     cols = ["lead_id", "destination", "stage", "kind", "conversion_action", "conversion_time",
             "value", "status", "hold_rule", "attempts", "platform_code", "last_error", "order_id",
             "click_id"]
@@ -432,8 +442,10 @@ def _crm_vs_platform(settings: Settings, reach: pd.DataFrame, conv: pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData:
-    """Read the store and compute every table of the report (guardrails included)."""
+def build_report_data(ctx: Context, since: datetime | None = None,
+                      ad_spend: Path | None = None) -> ReportData:
+    """Read the store and compute every table of the report (guardrails included). Ad spend
+    comes from `ad_spend`, else from `[report] ad_spend` when set."""
     from leadloop.report.guardrails import evaluate_guardrails
 
     settings = ctx.settings
@@ -444,7 +456,7 @@ def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData
     reach = _load_stage_reach(ctx.engine, settings, ids)
     micro_names, micro = _load_micro_flags(ctx.engine, settings, ids)
     scores = _load_scores(ctx.engine)
-    conv = _load_conversions(ctx.engine, since)
+    conv = load_conversions(ctx.engine, since)
     destinations = sorted(set(settings.destinations) | set(conv["destination"].unique()))
     won = won_stage_name(settings)
     df = _lead_frame(leads, reach, micro, scores, conv, settings, won, destinations)
@@ -480,4 +492,132 @@ def build_report_data(ctx: Context, since: datetime | None = None) -> ReportData
         stage_reach=reach,
     )
     data.guardrails = evaluate_guardrails(data, settings)
+    data.stage_values = stage_evidence(ctx, settings, df, reach)
+    data.maturity_days, data.immature_months = _maturity(df, reach, settings, by["month"], ctx.now())
+    if ad_spend is None and settings.report.ad_spend:
+        ad_spend = settings.resolve_path(settings.report.ad_spend)
+    if ad_spend is not None:
+        _apply_spend(data, Path(ad_spend), since)
     return data
+
+
+# -- evidence per stage, maturity, ad spend -------------------------------------------------------
+
+DIFFERS_RATIO = 1.5  # a configured value this far from the data-driven one (and outside its range)
+
+
+def _reached_at(settings: Settings, reach: pd.DataFrame, lead_ids: pd.Index) -> pd.DataFrame:
+    """Wide: per lead, the first time it reached each stage *or any deeper one* (a lead that
+    skipped a stage in the CRM has still passed it)."""
+    names = [s.name for s in settings.stages]
+    wide = reach.pivot_table(index="lead_id", columns="stage", values="entered_at", aggfunc="min") \
+        if not reach.empty else pd.DataFrame(index=pd.Index([], name="lead_id"))
+    wide = wide.reindex(index=wide.index.intersection(lead_ids), columns=names)
+    out = pd.DataFrame(index=wide.index)
+    for i, name in enumerate(names):
+        out[name] = pd.to_datetime(wide[names[i:]].apply(pd.to_datetime, utc=True).min(axis=1),
+                                   utc=True)
+    return out
+
+
+def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd.DataFrame
+                   ) -> list[dict[str, Any]]:
+    """Per configured stage: leads that reached it, their rate to the macro stage (Wilson
+    interval), median days to the macro stage, the configured value, and the data-driven value
+    (`leadloop stages suggest`) with a sentence when the two differ a lot."""
+    from leadloop.values import suggest_stage_values
+
+    try:
+        suggestions = {s.stage.name: s for s in suggest_stage_values(ctx.engine, settings)}
+    except Exception:  # evidence without suggestions beats no report
+        suggestions = {}
+    reached = _reached_at(settings, reach, df.index)
+    macro = settings.macro_stage.name
+    cur = settings.macro_stage.currency
+    out = []
+    for stage in settings.stages:
+        at = reached[stage.name].dropna() if stage.name in reached else pd.Series(dtype=object)
+        n = len(at)
+        macro_at = reached.loc[at.index, macro] if n else pd.Series(dtype=object)
+        k = int(macro_at.notna().sum())
+        delay = (macro_at - at).dropna().dt.total_seconds() / 86400 if n else pd.Series(dtype=float)
+        delay = delay[delay >= 0]
+        low, high = wilson(k, n)
+        sug = suggestions.get(stage.name)
+        row = {
+            "name": stage.name, "macro": stage.macro, "reached": n,
+            "rate_to_macro": k / n if n else math.nan, "rate_low": low, "rate_high": high,
+            "median_days": float(delay.median()) if len(delay) else math.nan,
+            "value": stage.value, "currency": stage.currency,
+            "configured": (f"{stage.currency} {stage.value:,.2f}" if isinstance(stage.value, float)
+                           else stage.value),
+            "destinations": sorted(stage.destinations),
+            "suggested": getattr(sug, "value", None), "suggested_low": getattr(sug, "value_low", None),
+            "suggested_high": getattr(sug, "value_high", None), "differs": "",
+        }
+        if (isinstance(stage.value, float) and row["suggested"] is not None and n >= 30
+                and row["suggested_low"] is not None and row["suggested_high"] is not None):
+            value, sv = stage.value, float(row["suggested"])
+            outside = not (row["suggested_low"] <= value <= row["suggested_high"])
+            far = (value == 0 and sv > 0) or (value > 0 and max(value, sv) / max(min(value, sv), 1e-9)
+                                              >= DIFFERS_RATIO)
+            if outside and far:
+                row["differs"] = (
+                    f"{stage.name} is configured at {cur} {value:,.0f}; the data say {cur} {sv:,.0f} "
+                    f"(95 % range {row['suggested_low']:,.0f}–{row['suggested_high']:,.0f}, "
+                    f"from {n:,} leads that reached it).")
+        out.append(row)
+    return out
+
+
+def _maturity(df: pd.DataFrame, reach: pd.DataFrame, settings: Settings, months: pd.DataFrame,
+              now: datetime) -> tuple[float, list[str]]:
+    """Days within which 90 % of qualified leads qualified, and the months whose leads have not
+    all had that long yet (their rates are right-censored: they will still rise)."""
+    if months.empty or not df["qualified"].any():
+        return 0.0, []
+    reached = _reached_at(settings, reach, df.index)
+    macro_at = reached[settings.macro_stage.name].dropna()
+    created = df.loc[macro_at.index, "created_at"]
+    days = ((macro_at - created).dt.total_seconds() / 86400).clip(lower=0)
+    if days.empty:
+        return 0.0, []
+    d90 = float(days.quantile(0.9))
+    cutoff = pd.Timestamp(now) - pd.Timedelta(days=d90)
+    immature = []
+    for m in months["month"]:
+        if m == NONE_LABEL:
+            continue
+        end = pd.Timestamp(f"{m}-01", tz="UTC") + pd.offsets.MonthBegin(1)
+        if end > cutoff:
+            immature.append(str(m))
+    return d90, immature
+
+
+def _apply_spend(data: ReportData, path: Path, since: datetime | None) -> None:
+    from leadloop.report.spend import add_spend, load_ad_spend
+
+    spend = load_ad_spend(path)
+    data.notes.extend(spend.notes)
+    rows = spend.rows
+    if since is not None:
+        rows = rows[rows["month"] >= f"{since:%Y-%m}"]
+    by_source = rows.assign(k=rows["source"].str.lower()).groupby("k")["spend"].sum()
+    by_campaign = rows.assign(k=rows["campaign"].str.lower()).groupby("k")["spend"].sum()
+    data.by["source"] = add_spend(data.by["source"], "source", by_source)
+    data.by["campaign"] = add_spend(data.by["campaign"], "campaign", by_campaign)
+    known_sources = set(data.by["source"]["source"].astype(str).str.lower())
+    known_campaigns = set(data.by["campaign"]["campaign"].astype(str).str.lower())
+    unmatched = sorted({r.source or r.campaign for r in rows.itertuples()
+                        if (r.source and r.source.lower() not in known_sources)
+                        or (not r.source and r.campaign.lower() not in known_campaigns)})
+    total = float(rows["spend"].sum())
+    s = data.summary
+    data.spend_summary = {
+        "total": total,
+        "cost_per_lead": total / s["leads"] if s["leads"] else None,
+        "cost_per_qualified": total / s["qualified"] if s["qualified"] else None,
+        "roas": s["revenue"] / total if total else None,
+        "unmatched": unmatched,
+        "file": path.name,
+    }

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from leadloop.report.html import headlines, integer, money, num, pct, pvalue
+from leadloop.report.html import headlines, integer, maturity_note, money, next_steps, num, pct, pvalue
 
 VERDICT_STYLES = {"predictive": "green", "weak": "yellow", "negative": "red", "no signal": "dim",
                   "not enough data": "dim"}
@@ -53,6 +53,14 @@ def print_report(data: Any, console: Console | None = None) -> None:
         markup=False, highlight=False)
     for line in headlines(data):
         console.print(Text(f"• {line}"))
+    steps = next_steps(data)
+    if steps:
+        console.print(Text("Do this next", style="bold"))
+        for i, step in enumerate(steps, 1):
+            console.print(Text(f"{i}. {step['title']} {step['detail']}"))
+    note = maturity_note(data)
+    if note:
+        console.print(Text(note, style="dim"))
 
     src = Table(title="Lead value by source", title_justify="left", header_style="bold")
     for col in ["source", "leads", "qualified", "rate [95% CI]", "won", "revenue", "rev/lead",
