@@ -47,13 +47,13 @@ class Preview:
         return sum(v.get(effect, 0) for v in self.after.values())
 
 
-def _adjustable(settings: Settings) -> dict[str, bool]:
-    """Enabled destinations → whether their platform accepts restatements and retractions."""
+def _adjustable(settings: Settings) -> dict[str, frozenset[str]]:
+    """Enabled destinations → the revisions their platform takes (restatement, retraction)."""
     out = {}
     for name, cfg in settings.destinations.items():
         if cfg.enabled:
             cls = DESTINATIONS.get(settings.destination_kind(name))
-            out[name] = bool(cls and cls.supports_adjustments)
+            out[name] = cls.adjustments if cls else frozenset()
     return out
 
 
@@ -78,7 +78,7 @@ def _effects(ctx: Context, settings: Settings, stages: list[str], data: ReportDa
                     if dest not in dests:
                         continue
                     per = counts.setdefault(dest, dict.fromkeys(EFFECTS, 0))
-                    if not dests[dest] and isinstance(stage.value, float):
+                    if "restatement" not in dests[dest] and isinstance(stage.value, float):
                         per["not_restated"] += session.execute(
                             select(func.count()).where(
                                 conv.c.destination == dest, conv.c.stage == stage.name,
