@@ -215,9 +215,9 @@ def format_model_card(ctx: Context, version: str | None) -> str:
         lines.append(f"calibrated: {cm['method']} ({cm['why']})")
     if c.get("gate"):
         g = c["gate"]
-        lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (95 % CI {g['auc_gain_ci'][0]:+.3f}"
+        lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (90 % CI {g['auc_gain_ci'][0]:+.3f}"
                      f" to {g['auc_gain_ci'][1]:+.3f}), Brier skill {g['brier_skill']:+.3f} "
-                     f"(95 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
+                     f"(90 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
                      f": {'passed' if g['passed'] else 'failed'}")
     for leak in c.get("suspected_leakage") or []:
         lines.append(f"suspect:   {leak['column']}: {leak['reason']}")
