@@ -28,7 +28,13 @@ from leadloop.scoring.evaluate import evaluate_frame, make_candidates
 from leadloop.scoring.features import Feature
 from leadloop.scoring.gate import brier_skill, delong_gain
 from leadloop.scoring.leakage import suspected_leakage
-from leadloop.scoring.model import BAD_ORDER, score_leads, train_and_register
+from leadloop.scoring.model import (
+    BAD_ORDER,
+    landmarks,
+    score_leads,
+    scoring_moments,
+    train_and_register,
+)
 from leadloop.scoring.threads import limited_threads
 from tests.conftest import SHARED_DATA
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
@@ -155,6 +161,21 @@ def test_scores_are_calibrated_at_every_lead_age(sqlite_engine, tmp_path) -> Non
     ctx.now = lambda: SIM_END + timedelta(days=1)
     again = score_leads(ctx)["scored"]
     assert 0 < again < 6000
+
+
+def test_a_lead_is_scored_at_its_latest_landmark_before_conversion() -> None:
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    created = pd.Series([t0] * 5, index=[1, 2, 3, 4, 5])
+    macro = pd.Series([pd.NaT, t0 + 5 * day, t0 + 3 * day, t0 - day, pd.NaT],
+                      index=created.index, dtype="datetime64[ns, UTC]")
+    created.loc[5] = t0 + 20 * day  # created after "now"
+    at = scoring_moments(created, macro, t0 + 10.5 * day, landmarks(90))
+    ages = ((at - created) / day).tolist()
+    # open: 7 d; converted at 5 d: 3 d; converted exactly at 3 d: 1 d (not open at 3 d);
+    # converted before creation (bad data): at creation; not created yet: at creation
+    assert ages == [7.0, 3.0, 1.0, 0.0, 0.0]
+    assert landmarks(90) == [0, 1, 3, 7, 14, 30, 60] and landmarks(10) == [0, 1, 3, 7]
 
 
 def test_a_fallback_is_re_examined_when_the_store_changes(sqlite_engine, tmp_path) -> None:
