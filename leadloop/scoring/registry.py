@@ -222,9 +222,10 @@ def format_model_card(ctx: Context, version: str | None) -> str:
     for leak in c.get("suspected_leakage") or []:
         lines.append(f"suspect:   {leak['column']}: {leak['reason']}")
     if c.get("calibration_by_age"):
-        lines.append("calibration by age (days: predicted → observed [95 % CI], n):")
+        lines.append("calibration by age (days: predicted → observed [95 % CI], n, ROC AUC):")
         lines += [f"  {r['age_days']:>4g}  {r['predicted']:.3f} → {r['observed']:.3f} "
-                  f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}"
+                  f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}  "
+                  f"{_f(r.get('roc_auc'))}"
                   for r in c["calibration_by_age"]]
     if c.get("calibration"):
         lines.append("calibration (predicted → observed, n):")
