@@ -249,3 +249,25 @@ def test_model_train_and_show_json_on_the_command_line(sqlite_engine, tmp_path) 
     assert {"chosen", "fallback_reason", "suspected_leakage", "mode"} <= set(card)
     assert card["mode"] == "snapshot" and card["metrics"]["roc_auc"] > 0.7
     assert card["calibration_method"]["method"] in calibration.METHODS
+
+
+def test_model_evaluate_warns_about_the_suspects_left_in(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    n = 1500
+    won = (rng.random(n) < 0.3).astype(int)
+    df = pd.DataFrame({"visits": rng.normal(size=n) + 0.8 * won,
+                       "tags": np.where(rng.random(n) < 0.97, np.where(won == 1, "enrolled", "lost"),
+                                        "other"),
+                       "won": won})
+    df.to_csv(tmp_path / "export.csv", index=False)
+    result = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),
+                                      "--label", "won", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: suspected leakage in 'tags'" in result.stderr
+    out = json.loads(result.stdout)
+    assert [s["column"] for s in out["suspected_leakage"]] == ["tags"]
+    assert out["candidate_roc_auc"] >= out["roc_auc"] - calibration.AUC_TOLERANCE
+    assert out["gate"]["passed"] and out["calibration_method"]["method"] in calibration.METHODS
+    excluded = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),
+                                        "--label", "won", "--exclude", "tags", "--threads", "1"])
+    assert excluded.exit_code == 0 and "suspected leakage" not in excluded.stderr
