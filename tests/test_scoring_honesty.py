@@ -25,7 +25,7 @@ from leadloop.crm import build_source
 from leadloop.crm.base import sync_source
 from leadloop.scoring import calibration, registry
 from leadloop.scoring.evaluate import evaluate_frame, make_candidates
-from leadloop.scoring.features import Feature
+from leadloop.scoring.features import Feature, LeadData, build_features
 from leadloop.scoring.gate import brier_skill, delong_gain
 from leadloop.scoring.leakage import suspected_leakage
 from leadloop.scoring.model import (
@@ -34,6 +34,7 @@ from leadloop.scoring.model import (
     score_leads,
     scoring_moments,
     train_and_register,
+    training_rows,
 )
 from leadloop.scoring.threads import limited_threads
 from tests.conftest import SHARED_DATA
@@ -176,6 +177,31 @@ def test_a_lead_is_scored_at_its_latest_landmark_before_conversion() -> None:
     # converted before creation (bad data): at creation; not created yet: at creation
     assert ages == [7.0, 3.0, 1.0, 0.0, 0.0]
     assert landmarks(90) == [0, 1, 3, 7, 14, 30, 60] and landmarks(10) == [0, 1, 3, 7]
+
+
+def test_training_rows_take_one_fair_landmark_per_lead_and_drop_only_bad_ones() -> None:
+    now = pd.Timestamp("2026-10-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    created = pd.Series([now - 200 * day] * 4 + [now - 10 * day, now + day],
+                        index=[1, 2, 3, 4, 5, 6])
+    macro = pd.Series([pd.NaT, now - 198 * day, now - 100 * day, now - 201 * day, pd.NaT, pd.NaT],
+                      index=created.index, dtype="datetime64[ns, UTC]")
+    data = LeadData(leads=pd.DataFrame({"created_at": created}),
+                    events=pd.DataFrame({"lead_id": [1], "name": ["demo"],
+                                         "occurred_at": [created[1]]}))
+    rows, dropped, other = training_rows(data, macro, now=now, horizon_days=90, random_state=0,
+                                         snapshot=False)
+    assert dropped == {BAD_ORDER: 1} and other["undecided"] == 2  # lead 4; leads 5 and 6
+    assert set(rows.index) <= {1, 2, 3} and rows.loc[rows.index == 3, "y"].sum() == 0  # > horizon
+    assert all(rows["moment"] < macro.reindex(rows.index).fillna(now))  # open at its landmark
+    # snapshot: every lead decided, taken as the export holds it; one dated in the future too
+    snap, dropped, other = training_rows(data, macro, now=now, horizon_days=90, random_state=0,
+                                         snapshot=True)
+    assert len(snap) == 6 and not dropped and other["undecided"] == 0
+    assert snap["y"].tolist() == [0, 1, 1, 1, 0, 0]
+    x, _ = build_features(data, [Feature("micro_demo", "numeric", "event:demo"),
+                                 Feature("created_hour", "numeric", "created")], snap["moment"])
+    assert x["micro_demo"].tolist() == [1.0, 0, 0, 0, 0, 0]
 
 
 def test_a_fallback_is_re_examined_when_the_store_changes(sqlite_engine, tmp_path) -> None:

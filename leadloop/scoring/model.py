@@ -100,8 +100,7 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
     created = data.leads["created_at"]
     macro = macro_at.reindex(data.leads.index)
     if snapshot:
-        rows = pd.DataFrame({"y": macro.notna().astype(int),
-                             "moment": pd.Series(now, index=created.index)})
+        rows = pd.DataFrame({"y": macro.notna().astype(int), "moment": snapshot_moments(created, now)})
         return rows, Counter(), {"undecided": 0, "converted_before_landmark": 0}
     horizon = pd.Timedelta(days=horizon_days)
     deadline = created + horizon
@@ -117,6 +116,12 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
     rows = pd.DataFrame({"y": converted[keep], "moment": moment[keep]})
     return rows, dropped, {"undecided": int((~decided).sum()),
                            "converted_before_landmark": int((decided & ~bad & ~open_then).sum())}
+
+
+def snapshot_moments(created: pd.Series, now: pd.Timestamp) -> pd.Series:
+    """A snapshot's leads are taken as the export holds them: now (or at creation, for a lead
+    stamped in the future by a clock ahead of ours)."""
+    return created.where(created > now, now)
 
 
 def scoring_moments(created: pd.Series, macro: pd.Series, now: pd.Timestamp, ages: list[int]
@@ -323,7 +328,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     if card.get("mode") == "snapshot":
-        moments = pd.Series(now, index=data.leads.index)
+        moments = snapshot_moments(data.leads["created_at"], now)
     else:
         moments = scoring_moments(data.leads["created_at"], macro_at, now, card["landmark_days"])
     value = Decimal(str(round(card["macro_value"], 4)))
