@@ -191,7 +191,8 @@ def test_training_rows_take_one_fair_landmark_per_lead_and_drop_only_bad_ones() 
                                          "occurred_at": [created[1]]}))
     rows, dropped, other = training_rows(data, macro, now=now, horizon_days=90, random_state=0,
                                          snapshot=False)
-    assert dropped == {BAD_ORDER: 1} and other["undecided"] == 2  # lead 4; leads 5 and 6
+    assert dropped == {BAD_ORDER: 1}  # lead 4
+    assert other["decided"] == 4 and other["undecided"] == 2  # leads 5 and 6 are too young
     assert set(rows.index) <= {1, 2, 3} and rows.loc[rows.index == 3, "y"].sum() == 0  # > horizon
     assert all(rows["moment"] < macro.reindex(rows.index).fillna(now))  # open at its landmark
     # snapshot: every lead decided, taken as the export holds it; one dated in the future too

@@ -96,12 +96,13 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
                   random_state: int, snapshot: bool
                   ) -> tuple[pd.DataFrame, Counter[str], dict[str, int]]:
     """The labelled rows (`y`, `moment`; index lead_id), the rows dropped by reason (bad data),
-    and other counts (`undecided`, `converted_before_landmark`)."""
+    and other counts (`decided`, `undecided`, `converted_before_landmark`)."""
     created = data.leads["created_at"]
     macro = macro_at.reindex(data.leads.index)
     if snapshot:
         rows = pd.DataFrame({"y": macro.notna().astype(int), "moment": snapshot_moments(created, now)})
-        return rows, Counter(), {"undecided": 0, "converted_before_landmark": 0}
+        return rows, Counter(), {"decided": len(rows), "undecided": 0,
+                                 "converted_before_landmark": 0}
     horizon = pd.Timedelta(days=horizon_days)
     deadline = created + horizon
     decided = (deadline <= now).to_numpy()
@@ -114,7 +115,7 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
     keep = decided & ~bad & open_then
     dropped = Counter({BAD_ORDER: int((decided & bad).sum())} if (decided & bad).any() else {})
     rows = pd.DataFrame({"y": converted[keep], "moment": moment[keep]})
-    return rows, dropped, {"undecided": int((~decided).sum()),
+    return rows, dropped, {"decided": int(decided.sum()), "undecided": int((~decided).sum()),
                            "converted_before_landmark": int((decided & ~bad & ~open_then).sum())}
 
 
@@ -183,8 +184,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     labelled, dropped, other = training_rows(
         data, macro_at, now=pd.Timestamp(ctx.now()), horizon_days=cfg.horizon_days,
         random_state=cfg.random_state, snapshot=snapshot)
-    decided = len(labelled)
-    if decided > cfg.max_training_rows:
+    if len(labelled) > cfg.max_training_rows:
         # The most recent decided leads: the funnel as it is now, in bounded memory.
         newest = data.leads.loc[labelled.index, "created_at"].nlargest(cfg.max_training_rows).index
         labelled = labelled.loc[labelled.index.isin(newest)]
@@ -207,7 +207,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         "landmark_days": [] if snapshot else ages,
         "data_window": {"start": None, "end": None},
         "counts": {"n": n, "positives": positives, "leads_total": len(data.leads),
-                   "decided": decided, **other, "dropped": dict(dropped)},
+                   **other, "dropped": dict(dropped)},
         "features": [f.as_dict() for f in features],
         "metrics": None, "baseline": None, "candidates": None, "split": None,
         "candidate_metrics": None, "calibration_method": None, "gate": None, "selection": None,
@@ -229,7 +229,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     model = None
     if n < cfg.min_leads or positives < cfg.min_conversions:
         card["fallback_reason"] = (
-            f"not enough data: {n} decided leads and {positives} conversions; the minimum is "
+            f"not enough data: {n} decided leads to train on and {positives} conversions; the minimum is "
             f"[model] min_leads = {cfg.min_leads} and min_conversions = {cfg.min_conversions}")
         if other["undecided"]:
             card["fallback_reason"] += (f" ({other['undecided']} leads are younger than "
