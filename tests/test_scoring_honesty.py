@@ -134,11 +134,11 @@ def test_leakage_detection_flags_outcome_columns_with_a_reason() -> None:
         "lead_quality": np.where((y == 1) & (rng.random(n) < 0.8), "high", "(missing)"),
     })
     leaks, strongest = suspected_leakage(x, y)
-    by_column = {leak["column"]: leak for leak in leaks}
+    by_column = {leak["feature"]: leak for leak in leaks}
     assert set(by_column) == {"tags", "lead_quality"}
     assert "alone it separates the classes" in by_column["tags"]["reason"]
     assert "empty tracks the label" in by_column["lead_quality"]["reason"]
-    assert strongest is not None and strongest["column"] == "tags"
+    assert strongest is not None and strongest["feature"] == "tags"
 
 
 def test_scores_are_calibrated_at_every_lead_age(sqlite_engine, tmp_path) -> None:
@@ -292,7 +292,7 @@ def test_model_evaluate_warns_about_the_suspects_left_in(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "Warning: suspected leakage in 'tags'" in result.stderr
     out = json.loads(result.stdout)
-    assert [s["column"] for s in out["suspected_leakage"]] == ["tags"]
+    assert [s["feature"] for s in out["suspected_leakage"]] == ["tags"]
     assert out["candidate_roc_auc"] >= out["roc_auc"] - calibration.AUC_TOLERANCE
     assert out["gate"]["passed"] and out["calibration_method"]["method"] in calibration.METHODS
     excluded = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),

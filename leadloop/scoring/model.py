@@ -159,7 +159,8 @@ def calibration_by_age(ages: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[d
         k, n = int(y[m].sum()), int(m.sum())
         low, high = _wilson(k, n)
         auc = float(roc_auc_score(y[m], p[m])) if 0 < k < n else None
-        out.append({"age_days": float(age), "n": n, "predicted": float(p[m].mean()),
+        out.append({"band": f"open at {age:g} days", "age_days": float(age), "n": n,
+                    "predicted": float(p[m].mean()),
                     "observed": k / n, "observed_ci": [low, high], "roc_auc": auc})
     return out
 
@@ -262,7 +263,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         card["counts"]["test"] = ev.n_test
         for leak in ev.suspected_leakage:
             log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",
-                        leak["column"], leak["reason"])
+                        leak["feature"], leak["reason"])
     version = registry.register(settings, card, model)
     if model is None:
         log.warning("no usable model (%s); the stage-value mapping is used", card["fallback_reason"])

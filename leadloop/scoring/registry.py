@@ -220,7 +220,7 @@ def format_model_card(ctx: Context, version: str | None) -> str:
                      f"(90 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
                      f": {'passed' if g['passed'] else 'failed'}")
     for leak in c.get("suspected_leakage") or []:
-        lines.append(f"suspect:   {leak['column']}: {leak['reason']}")
+        lines.append(f"suspect:   {leak['feature']}: {leak['reason']}")
     if c.get("calibration_by_age"):
         lines.append("calibration by age (days: predicted → observed [95 % CI], n, ROC AUC):")
         lines += [f"  {r['age_days']:>4g}  {r['predicted']:.3f} → {r['observed']:.3f} "
