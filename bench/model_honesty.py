@@ -193,11 +193,16 @@ def cost_part() -> None:
               f"{cpu:.1f} CPU s, {wall:.1f} s wall; roc_auc {m['roc_auc']} (candidate "
               f"{m['candidate_roc_auc']}), {len(m['suspected_leakage'])} suspects")
         stats = pstats.Stats(profile)
-        wanted = ("suspected_leakage", "_nested_cv", "_auc", "choose_method", "_importance",
-                  "frame_from_csv")
+        wanted = {("csvframe", "frame_from_csv"): "read the CSV",
+                  ("leakage", "suspected_leakage"): "leakage checks",
+                  ("evaluate", "_auc"): "candidate selection fits (inner splits)",
+                  ("evaluate", "_nested_cv"): "nested CV: selection + outer fits",
+                  ("calibration", "choose_method"): "calibration comparison",
+                  ("evaluate", "_importance"): "permutation importance"}
         for (path, _, func), row in stats.stats.items():  # type: ignore[attr-defined]
-            if func in wanted and "leadloop" in path:
-                print(f"    {func:<20} {row[3]:6.1f} s cumulative")
+            what = wanted.get((Path(path).stem, func))
+            if what and "leadloop" in path:
+                print(f"    {what:<40} {row[3]:6.1f} s cumulative")
 
 
 def main() -> None:

@@ -428,7 +428,7 @@ def model_evaluate(csv_path: str, label: str, positive: str | None, exclude: tup
     metrics = evaluate_csv(csv_path, label=label, positive=positive, exclude=list(exclude),
                            time_column=time_column, sep=sep, threads=threads)
     for leak in metrics["suspected_leakage"]:
-        click.echo(f"Warning: suspected leakage in {leak['column']!r}: {leak['reason']} "
+        click.echo(f"Warning: suspected leakage in {leak['feature']!r}: {leak['reason']} "
                    "(leave it out with --exclude)", err=True)
     if as_json:
         click.echo(json.dumps(metrics, indent=2, default=str))

@@ -166,8 +166,9 @@ def test_reloaded_artifact_predicts_identically_and_versions_are_checked(sqlite_
     y = (rng.random(400) < 0.1 + 0.05 * x["visits"]).astype(int).to_numpy()
     card = {"version": "roundtrip", "created_at": "2026-10-01T00:00:00+00:00",
             "library_versions": registry.library_versions()}
-    for name in ("hist_gradient_boosting", "logistic_regression"):
-        model = fit_final(x, y, feats, name)
+    for name, method in (("hist_gradient_boosting", "isotonic"),
+                         ("logistic_regression", "sigmoid"), ("logistic_regression", "none")):
+        model = fit_final(x, y, feats, name, method)
         registry.register(ctx.settings, dict(card), model)
         again = registry.load_model(ctx.settings, registry.load_card(ctx.settings, "roundtrip"))
         np.testing.assert_array_equal(model.predict_proba(x), again.predict_proba(x))

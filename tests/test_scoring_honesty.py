@@ -25,10 +25,17 @@ from leadloop.crm import build_source
 from leadloop.crm.base import sync_source
 from leadloop.scoring import calibration, registry
 from leadloop.scoring.evaluate import evaluate_frame, make_candidates
-from leadloop.scoring.features import Feature
+from leadloop.scoring.features import Feature, LeadData, build_features
 from leadloop.scoring.gate import brier_skill, delong_gain
 from leadloop.scoring.leakage import suspected_leakage
-from leadloop.scoring.model import BAD_ORDER, score_leads, train_and_register
+from leadloop.scoring.model import (
+    BAD_ORDER,
+    landmarks,
+    score_leads,
+    scoring_moments,
+    train_and_register,
+    training_rows,
+)
 from leadloop.scoring.threads import limited_threads
 from tests.conftest import SHARED_DATA
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
@@ -127,11 +134,11 @@ def test_leakage_detection_flags_outcome_columns_with_a_reason() -> None:
         "lead_quality": np.where((y == 1) & (rng.random(n) < 0.8), "high", "(missing)"),
     })
     leaks, strongest = suspected_leakage(x, y)
-    by_column = {leak["column"]: leak for leak in leaks}
+    by_column = {leak["feature"]: leak for leak in leaks}
     assert set(by_column) == {"tags", "lead_quality"}
     assert "alone it separates the classes" in by_column["tags"]["reason"]
     assert "empty tracks the label" in by_column["lead_quality"]["reason"]
-    assert strongest is not None and strongest["column"] == "tags"
+    assert strongest is not None and strongest["feature"] == "tags"
 
 
 def test_scores_are_calibrated_at_every_lead_age(sqlite_engine, tmp_path) -> None:
@@ -155,6 +162,47 @@ def test_scores_are_calibrated_at_every_lead_age(sqlite_engine, tmp_path) -> Non
     ctx.now = lambda: SIM_END + timedelta(days=1)
     again = score_leads(ctx)["scored"]
     assert 0 < again < 6000
+
+
+def test_a_lead_is_scored_at_its_latest_landmark_before_conversion() -> None:
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    created = pd.Series([t0] * 5, index=[1, 2, 3, 4, 5])
+    macro = pd.Series([pd.NaT, t0 + 5 * day, t0 + 3 * day, t0 - day, pd.NaT],
+                      index=created.index, dtype="datetime64[ns, UTC]")
+    created.loc[5] = t0 + 20 * day  # created after "now"
+    at = scoring_moments(created, macro, t0 + 10.5 * day, landmarks(90))
+    ages = ((at - created) / day).tolist()
+    # open: 7 d; converted at 5 d: 3 d; converted exactly at 3 d: 1 d (not open at 3 d);
+    # converted before creation (bad data): at creation; not created yet: at creation
+    assert ages == [7.0, 3.0, 1.0, 0.0, 0.0]
+    assert landmarks(90) == [0, 1, 3, 7, 14, 30, 60] and landmarks(10) == [0, 1, 3, 7]
+
+
+def test_training_rows_take_one_fair_landmark_per_lead_and_drop_only_bad_ones() -> None:
+    now = pd.Timestamp("2026-10-01", tz="UTC")
+    day = pd.Timedelta(days=1)
+    created = pd.Series([now - 200 * day] * 4 + [now - 10 * day, now + day],
+                        index=[1, 2, 3, 4, 5, 6])
+    macro = pd.Series([pd.NaT, now - 198 * day, now - 100 * day, now - 201 * day, pd.NaT, pd.NaT],
+                      index=created.index, dtype="datetime64[ns, UTC]")
+    data = LeadData(leads=pd.DataFrame({"created_at": created}),
+                    events=pd.DataFrame({"lead_id": [1], "name": ["demo"],
+                                         "occurred_at": [created[1]]}))
+    rows, dropped, other = training_rows(data, macro, now=now, horizon_days=90, random_state=0,
+                                         snapshot=False)
+    assert dropped == {BAD_ORDER: 1}  # lead 4
+    assert other["decided"] == 4 and other["undecided"] == 2  # leads 5 and 6 are too young
+    assert set(rows.index) <= {1, 2, 3} and rows.loc[rows.index == 3, "y"].sum() == 0  # > horizon
+    assert all(rows["moment"] < macro.reindex(rows.index).fillna(now))  # open at its landmark
+    # snapshot: every lead decided, taken as the export holds it; one dated in the future too
+    snap, dropped, other = training_rows(data, macro, now=now, horizon_days=90, random_state=0,
+                                         snapshot=True)
+    assert len(snap) == 6 and not dropped and other["undecided"] == 0
+    assert snap["y"].tolist() == [0, 1, 1, 1, 0, 0]
+    x, _ = build_features(data, [Feature("micro_demo", "numeric", "event:demo"),
+                                 Feature("created_hour", "numeric", "created")], snap["moment"])
+    assert x["micro_demo"].tolist() == [1.0, 0, 0, 0, 0, 0]
 
 
 def test_a_fallback_is_re_examined_when_the_store_changes(sqlite_engine, tmp_path) -> None:
@@ -228,3 +276,25 @@ def test_model_train_and_show_json_on_the_command_line(sqlite_engine, tmp_path) 
     assert {"chosen", "fallback_reason", "suspected_leakage", "mode"} <= set(card)
     assert card["mode"] == "snapshot" and card["metrics"]["roc_auc"] > 0.7
     assert card["calibration_method"]["method"] in calibration.METHODS
+
+
+def test_model_evaluate_warns_about_the_suspects_left_in(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    n = 1500
+    won = (rng.random(n) < 0.3).astype(int)
+    df = pd.DataFrame({"visits": rng.normal(size=n) + 0.8 * won,
+                       "tags": np.where(rng.random(n) < 0.97, np.where(won == 1, "enrolled", "lost"),
+                                        "other"),
+                       "won": won})
+    df.to_csv(tmp_path / "export.csv", index=False)
+    result = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),
+                                      "--label", "won", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: suspected leakage in 'tags'" in result.stderr
+    out = json.loads(result.stdout)
+    assert [s["feature"] for s in out["suspected_leakage"]] == ["tags"]
+    assert out["candidate_roc_auc"] >= out["roc_auc"] - calibration.AUC_TOLERANCE
+    assert out["gate"]["passed"] and out["calibration_method"]["method"] in calibration.METHODS
+    excluded = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),
+                                        "--label", "won", "--exclude", "tags", "--threads", "1"])
+    assert excluded.exit_code == 0 and "suspected leakage" not in excluded.stderr

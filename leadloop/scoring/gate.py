@@ -4,10 +4,12 @@ Two intervals are tested on the evaluation predictions (the time-split test set,
 out-of-fold predictions of cross-validation):
 
 * the ROC AUC gain over the baseline, with DeLong's variance for two correlated AUCs on the
-  same rows (Sun & Xu's fast algorithm): its 95 % interval must lie above 0, and the gain itself
-  must reach `MIN_AUC_GAIN` (a smaller gain is not worth a model even when it is real);
-* the Brier skill score 1 − Brier(model) / Brier(baseline), with a delta-method interval: its
-  95 % interval must lie above 0 (the model's probabilities beat the base rate).
+  same rows (Sun & Xu's fast algorithm): its one-sided 95 % lower bound must be above 0, and the
+  gain itself must reach `MIN_AUC_GAIN` (a smaller gain is not worth a model even when real);
+* the Brier skill score 1 − Brier(model) / Brier(baseline), with a delta-method standard error:
+  its one-sided 95 % lower bound must be above 0 (the probabilities beat the base rate).
+
+The card keeps each figure with its 90 % two-sided interval, whose lower end is that bound.
 
 A point margin without an interval let 5 of 20 pure-noise datasets at the minimum size through.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 MIN_AUC_GAIN = 0.02
-Z95 = 1.959964
+Z_ONE_SIDED_95 = 1.644854
 
 
 def _structural(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -65,24 +67,26 @@ def gate(y: np.ndarray, p: np.ndarray, base: np.ndarray, name: str
     """What was tested (for the model card) and the reason to fall back, or None to pass."""
     gain, gain_se, _ = delong_gain(y, p, base)
     bss, bss_se = brier_skill(y, p, base)
-    gain_ci = (gain - Z95 * gain_se, gain + Z95 * gain_se)
-    bss_ci = (bss - Z95 * bss_se, bss + Z95 * bss_se)
+    z = Z_ONE_SIDED_95
+    gain_ci = (gain - z * gain_se, gain + z * gain_se)
+    bss_ci = (bss - z * bss_se, bss + z * bss_se)
     tested = {
-        "rule": (f"95 % interval of the ROC AUC gain over the baseline (DeLong) above 0 and the "
-                 f"gain at least {MIN_AUC_GAIN}; 95 % interval of the Brier skill score "
-                 "(delta method) above 0"),
+        "rule": (f"one-sided 95 % lower bound of the ROC AUC gain over the baseline (DeLong) "
+                 f"above 0 and the gain at least {MIN_AUC_GAIN}; one-sided 95 % lower bound of "
+                 "the Brier skill score (delta method) above 0; intervals shown are 90 % "
+                 "two-sided"),
         "auc_gain": gain, "auc_gain_ci": list(gain_ci),
         "brier_skill": bss, "brier_skill_ci": list(bss_ci),
     }
     reason = None
     if not gain_ci[0] > 0:
-        reason = (f"{name} ROC AUC gain over the baseline {gain:+.3f} (95 % CI {gain_ci[0]:+.3f}"
+        reason = (f"{name} ROC AUC gain over the baseline {gain:+.3f} (90 % CI {gain_ci[0]:+.3f}"
                   f" to {gain_ci[1]:+.3f}) is not surely above 0")
     elif not gain >= MIN_AUC_GAIN:
         reason = (f"{name} ROC AUC gain over the baseline {gain:+.3f} is below the "
                   f"{MIN_AUC_GAIN} worth a model")
     elif not bss_ci[0] > 0:
-        reason = (f"{name} Brier skill score {bss:+.3f} (95 % CI {bss_ci[0]:+.3f} to "
+        reason = (f"{name} Brier skill score {bss:+.3f} (90 % CI {bss_ci[0]:+.3f} to "
                   f"{bss_ci[1]:+.3f}) is not surely above 0: its probabilities do not beat the "
                   "base rate")
     tested["passed"] = reason is None

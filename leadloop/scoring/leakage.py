@@ -67,8 +67,8 @@ def _missing(col: pd.Series) -> np.ndarray:
 
 def suspected_leakage(x: pd.DataFrame, y: np.ndarray, seed: int = 0
                       ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """One entry per suspect column (`column`, `reason`, the two AUCs measured), and the column
-    that separates the classes best on its own (`column`, `single_feature_auc`)."""
+    """One entry per suspect column (`feature`, `reason`, the two AUCs measured), and the column
+    that separates the classes best on its own (`feature`, `single_feature_auc`)."""
     y = np.asarray(y, dtype=int)
     if len(np.unique(y)) < 2 or x.shape[1] == 0:
         return [], None
@@ -82,7 +82,7 @@ def suspected_leakage(x: pd.DataFrame, y: np.ndarray, seed: int = 0
         missing_auc = _auc(y, missing.astype(float)) if 0 < missing.sum() < len(y) else 0.5
         single = single_feature_auc(col, y, seed)
         if strongest is None or single > strongest["single_feature_auc"]:
-            strongest = {"column": name, "single_feature_auc": round(single, 4)}
+            strongest = {"feature": name, "single_feature_auc": round(single, 4)}
         reasons = []
         if single >= SINGLE_AUC_SUSPECT:
             reasons.append(f"alone it separates the classes (single-feature ROC AUC {single:.3f} "
@@ -91,7 +91,7 @@ def suspected_leakage(x: pd.DataFrame, y: np.ndarray, seed: int = 0
             reasons.append(f"whether it is empty tracks the label (missingness ROC AUC "
                            f"{missing_auc:.3f} ≥ {MISSING_AUC_SUSPECT})")
         if reasons:
-            out.append({"column": name, "reason": "; ".join(reasons),
+            out.append({"feature": name, "reason": "; ".join(reasons),
                         "single_feature_auc": round(single, 4),
                         "missingness_auc": round(missing_auc, 4)})
     out.sort(key=lambda r: -max(r["single_feature_auc"], r["missingness_auc"]))

@@ -96,13 +96,13 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
                   random_state: int, snapshot: bool
                   ) -> tuple[pd.DataFrame, Counter[str], dict[str, int]]:
     """The labelled rows (`y`, `moment`; index lead_id), the rows dropped by reason (bad data),
-    and other counts (`undecided`, `converted_before_landmark`)."""
+    and other counts (`decided`, `undecided`, `converted_before_landmark`)."""
     created = data.leads["created_at"]
     macro = macro_at.reindex(data.leads.index)
     if snapshot:
-        rows = pd.DataFrame({"y": macro.notna().astype(int),
-                             "moment": pd.Series(now, index=created.index)})
-        return rows, Counter(), {"undecided": 0, "converted_before_landmark": 0}
+        rows = pd.DataFrame({"y": macro.notna().astype(int), "moment": snapshot_moments(created, now)})
+        return rows, Counter(), {"decided": len(rows), "undecided": 0,
+                                 "converted_before_landmark": 0}
     horizon = pd.Timedelta(days=horizon_days)
     deadline = created + horizon
     decided = (deadline <= now).to_numpy()
@@ -115,8 +115,14 @@ def training_rows(data: LeadData, macro_at: pd.Series, *, now: pd.Timestamp, hor
     keep = decided & ~bad & open_then
     dropped = Counter({BAD_ORDER: int((decided & bad).sum())} if (decided & bad).any() else {})
     rows = pd.DataFrame({"y": converted[keep], "moment": moment[keep]})
-    return rows, dropped, {"undecided": int((~decided).sum()),
+    return rows, dropped, {"decided": int(decided.sum()), "undecided": int((~decided).sum()),
                            "converted_before_landmark": int((decided & ~bad & ~open_then).sum())}
+
+
+def snapshot_moments(created: pd.Series, now: pd.Timestamp) -> pd.Series:
+    """A snapshot's leads are taken as the export holds them: now (or at creation, for a lead
+    stamped in the future by a clock ahead of ours)."""
+    return created.where(created > now, now)
 
 
 def scoring_moments(created: pd.Series, macro: pd.Series, now: pd.Timestamp, ages: list[int]
@@ -153,7 +159,8 @@ def calibration_by_age(ages: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[d
         k, n = int(y[m].sum()), int(m.sum())
         low, high = _wilson(k, n)
         auc = float(roc_auc_score(y[m], p[m])) if 0 < k < n else None
-        out.append({"age_days": float(age), "n": n, "predicted": float(p[m].mean()),
+        out.append({"band": f"open at {age:g} days", "age_days": float(age), "n": n,
+                    "predicted": float(p[m].mean()),
                     "observed": k / n, "observed_ci": [low, high], "roc_auc": auc})
     return out
 
@@ -178,8 +185,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     labelled, dropped, other = training_rows(
         data, macro_at, now=pd.Timestamp(ctx.now()), horizon_days=cfg.horizon_days,
         random_state=cfg.random_state, snapshot=snapshot)
-    decided = len(labelled)
-    if decided > cfg.max_training_rows:
+    if len(labelled) > cfg.max_training_rows:
         # The most recent decided leads: the funnel as it is now, in bounded memory.
         newest = data.leads.loc[labelled.index, "created_at"].nlargest(cfg.max_training_rows).index
         labelled = labelled.loc[labelled.index.isin(newest)]
@@ -202,7 +208,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         "landmark_days": [] if snapshot else ages,
         "data_window": {"start": None, "end": None},
         "counts": {"n": n, "positives": positives, "leads_total": len(data.leads),
-                   "decided": decided, **other, "dropped": dict(dropped)},
+                   **other, "dropped": dict(dropped)},
         "features": [f.as_dict() for f in features],
         "metrics": None, "baseline": None, "candidates": None, "split": None,
         "candidate_metrics": None, "calibration_method": None, "gate": None, "selection": None,
@@ -224,7 +230,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     model = None
     if n < cfg.min_leads or positives < cfg.min_conversions:
         card["fallback_reason"] = (
-            f"not enough data: {n} decided leads and {positives} conversions; the minimum is "
+            f"not enough data: {n} decided leads to train on and {positives} conversions; the minimum is "
             f"[model] min_leads = {cfg.min_leads} and min_conversions = {cfg.min_conversions}")
         if other["undecided"]:
             card["fallback_reason"] += (f" ({other['undecided']} leads are younger than "
@@ -257,7 +263,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         card["counts"]["test"] = ev.n_test
         for leak in ev.suspected_leakage:
             log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",
-                        leak["column"], leak["reason"])
+                        leak["feature"], leak["reason"])
     version = registry.register(settings, card, model)
     if model is None:
         log.warning("no usable model (%s); the stage-value mapping is used", card["fallback_reason"])
@@ -323,7 +329,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     if card.get("mode") == "snapshot":
-        moments = pd.Series(now, index=data.leads.index)
+        moments = snapshot_moments(data.leads["created_at"], now)
     else:
         moments = scoring_moments(data.leads["created_at"], macro_at, now, card["landmark_days"])
     value = Decimal(str(round(card["macro_value"], 4)))

@@ -253,16 +253,17 @@ def format_model_card(ctx: Context, version: str | None) -> str:
         lines.append(f"calibrated: {cm['method']} ({cm['why']})")
     if c.get("gate"):
         g = c["gate"]
-        lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (95 % CI {g['auc_gain_ci'][0]:+.3f}"
+        lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (90 % CI {g['auc_gain_ci'][0]:+.3f}"
                      f" to {g['auc_gain_ci'][1]:+.3f}), Brier skill {g['brier_skill']:+.3f} "
-                     f"(95 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
+                     f"(90 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
                      f": {'passed' if g['passed'] else 'failed'}")
     for leak in c.get("suspected_leakage") or []:
-        lines.append(f"suspect:   {leak['column']}: {leak['reason']}")
+        lines.append(f"suspect:   {leak['feature']}: {leak['reason']}")
     if c.get("calibration_by_age"):
-        lines.append("calibration by age (days: predicted → observed [95 % CI], n):")
+        lines.append("calibration by age (days: predicted → observed [95 % CI], n, ROC AUC):")
         lines += [f"  {r['age_days']:>4g}  {r['predicted']:.3f} → {r['observed']:.3f} "
-                  f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}"
+                  f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}  "
+                  f"{_f(r.get('roc_auc'))}"
                   for r in c["calibration_by_age"]]
     if c.get("calibration"):
         lines.append("calibration (predicted → observed, n):")
