@@ -8,7 +8,9 @@ luck; the numbers of seeds are chosen so that a correct method fails with neglig
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from sqlmodel import Session, select
 from leadloop.context import Context
 from leadloop.crm.base import EventIn, LeadIn, Page, StageIn, apply_page
 from leadloop.sandbox.simulator import simulate
-from leadloop.store import session_scope
+from leadloop.store import make_engine, session_scope
 from leadloop.tables import ValidationResult
 from leadloop.validation import add_q_values_and_verdicts, analyse, run_validation
 from leadloop.values import suggest_stage_values
@@ -151,14 +153,9 @@ def test_suggested_stage_values_recover_the_simulators_truth() -> None:
     simulator's uncensored truth (mean won amount over the leads that eventually reach each
     stage), and its interval covers the truth. Counting the young leads too, the values came
     out 8–11 % low on average."""
-    from leadloop.store import make_engine
-
     errors: dict[str, list[float]] = {}
     lifecycle = {"Lead": "lead", "Marketing qualified": "marketingqualifiedlead",
                  "Sales qualified": "salesqualifiedlead", "Won": "customer"}
-    import tempfile
-    from pathlib import Path
-
     for seed in range(1, 7):
         with tempfile.TemporaryDirectory() as tmp:
             engine = make_engine(f"sqlite:///{Path(tmp) / 'leadloop.db'}")
