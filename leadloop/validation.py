@@ -79,8 +79,8 @@ def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without:
                     alpha: float, min_events: int = 0, min_group: int = 0) -> int | None:
     """About how many leads (with the same share having the micro-conversion and the same base
     rate) give 80 % power to find a lift of `PREDICTIVE_LIFT` at `alpha`, two-sided, on the log
-    rate ratio, and meet the minimum counts. None when nobody has it or nobody without converts
-    and nothing can be said."""
+    rate ratio, and meet the minimum counts; always more than the leads at hand (they did not
+    settle it). None when nobody has it or nobody converted: nothing to base it on."""
     n = n_with + n_without
     if n == 0 or n_with == 0 or macro_with + macro_without == 0:
         return None
@@ -92,7 +92,7 @@ def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without:
     per_lead = (1 - raised) / (share * raised) + (1 - base) / ((1 - share) * base)
     needed = z * z * per_lead / math.log(PREDICTIVE_LIFT) ** 2
     overall = (macro_with + macro_without) / n
-    needed = max(needed, min_events / share, min_group / (1 - share), min_events / overall)
+    needed = max(needed, min_events / share, min_group / (1 - share), min_events / overall, n + 1)
     return int(math.ceil(needed / 100) * 100)
 
 
