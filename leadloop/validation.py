@@ -4,7 +4,10 @@ For every micro-conversion, overall and per segment (`[validation] segment_by`) 
 allow: leads with and without it, the macro rate of each group, the lift (rate ratio) with a
 95 % CI by the log method, Fisher's exact test when an expected cell count is under 5 (else the
 chi-square test with Yates' correction), Benjamini–Hochberg q-values across every test of the
-run, the phi coefficient and the median days from micro to macro. Verdicts:
+run, the phi coefficient and the median days from micro to macro. On the store, the lift and
+test are stratified by the lead's creation month (Mantel–Haenszel rate ratio, Greenland–Robins
+CI, Cochran–Mantel–Haenszel test), so a micro-conversion that merely grew in the months the macro
+rate grew is not taken for a predictor. Verdicts:
 
 * predictive: q ≤ alpha and lift ≥ 1.5;        role "primary goal" (lift ≥ 2) or "secondary signal"
 * weak:       q ≤ alpha and 1 < lift < 1.5;    role "diagnostic only"
@@ -81,8 +84,8 @@ def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without:
                     alpha: float, min_events: int = 0, min_group: int = 0) -> int | None:
     """About how many leads (with the same share having the micro-conversion and the same base
     rate) give 80 % power to find a lift of `PREDICTIVE_LIFT` at `alpha`, two-sided, on the log
-    rate ratio, and meet the minimum counts. None when nobody has it or nobody without converts
-    and nothing can be said."""
+    rate ratio, and meet the minimum counts; always more than the leads at hand (they did not
+    settle it). None when nobody has it or nobody converted: nothing to base it on."""
     n = n_with + n_without
     if n == 0 or n_with == 0 or macro_with + macro_without == 0:
         return None
@@ -94,13 +97,19 @@ def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without:
     per_lead = (1 - raised) / (share * raised) + (1 - base) / ((1 - share) * base)
     needed = z * z * per_lead / math.log(PREDICTIVE_LIFT) ** 2
     overall = (macro_with + macro_without) / n
-    needed = max(needed, min_events / share, min_group / (1 - share), min_events / overall)
+    needed = max(needed, min_events / share, min_group / (1 - share), min_events / overall, n + 1)
     return int(math.ceil(needed / 100) * 100)
 
 
-def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: int
-               ) -> dict[str, Any]:
-    """Counts, rates, lift with its log-method CI, p-value and phi for one micro-conversion."""
+def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: int,
+               strata: np.ndarray | None = None) -> dict[str, Any]:
+    """Counts, rates, lift with its log-method CI, p-value and phi for one micro-conversion.
+
+    With `strata` (the lead's creation month, say) spanning more than one value, the lift is
+    the Mantel–Haenszel rate ratio across them with the Greenland–Robins CI, and the p-value
+    the Cochran–Mantel–Haenszel test's: when both the share of leads with a micro-conversion
+    and the macro rate drift over time, the pooled ratio shows an effect neither has.
+    """
     has, y = np.asarray(has, dtype=bool), np.asarray(y, dtype=int)
     n_with, n_without = int(has.sum()), int((~has).sum())
     a, c = int(y[has].sum()), int(y[~has].sum())
@@ -132,7 +141,41 @@ def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: in
         row["test"] = "chi-square"
     denom = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
     row["phi"] = (a * d - b * c) / denom if denom else 0.0
+    if strata is not None and len(np.unique(strata)) > 1:
+        adjusted = _mantel_haenszel(has, y, np.asarray(strata))
+        if adjusted is not None:
+            lift, se, row["p_value"] = adjusted
+            row["lift"], row["test"] = lift, "mantel-haenszel"
+            row["lift_ci_low"], row["lift_ci_high"] = (lift * math.exp(-1.96 * se),
+                                                       lift * math.exp(1.96 * se))
     return row
+
+
+def _mantel_haenszel(has: np.ndarray, y: np.ndarray, strata: np.ndarray
+                     ) -> tuple[float, float, float] | None:
+    """(rate ratio, SE of its log, CMH p-value with continuity correction) across strata, or
+    None when a stratum-pooled sum is zero (no information to adjust with)."""
+    codes = pd.factorize(strata)[0]
+    k = codes.max() + 1
+    n1 = np.bincount(codes, weights=has, minlength=k)
+    big_n = np.bincount(codes, minlength=k).astype(float)
+    a = np.bincount(codes, weights=has & (y == 1), minlength=k)
+    m1 = np.bincount(codes, weights=y, minlength=k)
+    n0, c = big_n - n1, m1 - a
+    keep = (n1 > 0) & (n0 > 0)
+    n1, n0, big_n, a, c, m1 = (v[keep] for v in (n1, n0, big_n, a, c, m1))
+    r, s = float((a * n0 / big_n).sum()), float((c * n1 / big_n).sum())
+    if r == 0 or s == 0:
+        return None
+    var_log = float(((m1 * n1 * n0 - a * c * big_n) / big_n ** 2).sum()) / (r * s)
+    m0 = big_n - m1
+    many = big_n > 1
+    var_a = float((n1 * n0 * m1 * m0 / (big_n ** 2 * (big_n - 1)))[many].sum())
+    if var_log <= 0 or var_a <= 0:
+        return None
+    diff = abs(float(a.sum() - (n1 * m1 / big_n).sum()))
+    chi = max(diff - 0.5, 0.0) ** 2 / var_a
+    return r / s, math.sqrt(var_log), float(stats.chi2.sf(chi, 1))
 
 
 def add_q_values_and_verdicts(rows: list[dict[str, Any]], *, alpha: float,
@@ -184,13 +227,15 @@ def _verdict(r: dict[str, Any], alpha: float, macro: str) -> tuple[str, str, str
 
 def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min_group: int,
             segments: dict[str, np.ndarray] | None = None,
-            days_to_macro: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+            days_to_macro: dict[str, np.ndarray] | None = None,
+            strata: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Rows (without q-values yet) for each micro overall, then within each segment value whose
-    leads number at least twice `min_group` and whose test has enough data."""
+    leads number at least twice `min_group` and whose test has enough data. `strata`: see
+    `two_by_two`."""
     rows = []
     for name, has in flags.items():
         row = {"micro": name, "segment": "all",
-               **two_by_two(has, y, min_events=min_events, min_group=min_group)}
+               **two_by_two(has, y, min_events=min_events, min_group=min_group, strata=strata)}
         if days_to_macro is not None and name in days_to_macro:
             d = days_to_macro[name]
             d = d[~np.isnan(d)]
@@ -203,7 +248,8 @@ def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min
                 continue
             m = (vals == value).to_numpy()
             for name, has in flags.items():
-                r = two_by_two(has[m], y[m], min_events=min_events, min_group=min_group)
+                r = two_by_two(has[m], y[m], min_events=min_events, min_group=min_group,
+                               strata=None if strata is None else strata[m])
                 if r["enough"]:
                     rows.append({"micro": name, "segment": f"{col}={value}", **r})
     return rows
@@ -284,8 +330,9 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             segments[col] = leads[col].fillna("(none)").astype(str).to_numpy()
         elif col in attrs:
             segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
+    month = leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy()
     rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
-                   segments=segments, days_to_macro=days)
+                   segments=segments, days_to_macro=days, strata=month)
     for r in rows:
         if r["segment"] == "all":
             r["after_macro_share"] = after_macro.get(r["micro"])

@@ -253,9 +253,9 @@ def format_suggestions_toml(suggestions: list[StageSuggestion], won_name: str,
         "# Suggested stage values: P(eventually won | reached stage) × mean won value,",
         f"# from the stage history in the store (won = reached {won_name!r}).",
         f"# Cohort: {cohort.leads:,} leads created on or before "
-        f"{cohort.created_before:%Y-%m-%d %H:%M} UTC (older than the {cohort.horizon_days}-day "
-        "horizon, as the model uses);",
-        f"# {cohort.younger:,} younger leads left out: they may not have reached a stage yet.",
+        f"{cohort.created_before:%Y-%m-%d %H:%M} UTC, older than the {cohort.horizon_days}-day",
+        f"# horizon (as the model uses); {cohort.younger:,} younger leads left out: they may not "
+        "have reached a stage yet.",
         "# Paste over your [[stages]]; the interval is a 95 % range for the value.",
         "",
     ]

@@ -79,7 +79,7 @@ def test_suggestions_and_ready_to_paste_toml(engine, make_settings) -> None:
     values = {s.name: s.value for s in settings.stages}
     assert values == {"Lead": 600.0, "Qualified": 1000.0, "Won": "deal_amount"}
     assert "3 of 6 leads that reached it won" in text
-    assert "# Cohort: 10 leads created on or before" in text and "0 younger leads left out" in text
+    assert "# Cohort: 10 leads created on or before" in text and "; 0 younger leads left out" in text
 
 
 def test_macro_value_is_the_macro_stages_own_never_another_stages(engine, make_settings,
@@ -123,7 +123,7 @@ def test_suggestions_count_only_leads_older_than_the_horizon(engine, make_settin
     by = {s.stage.name: s for s in suggestions}
     assert (by["Lead"].reached, by["Lead"].won) == (10, 3)
     assert by["Lead"].value == pytest.approx(0.3 * 2000.0)
-    assert "10 younger leads left out" in suggest_stage_values_toml(ctx)
+    assert "; 10 younger leads left out" in suggest_stage_values_toml(ctx)
 
 
 def test_wilson_interval_is_sane_at_the_edges() -> None:
