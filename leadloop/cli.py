@@ -57,8 +57,18 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
     if not path:
         raise click.UsageError("this command needs --config FILE (see config/leadloop.example.toml)")
     settings = load_settings(path)
+    _make_store_folder(settings.database.url)
     engine = make_engine(settings.database.url, echo=settings.database.echo)
     return Context(settings=settings, engine=engine, **overrides)
+
+
+def _make_store_folder(url: str) -> None:
+    """The folder a config names for its SQLite file is made on first use (an example's
+    example-output/<name>/), as report and model folders are."""
+    if url.startswith("sqlite:///"):
+        database = url.removeprefix("sqlite:///").partition("?")[0]
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _print_results(results: list[Any]) -> int:
@@ -67,7 +77,7 @@ def _print_results(results: list[Any]) -> int:
         status = "FAILED" if not r.ok else "skipped" if r.counts.get("skipped") else "ok"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items() if not isinstance(v, list | dict))
         click.echo(f"{r.name:<9} {status:<7} {counts}")
-        for note in r.notes:
+        for note in r.counts.get("notes", []):
             click.echo(f"          note: {note}")
         if r.error:
             click.echo(f"          {r.error}", err=True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Text, any_, bindparam, cast, column, event, or_, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from leadloop import tables
@@ -42,19 +41,11 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _make_parent_dir(sqlite_url: str) -> None:
-    """A new SQLite store's folder is created (e.g. example-output/olist/ on a first run)."""
-    database = make_url(sqlite_url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-
-
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Create the engine and the schema (no migrations yet: `create_all` is idempotent, and
     indexes added since a store was created are created on it)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        _make_parent_dir(url)
         engine = create_engine(
             url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
         )
