@@ -57,14 +57,19 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
     if not path:
         raise click.UsageError("this command needs --config FILE (see config/leadloop.example.toml)")
     settings = load_settings(path)
-    _make_store_folder(settings.database.url)
+    if click_ctx.info_name in _CREATE_STORE_FOLDER:
+        _make_store_folder(settings.database.url)
     engine = make_engine(settings.database.url, echo=settings.database.echo)
     return Context(settings=settings, engine=engine, **overrides)
 
 
+# Commands that fill a new store: they make the folder its config names for the SQLite file
+# (an example's example-output/<name>/), as report and model folders are made when written.
+# The others read a store, so a missing folder stays an error there (likely a typo).
+_CREATE_STORE_FOLDER = ("sync", "run")
+
+
 def _make_store_folder(url: str) -> None:
-    """The folder a config names for its SQLite file is made on first use (an example's
-    example-output/<name>/), as report and model folders are."""
     if url.startswith("sqlite:///"):
         database = url.removeprefix("sqlite:///").partition("?")[0]
         if database and database != ":memory:" and not database.startswith("file:"):
