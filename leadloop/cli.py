@@ -58,8 +58,23 @@ def _context(click_ctx: click.Context, **overrides: Any) -> Any:
     if not path:
         raise click.UsageError("this command needs --config FILE (see config/leadloop.example.toml)")
     settings = load_settings(path)
+    if click_ctx.info_name in _CREATE_STORE_FOLDER:
+        _make_store_folder(settings.database.url)
     engine = make_engine(settings.database.url, echo=settings.database.echo)
     return Context(settings=settings, engine=engine, config_path=Path(path), **overrides)
+
+
+# Commands that fill a new store: they make the folder its config names for the SQLite file
+# (an example's example-output/<name>/), as report and model folders are made when written.
+# The others read a store, so a missing folder stays an error there (likely a typo).
+_CREATE_STORE_FOLDER = ("sync", "run")
+
+
+def _make_store_folder(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        database = url.removeprefix("sqlite:///").partition("?")[0]
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _print_results(results: list[Any]) -> int:
@@ -68,7 +83,7 @@ def _print_results(results: list[Any]) -> int:
         status = "FAILED" if not r.ok else "skipped" if r.counts.get("skipped") else "ok"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items() if not isinstance(v, list | dict))
         click.echo(f"{r.name:<9} {status:<7} {counts}")
-        for note in r.notes:
+        for note in r.counts.get("notes", []):
             click.echo(f"          note: {note}")
         if r.error:
             click.echo(f"          {r.error}", err=True)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from leadloop.config import settings_from_dict
+from leadloop.config import load_settings, settings_from_dict
 from leadloop.context import Context
 from leadloop.errors import LeadloopError
 from leadloop.jobs import run_cycle
@@ -56,25 +56,13 @@ def _write_workbench_config(out: Path) -> Path:
     return path
 
 
-def _demo_config() -> dict[str, Any]:
+def _demo_settings(out: Path, hubspot_url: str, platform_urls: dict[str, str]) -> Any:
     if not DEMO_CONFIG.is_file():
         raise LeadloopError(
             f"demo config not found at {DEMO_CONFIG}",
             hint="run the demo from a checkout installed with `make demo` (pip install -e .)",
         )
-    return tomllib.loads(DEMO_CONFIG.read_text())
-
-
-def default_out() -> Path:
-    """Where `config/demo.toml` keeps the demo's report (and its store and model beside it):
-    the demo writes there by default, so `leadloop -c config/demo.toml report|status|model …`
-    reads what `leadloop demo` wrote, from any working directory."""
-    out_dir = Path(_demo_config()["report"]["out_dir"])
-    return out_dir if out_dir.is_absolute() else (DEMO_CONFIG.parent / out_dir).resolve()
-
-
-def _demo_settings(out: Path, hubspot_url: str, platform_urls: dict[str, str]) -> Any:
-    data = _demo_config()
+    data = tomllib.loads(DEMO_CONFIG.read_text())
     data["database"]["url"] = f"sqlite:///{(out / 'leadloop.db').resolve()}"
     data["crm"]["base_url"] = hubspot_url
     for name, section in data.get("destinations", {}).items():
@@ -145,3 +133,16 @@ def _summary(out: Path, counts: dict[str, dict], received: dict[str, int], secon
         "(then open http://127.0.0.1:8765/)",
     ]
     return "\n".join(lines)
+
+
+def default_out() -> Path:
+    """Where `config/demo.toml` keeps the demo's report, with its store and model beside it
+    (relative to the config's folder: the checkout's demo-output/). The demo writes there by
+    default, so `leadloop -c config/demo.toml status|report|model …` read what it wrote, from
+    any working directory."""
+    if not DEMO_CONFIG.is_file():
+        raise LeadloopError(
+            f"demo config not found at {DEMO_CONFIG}",
+            hint="run the demo from a checkout installed with `make demo` (pip install -e .)",
+        )
+    return Path(load_settings(DEMO_CONFIG).report.out_dir)

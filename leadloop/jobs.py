@@ -41,9 +41,6 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
     outcome, error = JobOutcome.ok, None
     try:
         result.counts = body(ctx) or {}
-        result.notes = list(result.counts.get("notes", []))
-        for note in result.notes:
-            log.warning("%s: %s", name, note, extra={"job": name})
         if ctx.out_dir:  # where lead data went: `leadloop forget` erases there too
             result.counts.setdefault(OUT_DIR_KEY, str(Path(ctx.out_dir).resolve()))
         if ctx.stopping:
@@ -129,9 +126,14 @@ def _sync(ctx: Context) -> dict[str, Any]:
     notes = unmatched_crm_values(ctx.engine, ctx.settings)
     if counts.get("rejected"):
         notes.append(_rejected_note(ctx, counts["rejected"]))
-    if notes:
-        counts["notes"] = notes
-    return counts
+    return _with_notes(counts, "sync", notes)
+
+
+def _with_notes(counts: dict[str, Any], job: str, notes: list[str]) -> dict[str, Any]:
+    """Notes are logged as warnings and kept in the run's counts (the CLI prints them)."""
+    for note in notes:
+        log.warning("%s: %s", job, note, extra={"job": job})
+    return {**counts, "notes": notes} if notes else counts
 
 
 def _rejected_note(ctx: Context, n: int, shown: int = 3) -> str:
@@ -206,9 +208,7 @@ def _export(ctx: Context) -> dict[str, Any]:
     counts = run_export(ctx)
     notes = [_nothing_sent_note(name, per) for name, per in counts.get("destinations", {}).items()
              if not per.get("sent") and per.get("held") and "error" not in per]
-    if notes:
-        counts["notes"] = notes
-    return counts
+    return _with_notes(counts, "export", notes)
 
 
 def _nothing_sent_note(destination: str, per: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ import os
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Text, any_, bindparam, cast, column, event, or_, select, text
@@ -107,17 +106,11 @@ _CONFIG_PROBLEMS = ("does not exist", "authentication failed", "no password supp
 
 
 def _create_private_sqlite_file(path: Path) -> None:
-    """Create a new SQLite file as 0600, and its missing folders as 0700 (a first run of an
-    example makes example-output/<name>/); a path through a file is a config error."""
+    """Check the SQLite file's folder exists, and create a new file as 0600."""
     folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError("database.url", f"the folder {str(folder)!r} of the SQLite file is "
-                          "not a folder") from None
-    except OSError as exc:
-        raise ConfigError("database.url", f"cannot create the folder {str(folder)!r}: "
-                          f"{exc.strerror}") from None
+    if not folder.is_dir():
+        raise ConfigError("database.url", f"the folder {str(folder)!r} of the SQLite file does "
+                          "not exist")
     if path.is_dir():
         raise ConfigError("database.url", f"{str(path)!r} is a folder, not a database file")
     try:

@@ -55,7 +55,7 @@ def _status(tmp_path: Path, url: str):
     ("sqlite://", "three slashes"),
     ("sqlite:///:memory:", "names no file"),
     ("sqlite://x.db", "three slashes"),
-    ("sqlite:///{tmp}/leads.csv/x.db", "not a folder"),
+    ("sqlite:///{tmp}/missing/folder/x.db", "does not exist"),
     ("sqlite:///{tmp}", "is a folder"),
     ("mysql://x/y", "must start with"),
     ("postgresql://u@127.0.0.1:notaport/db", "database.url"),
@@ -66,13 +66,6 @@ def test_a_bad_database_url_is_one_line_and_exit_2(tmp_path, url: str, problem: 
     errors = [line for line in result.output.splitlines() if "database.url" in line]
     assert len(errors) == 1 and problem in errors[0]
     assert "Traceback" not in result.output and len(result.output.splitlines()) <= 3
-
-
-def test_a_missing_store_folder_is_created_owner_only(tmp_path) -> None:
-    result = _status(tmp_path, f"sqlite:///{tmp_path}/state/leadloop/x.db")
-    assert "database.url" not in result.output, result.output
-    assert (tmp_path / "state" / "leadloop" / "x.db").is_file()
-    assert (tmp_path / "state" / "leadloop").stat().st_mode & 0o777 == 0o700
 
 
 def test_an_unreachable_server_is_one_line_and_exit_1(tmp_path) -> None:
@@ -167,7 +160,7 @@ def test_slow_clients_hold_a_bounded_number_of_threads_for_a_bounded_time(sqlite
     before = threading.active_count()
     clients = []
     try:
-        for _ in range(200):  # connect, then say nothing (or half a request line)
+        for _ in range(100):  # connect, then say nothing (or half a request line)
             c = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             c.sendall(b"GET /heal")
             clients.append(c)

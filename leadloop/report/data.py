@@ -337,7 +337,6 @@ def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
 def aggregate(df: pd.DataFrame, column: str, key: str) -> pd.DataFrame:
     """Leads, micro-conversions, qualified/won with Wilson intervals, value and uploads per value
     of `column`, returned with that column named `key`."""
-    # as objects: a column the CRM never fills is float NaN, which pandas 3 will not fill with text
     keyed = df.assign(_key=df[column].astype(object).fillna(NONE_LABEL).replace("", NONE_LABEL))
     g = keyed.groupby("_key", sort=False)
     out = pd.DataFrame({"leads": g.size()})
