@@ -188,3 +188,20 @@ destinations = {{ gdm = "7001" }}
     assert status.exit_code == 1
     assert "PAUSED gdm: paused by the platform (TERMS_AND_CONDITIONS_NOT_SIGNED): accept Google's " \
            "customer data terms" in status.output
+
+
+def test_linkedin_element_refused_for_an_unknown_rule_pauses_after_keeping_the_rest(
+        sqlite_engine: Any, fakes: FakePlatforms, tmp_path: Path) -> None:
+    from leadloop.sandbox.server import Reply
+
+    for i in range(2):
+        full_lead(sqlite_engine, i)
+    fakes._scripted["linkedin"].append(Reply(200, {"elements": [
+        {"status": 201},
+        {"status": 404, "error": {"status": 404, "code": "NOT_FOUND",
+                                  "message": "conversion rule 9001 not found"}}]}))
+    ctx = make_ctx(sqlite_engine, fakes, tmp_path, names=("li",))
+    with pytest.raises(FatalDestinationError, match="conversion rule ids"):
+        run_export(ctx)
+    assert [r.status for r in rows(sqlite_engine)] == [ConversionStatus.sent, ConversionStatus.pending]
+    assert _rejected(sqlite_engine) == 0
