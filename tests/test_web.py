@@ -299,3 +299,22 @@ def test_a_micro_conversion_role_is_saved_in_the_toml(config: Path, sqlite_engin
         {"key": "micro_conversions[0].role", "before": None, "after": "primary goal"}]
     page = c.get("/micro-conversions").text
     assert '<option value="primary goal" selected>' in page
+
+
+def test_report_takes_ad_spend_from_the_command_line(config: Path, sqlite_engine: Engine,
+                                                     tmp_path: Path) -> None:
+    from tests.test_report_fixture import populate
+
+    populate(sqlite_engine)
+    spend = tmp_path / "meta-export.csv"  # a platform's export: no source column
+    spend.write_text("Reporting starts,Campaign name,Amount spent (USD)\n"
+                     "2025-02-01,leadform,300.00\n")
+    res = CliRunner().invoke(cli, ["-c", str(config), "report", "--format", "json",
+                                   "--ad-spend", str(spend)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["ad_spend"]["total"] == 300.0
+    leadform = next(r for r in doc["tables"]["lead_value_by_campaign"] if r["campaign"] == "leadform")
+    assert leadform["spend"] == 300.0
+    assert leadform["cost_per_lead"] == pytest.approx(300.0 / leadform["leads"])
+    assert "--token-env NAME" in CliRunner().invoke(cli, ["serve", "--help"]).output
