@@ -278,3 +278,43 @@ def test_model_card_fields_of_newer_cards_are_shown_when_present(
     for text in ("candidate only", "Suspected leakage: attr_deal_owner", "0.930", "shipped auc",
                  "Calibration by lead age", "0–30 days", "28 Feb 2025"):
         assert text in page, text
+
+
+def test_a_micro_conversion_role_is_saved_in_the_toml(config: Path, sqlite_engine: Engine) -> None:
+    from tests.test_report_fixture import populate
+
+    populate(sqlite_engine)  # has a validation run with pricing_view
+    c = client(config)
+    page = c.get("/micro-conversions").text
+    assert 'id="role-pricing_view"' in page and "recommended role" in page
+    csrf, version = csrf_of(page)
+    r = c.post("/micro-conversions", data={"csrf": csrf, "version": version,
+                                           "role_pricing_view": "primary goal"},
+               headers={"origin": BASE})
+    assert r.status_code == 303
+    doc = tomllib.loads(config.read_text())
+    assert doc["micro_conversions"][0]["role"] == "primary goal"
+    assert "# The stage-to-value mapping." in config.read_text()
+    assert read_log(config)[0]["changes"] == [
+        {"key": "micro_conversions[0].role", "before": None, "after": "primary goal"}]
+    page = c.get("/micro-conversions").text
+    assert '<option value="primary goal" selected>' in page
+
+
+def test_report_takes_ad_spend_from_the_command_line(config: Path, sqlite_engine: Engine,
+                                                     tmp_path: Path) -> None:
+    from tests.test_report_fixture import populate
+
+    populate(sqlite_engine)
+    spend = tmp_path / "meta-export.csv"  # a platform's export: no source column
+    spend.write_text("Reporting starts,Campaign name,Amount spent (USD)\n"
+                     "2025-02-01,leadform,300.00\n")
+    res = CliRunner().invoke(cli, ["-c", str(config), "report", "--format", "json",
+                                   "--ad-spend", str(spend)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["ad_spend"]["total"] == 300.0
+    leadform = next(r for r in doc["tables"]["lead_value_by_campaign"] if r["campaign"] == "leadform")
+    assert leadform["spend"] == 300.0
+    assert leadform["cost_per_lead"] == pytest.approx(300.0 / leadform["leads"])
+    assert "--token-env NAME" in CliRunner().invoke(cli, ["serve", "--help"]).output

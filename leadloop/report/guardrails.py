@@ -81,7 +81,7 @@ def volume(data: ReportData, minimum: int) -> Guardrail:
     counts = recent.groupby(["destination", "conversion_action"]).size()
     all_actions = sorted(c.groupby(["destination", "conversion_action"]).size().index.tolist())
     low = [(a, int(counts.get(a, 0))) for a in all_actions if counts.get(a, 0) < minimum]
-    period = f"in the 30 days to {end:%Y-%m-%d}"
+    period = f"in the 30 days to {end.day} {end:%b %Y}"
     if low:
         worst = ", ".join(f"{d} / {a}: {n}" for (d, a), n in low[:4])
         return Guardrail("volume", title, "warn",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from typing import Any
+from urllib.parse import urlencode
 
 import pandas as pd
 
@@ -108,16 +109,17 @@ def next_steps(data: ReportData, limit: int = 8) -> list[dict[str, str]]:
             continue
         top = rules.sort_values("n", ascending=False).iloc[0]
         meaning, action = HOLD_RULES.get(str(top["hold_rule"]),
-                                         (f"are held by {top['hold_rule']}", ""))
+                                         (f"held by the rule {top['hold_rule']}", ""))
         add(held, f"{dest}: {held:,} of {built:,} conversions held.",
             f"{int(top['n']):,} {meaning}" + (f": {action}." if action else "."),
-            f"/uploads?destination={dest}&status=held", "see the held rows")
+            f"/uploads?{urlencode({'destination': dest, 'status': 'held'})}", "see the held rows")
     if not u.empty:
         for dest, row in u.iterrows():
             if row["dead"]:
-                add(row["dead"], f"{dest}: {int(row['dead']):,} conversions dead-lettered.",
+                n = int(row["dead"])
+                add(n, f"{dest}: {n:,} conversion{'s' if n != 1 else ''} dead-lettered.",
                     "They failed every retry; fix the cause shown with them, then retry them.",
-                    f"/uploads?destination={dest}&status=dead", "retry dead rows")
+                    f"/uploads?{urlencode({'destination': dest, 'status': 'dead'})}", "retry dead rows")
     v = data.validation
     if not v.empty:
         overall = v[v["segment"] == "all"]

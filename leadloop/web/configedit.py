@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from leadloop.config import Settings, settings_from_dict
 from leadloop.errors import ConfigErrors
 
 VALUE_RULES = ("deal_amount", "predicted")
+_SAVE_LOCK = threading.Lock()  # the version check and the write are one step
 
 
 class StaleConfig(Exception):
@@ -153,9 +155,13 @@ def save(path: Path, doc: tomlkit.TOMLDocument, change: Change, *, expected_vers
     """Validate, back up, write and log `change`. Raises `ConfigErrors` (nothing written) or
     `StaleConfig` (the file changed since `expected_version`). Returns the change record."""
     validate(doc, path)
-    if file_version(path) != expected_version:
-        raise StaleConfig(str(path))
-    now = now or datetime.now(UTC)
+    with _SAVE_LOCK:
+        if file_version(path) != expected_version:
+            raise StaleConfig(str(path))
+        return _write(path, doc, change, now or datetime.now(UTC))
+
+
+def _write(path: Path, doc: tomlkit.TOMLDocument, change: Change, now: datetime) -> dict[str, Any]:
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
     hist = history_dir(path)
     hist.mkdir(exist_ok=True)

@@ -165,6 +165,8 @@ def _roles_post(wb: Workbench, roles: dict[str, str | None], version: str) -> li
     path = wb.config_path
     doc = configedit.load_document(path)
     change = configedit.edit_roles(doc, roles)
+    if not change.diffs:
+        return RedirectResponse("/micro-conversions", status_code=303)
     try:
         configedit.save(path, doc, change, expected_version=version)
     except ConfigErrors as exc:
