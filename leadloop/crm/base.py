@@ -175,13 +175,41 @@ class CrmSource(Protocol):
         ...
 
 
+# What converting one malformed CRM record raises (a wrong type, a missing key, a number or
+# date out of range): connectors catch these per record and keep the record as a reject.
+MALFORMED = (RecordRejected, KeyError, IndexError, TypeError, ValueError, AttributeError,
+             ArithmeticError, OSError)
+
+
+def as_reject(exc: Exception, ref: Any) -> RecordRejected:
+    """`exc`, raised converting the record `ref`, as the reject that keeps it."""
+    if isinstance(exc, RecordRejected):
+        return exc
+    return RecordRejected(str(ref)[:200], f"malformed record: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}")
+
+
+def record_id(raw: Any, key: str = "id") -> str:
+    """A raw record's id for a message, whatever its shape."""
+    return str(raw.get(key, "?")) if isinstance(raw, dict) else "?"
+
+
+def record_key(raw: dict[str, Any], key: str) -> str | None:
+    """A raw record's id as text, or None when it is missing or not an id (a list, a bool,
+    null): `str(None)` would file every such record under one lead "None"."""
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value).strip() or None
+
+
 def parse_decimal(value: Any) -> Decimal | None:
     """A CRM amount (number or string) as Decimal; None when empty or not a number."""
     if value in (None, ""):
         return None
     try:
         return Decimal(str(value))
-    except InvalidOperation:
+    except (InvalidOperation, ValueError, TypeError):
         return None
 
 
