@@ -64,6 +64,8 @@ class PiiActions:
 
 def text_problem(value: Any) -> str | None:
     """Why a value cannot be stored as text, or None."""
+    if type(value) is str and value.isascii() and "\x00" not in value and len(value) <= MAX_TEXT:
+        return None  # the common case, decided without a regular expression
     if not isinstance(value, str):
         return f"is a {type(value).__name__}, not text"
     if "\x00" in value:
@@ -188,7 +190,8 @@ def _screen_lead(lead: LeadIn, now: datetime, problems: list[Problem], pii: PiiA
         dropped.append(f"updated time {why}")
     for name in _TEXT_FIELDS:
         value = getattr(lead, name)
-        if value is None:
+        if value is None or (type(value) is str and value.isascii() and "\x00" not in value
+                             and len(value) <= MAX_TEXT):
             continue
         if isinstance(value, int | float) and not isinstance(value, bool) and name != "email":
             value = str(value)
