@@ -92,6 +92,18 @@ def clean_text(value: Any) -> Any:
     return clean_text(str(value))
 
 
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A rejected record as it may be kept: storable, and without identity in clear (a `Work
+    Email`, `Mobile Number` or `Contact Name` field, at any depth)."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            out[key] = public_payload(value)
+        elif identity_kind(str(key), value) is None:
+            out[key] = value
+    return clean_text(out)
+
+
 def time_problem(value: Any, now: datetime) -> str | None:
     if not isinstance(value, datetime):
         return f"is a {type(value).__name__}, not a time"
@@ -163,7 +175,7 @@ def screen_page(page: Page, now: datetime) -> tuple[Page, list[Problem], PiiActi
     for r in rejects:  # a connector's reject quotes the record: keep it storable
         r.record_ref = clean_text(str(r.record_ref))
         r.reason = clean_text(str(r.reason))
-        r.payload = clean_text(r.payload) if isinstance(r.payload, dict) else {}
+        r.payload = public_payload(r.payload) if isinstance(r.payload, dict) else {}
     return (replace(page, leads=leads, stages=stages, events=events, rejects=rejects,
                     deleted_crm_ids=deleted, deleted_deal_ids=deleted_deals), problems, pii)
 
