@@ -160,7 +160,7 @@ def test_slow_clients_hold_a_bounded_number_of_threads_for_a_bounded_time(sqlite
     before = threading.active_count()
     clients = []
     try:
-        for _ in range(200):  # connect, then say nothing (or half a request line)
+        for _ in range(100):  # connect, then say nothing (or half a request line)
             c = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             c.sendall(b"GET /heal")
             clients.append(c)

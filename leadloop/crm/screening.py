@@ -93,14 +93,14 @@ def clean_text(value: Any) -> Any:
 
 
 def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """A rejected record as it may be kept: storable, and without identity in clear (a `Work
-    Email`, `Mobile Number` or `Contact Name` field, at any depth)."""
+    """A rejected record as it may be kept: storable, and without identity in clear (the value
+    of a `Work Email`, `Mobile Number` or `Contact Name` field, at any depth, is removed)."""
     out: dict[str, Any] = {}
     for key, value in payload.items():
         if isinstance(value, dict):
             out[key] = public_payload(value)
-        elif identity_kind(str(key), value) is None:
-            out[key] = value
+        else:
+            out[key] = value if identity_kind(str(key), value) is None else "<removed>"
     return clean_text(out)
 
 
