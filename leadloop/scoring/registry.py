@@ -187,7 +187,8 @@ def load_model(settings: Settings, card: dict[str, Any]) -> Any:
     if not expected:
         raise ModelError(f"model card {card['version']} records no SHA-256 of its artifact "
                          "(written by an older leadloop); refusing to load it",
-                         hint="retrain: run the retrain job or `leadloop score` after removing it")
+                         hint=f"retrain: delete {d / CURRENT} and run `leadloop score` (it "
+                              "trains a new model), or let the scheduled retrain job run")
     if file_sha256(path) != expected:
         raise ModelError(f"model artifact {path.name} does not match the SHA-256 in its card "
                          "(changed since it was trained); refusing to load it")
