@@ -5,7 +5,9 @@ Each training writes `<version>.json` (the card) and, when a model was chosen,
 arbitrary pickle code). `CURRENT` names the newest card: if that card is a fallback (not enough
 data, or no candidate beat the baseline) there is no current model and the stage-value mapping
 is used. Loading refuses an artifact written by another scikit-learn minor version (retrain)
-and warns on a patch difference.
+and warns on a patch difference; it also refuses one whose SHA-256 is not the one its card
+recorded when it was written, or that holds any type beyond skops' defaults and
+`TRUSTED_TYPES`. Artifacts, cards and the folder are owner-only.
 """
 
 from __future__ import annotations
