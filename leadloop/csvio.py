@@ -69,6 +69,7 @@ def read_csv(
             p,
             sep=delimiter,
             encoding=enc,
+            encoding_errors="replace",  # a bad byte past the sample costs its cell, not the file
             dtype=dtype,
             keep_default_na=False,
             na_values=missing if missing is not None else [""],

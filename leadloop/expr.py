@@ -86,7 +86,10 @@ class Expression:
         missing = sorted(self.column_names() - set(map(str, frame.columns)))
         if missing:
             raise ExpressionError(self.text, f"no column {missing[0]!r} in the data")
-        value = _Evaluator(self, frame).eval(self.tree.body)
+        try:
+            value = _Evaluator(self, frame).eval(self.tree.body)
+        except RecursionError:
+            raise ExpressionError(self.text, "is nested too deeply") from None
         if not isinstance(value, pd.Series):
             return np.full(len(frame), _truth(value), dtype=bool)
         if value.dtype == bool:
@@ -113,7 +116,10 @@ def parse(text: str) -> Expression:
         raise ExpressionError(text, f"refused {token!r} (not valid in an expression)") from None
     except (ValueError, RecursionError, MemoryError):
         raise ExpressionError(text, "cannot be parsed") from None
-    _Checker(text, columns).check(tree.body)
+    try:
+        _Checker(text, columns).check(tree.body)
+    except RecursionError:
+        raise ExpressionError(text, "is nested too deeply") from None
     return Expression(text, tree, columns)
 
 

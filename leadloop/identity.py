@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import phonenumbers
@@ -164,30 +165,43 @@ def _column_words(column: str) -> list[str]:
     return [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
 
 
+@lru_cache(maxsize=4096)
+def _column_kind(column: str) -> PiiKind | None:
+    """What a column's name says it holds: an e-mail, a phone, a person's name, or nothing."""
+    words = _column_words(column)
+    joined = " ".join(words)
+    if _EMAIL_COLUMN.search(joined) or "email" in words:
+        return "email"
+    if _PHONE_COLUMN.search(joined):
+        return "phone"
+    squashed = {"".join(words[i:i + 2]) for i in range(len(words))} | set(words)
+    if squashed & _NAME_WORDS and not set(words) & _NOT_A_PERSON:
+        return "name"
+    return None
+
+
 def identity_kind(column: str, value: object) -> PiiKind | None:
     """Whether an attribute (a column leadloop does not map) holds identity in clear: an
     e-mail or phone column or value, a person's name by its column name, or free text with an
     e-mail address in it. None for anything else."""
-    if not isinstance(value, str | int) or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int):
         return None
-    text = str(value).strip()
-    words = _column_words(column)
-    joined = " ".join(words)
+    by_name = _column_kind(column)
+    text = value.strip() if isinstance(value, str) else str(value)
     # By column name, when the value could be one: a `Do Not Email` flag is not an address.
-    if (_EMAIL_COLUMN.search(joined) or "email" in words) and "@" in text:
+    if by_name == "email" and "@" in text:
         return "email"
-    if _PHONE_COLUMN.search(joined) and sum(c.isdigit() for c in text) >= 7:
+    if by_name == "phone" and sum(c.isdigit() for c in text) >= 7:
         return "phone"
-    squashed = {"".join(words[i:i + 2]) for i in range(len(words))} | set(words)
-    if (squashed & _NAME_WORDS and not set(words) & _NOT_A_PERSON
-            and any(c.isalpha() for c in text)):
+    if by_name == "name" and any(c.isalpha() for c in text):
         return "name"
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not text:
         return None
-    if _EMAIL_VALUE.match(text):
-        return "email"
-    if _PHONE_VALUE.match(text) and sum(c.isdigit() for c in text) >= 8:
+    if "@" in text:
+        if _EMAIL_VALUE.match(text):
+            return "email"
+        if _EMAIL_INSIDE.search(text):
+            return "contains_email"
+    elif text[0] in "+0" and _PHONE_VALUE.match(text) and sum(c.isdigit() for c in text) >= 8:
         return "phone"
-    if "@" in text and _EMAIL_INSIDE.search(text):
-        return "contains_email"
     return None

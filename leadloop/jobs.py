@@ -41,7 +41,7 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
     outcome, error = JobOutcome.ok, None
     try:
         result.counts = body(ctx) or {}
-        if ctx.out_dir:  # where lead data went: `leadloop forget` erases there too
+        if ctx.out_dir and name in WRITES_FILES:  # `leadloop forget` erases there too
             result.counts.setdefault(OUT_DIR_KEY, str(Path(ctx.out_dir).resolve()))
         if ctx.stopping:
             outcome = JobOutcome.interrupted
@@ -61,6 +61,7 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
     return result
 
 
+WRITES_FILES = ("export", "report")  # jobs that write lead data to a folder given at run time
 OUT_DIR_KEY = "out_dir"  # counts of a run that wrote files to a folder given at run time
 RUNNER_KEY = "runner"  # counts of a running job_run: "host:pid" of the process running it
 

@@ -98,6 +98,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     whatever it is doing: a slow or stalled client holds a thread for a bounded time only."""
 
     daemon_threads = True
+    # A deep accept queue: connections beyond the limit are accepted and closed at once,
+    # instead of waiting in SYN retries behind socketserver's default queue of 5.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
                  max_connections: int, deadline: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,6 +93,14 @@ def test_everything_else_is_refused_naming_the_first_token(expr: str, token: str
         parse(expr)
     assert f"refused {token!r}" in str(caught.value)
     assert repr(expr) in str(caught.value)
+
+
+@pytest.mark.parametrize("expr", ["not " * 490 + "x", "-" * 1990 + "x", "(" * 900 + "x" + ")" * 900,
+                                  "x" * 3000])
+def test_deep_or_long_expressions_are_refused_not_crashed(expr: str) -> None:
+    frame = pd.DataFrame({"x": [1, 0]})
+    with contextlib.suppress(ExpressionError):  # refused, or evaluated: never a crash
+        parse(expr).evaluate(frame)
 
 
 def test_an_unknown_column_is_named(frame: pd.DataFrame) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from sqlmodel import select
 
 from leadloop.crm import build_source
@@ -178,3 +179,31 @@ def test_csv_with_invalid_utf8_after_the_first_megabyte_and_repeated_ids(engine,
     assert any("10^14" in r.reason for r in rejects)
     assert {s.amount for s in stages if s.lead_id == leads["7001"].id} == {None}
     assert counts["rejected"] == len(rejects)
+
+
+def test_a_rejected_row_keeps_no_identity_in_clear(engine, make_context, tmp_path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text("id,created,amount,won,Work Email,Mobile Number,Contact Name,Lead Source\n"
+                    "1,not a date,1,yes,jane@example.com,+44 7700 900123,Jane Doe,Google\n"
+                    "2,2026-10-02,1,yes,bob@example.com,+44 7700 900456,Bob Roe,Google\n")
+    ctx = _csv_ctx(engine, make_context, tmp_path, path)
+    counts = sync_source(ctx, build_source(ctx))
+    leads = _stored(engine)[0]
+    assert set(leads) == {"2"} and leads["2"].attributes == {"Lead Source": "Google"}
+    assert "Contact Name: dropped (a person's name)" in counts["identity_in_attributes"]
+    with session_scope(engine) as s:
+        kept = json.dumps([r.model_dump(mode="json") for r in s.exec(select(RejectedRecord))])
+    assert "not a date" in kept and "Google" in kept
+    for clear in ("jane", "7700", "Jane", "Doe", "bob", "Bob"):
+        assert clear not in kept
+
+
+def test_the_encoding_is_chosen_from_the_first_megabyte_only(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from leadloop.csvio import detect_encoding
+
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"id,note\n" + b"1,plain ascii\n" * 200_000 + b"2,caf\xe9\n")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file"))
+    assert detect_encoding(path) == "utf-8-sig"  # the sample is ASCII; the bad byte is per row

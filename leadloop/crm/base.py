@@ -54,7 +54,7 @@ from leadloop.tables import (
 )
 
 if TYPE_CHECKING:
-    from leadloop.crm.screening import PiiActions
+    from leadloop.crm.screening import PiiActions, Problem
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,41 @@ class CrmSource(Protocol):
         ...
 
 
+# What converting one malformed CRM record raises (a wrong type, a missing key, a number or
+# date out of range): connectors catch these per record and keep the record as a reject.
+MALFORMED = (RecordRejected, KeyError, IndexError, TypeError, ValueError, AttributeError,
+             ArithmeticError, OSError)
+
+
+def as_reject(exc: Exception, ref: Any) -> RecordRejected:
+    """`exc`, raised converting the record `ref`, as the reject that keeps it."""
+    if isinstance(exc, RecordRejected):
+        return exc
+    return RecordRejected(str(ref)[:200], f"malformed record: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}")
+
+
+def record_id(raw: Any, key: str = "id") -> str:
+    """A raw record's id for a message, whatever its shape."""
+    return str(raw.get(key, "?")) if isinstance(raw, dict) else "?"
+
+
+def record_key(raw: dict[str, Any], key: str) -> str | None:
+    """A raw record's id as text, or None when it is missing or not an id (a list, a bool,
+    null): `str(None)` would file every such record under one lead "None"."""
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value).strip() or None
+
+
 def parse_decimal(value: Any) -> Decimal | None:
     """A CRM amount (number or string) as Decimal; None when empty or not a number."""
     if value in (None, ""):
         return None
     try:
         return Decimal(str(value))
-    except InvalidOperation:
+    except (InvalidOperation, ValueError, TypeError):
         return None
 
 
@@ -289,20 +317,25 @@ def _stored_events(session: Session, lead_ids_: set[int]) -> set[tuple[int, str,
 def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page, *,
     pii: PiiActions | None = None, duplicates: Sequence[str] = (),
+    screened: Sequence[Problem] | None = None,
 ) -> dict[str, int]:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
     rejects. Runs inside the caller's transaction; returns counts.
 
     The page is screened first (`leadloop.crm.screening`): values the store cannot hold cost
     only their field or record, and identity found in attributes is hashed or dropped (`pii`
-    collects which). `duplicates`: CRM ids this export already gave, reported here."""
+    collects which). `duplicates`: CRM ids this export already gave, reported here.
+    `screened`: the page was screened already (by the sync's reader thread); its problems."""
     from leadloop.crm.screening import screen_page
     from leadloop.erasure import drop_erased
 
     now = ctx.now()
-    page, problems, found_pii = screen_page(page, now)
-    if pii is not None:
-        pii.merge(found_pii)
+    if screened is None:
+        page, problems, found_pii = screen_page(page, now)
+        if pii is not None:
+            pii.merge(found_pii)
+    else:
+        problems = list(screened)
     page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
     region = ctx.settings.crm.default_region
     counts = dict.fromkeys(
@@ -502,13 +535,16 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, Any]:
                  since.updated_at.isoformat() if since else "the beginning (backfill)")
         # The next page is read while this one is written: reading waits on the CRM, writing
         # on the database, and the two overlap.
-        pages = prefetched(source.fetch(stream, since, started_at=started_at),
+        # Pages are screened in the reader thread too, while the previous one is written.
+        pages = prefetched(_screened(ctx, source.fetch(stream, since, started_at=started_at)),
                            name=f"sync-{source.name}-{stream}")
         seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
         with track(f"sync {source.name} {stream}") as progress, closing(pages):
-            for page in pages:
+            for page, problems, found_pii in pages:
+                pii.merge(found_pii)
                 repeated = duplicate_ids(page.leads, seen) if page.cursor is None else []
-                counts = _store_page(ctx, source.name, stream, page, started_at, pii, repeated)
+                counts = _store_page(ctx, source.name, stream, page, started_at, repeated,
+                                     problems)
                 totals["pages"] += 1
                 for key, n in counts.items():
                     totals[key] = totals.get(key, 0) + n
@@ -547,15 +583,28 @@ _UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError,
                 psycopg.InterfaceError)
 
 
+def _screened(ctx: Context, pages: Iterator[Page]
+              ) -> Iterator[tuple[Page, list[Problem], PiiActions]]:
+    from leadloop.crm.screening import screen_page
+
+    try:
+        for page in pages:
+            yield screen_page(page, ctx.now())
+    finally:
+        close = getattr(pages, "close", None)
+        if close is not None:
+            close()
+
+
 def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                pii: PiiActions, duplicates: Sequence[str]) -> dict[str, int]:
+                duplicates: Sequence[str], problems: Sequence[Problem]) -> dict[str, int]:
     """Write a page with its cursor in one transaction. When the store refuses it, the page is
     written in halves (each a transaction; the cursor moves with the last), down to the single
     record it refuses, which is kept in `rejected_record`: one poison record costs itself."""
     try:
         with session_scope(ctx.engine) as session:
-            counts = apply_page(session, ctx, source, stream, page, pii=pii,
-                                duplicates=duplicates)
+            counts = apply_page(session, ctx, source, stream, page, duplicates=duplicates,
+                                screened=problems)
             _advance_stream(session, source, stream, page.cursor, started_at)
         return counts
     except _UNREACHABLE:
@@ -566,14 +615,15 @@ def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: 
                               + (str(cause).strip().splitlines() or [""])[0][:300])
     parts = _halves(page)
     if parts is None:
-        return _refuse_records(ctx, source, stream, page, started_at, problem)
+        return _refuse_records(ctx, source, stream, page, started_at, problem, problems)
     log.warning("the store refused a page of %s/%s (%s): writing it in halves", source, stream,
                 problem)
     totals: dict[str, int] = {}
     for part in parts:
-        for key, n in _store_page(ctx, source, stream, part, started_at, pii, duplicates).items():
+        for key, n in _store_page(ctx, source, stream, part, started_at, duplicates,
+                                  problems).items():
             totals[key] = totals.get(key, 0) + n
-        duplicates = ()
+        duplicates, problems = (), ()  # reported with the first half
     return totals
 
 
@@ -601,19 +651,21 @@ def _halves(page: Page) -> tuple[Page, Page] | None:
 
 
 def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                    problem: str) -> dict[str, int]:
-    """Keep the records of a page the store refused as rejects, and move the cursor past them."""
+                    problem: str, problems: Sequence[Problem]) -> dict[str, int]:
+    """Keep the records of a page the store refused as rejects (with the problems screening
+    found in them), and move the cursor past them."""
     from leadloop.crm.screening import clean_text
 
     reason = f"the store refused this record ({problem}); record refused"
-    refs = [(str(x.crm_id), kind) for kind, items in (("", page.leads), (".stage", page.stages),
-                                                       (".event", page.events)) for x in items]
-    refs += [(r.record_ref, "") for r in page.rejects]
+    refs = [(str(x.crm_id), kind, reason) for kind, items in (
+        ("", page.leads), (".stage", page.stages), (".event", page.events)) for x in items]
+    refs += [(r.record_ref, "", r.reason) for r in page.rejects]
+    refs += [(p.ref, p.kind, p.reason) for p in problems]
     with session_scope(ctx.engine) as session:
         session.add_all(RejectedRecord(
             job_run_id=ctx.job_run_id, source=source, object_type=f"{stream}{kind}",
-            record_ref=clean_text(ref)[:200], flow_stage="ingest", reason=clean_text(reason),
-            payload={}, created_at=ctx.now()) for ref, kind in refs)
+            record_ref=clean_text(ref)[:200], flow_stage="ingest", reason=clean_text(why),
+            payload={}, created_at=ctx.now()) for ref, kind, why in refs)
         _advance_stream(session, source, stream, page.cursor, started_at)
     log.warning("the store refused %d record(s) of %s/%s: %s", len(refs), source, stream, problem)
     return {"rejected": len(refs)}

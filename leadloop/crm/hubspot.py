@@ -42,7 +42,18 @@ from typing import Any
 import requests
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, EventIn, LeadIn, Page, StageIn
+from leadloop.crm.base import (
+    ATTRIBUTION_FIELDS,
+    MALFORMED,
+    Cursor,
+    EventIn,
+    LeadIn,
+    Page,
+    StageIn,
+    as_reject,
+    record_id,
+    record_key,
+)
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
 from leadloop.http import RateLimiter, describe_response, retry_after_seconds
 from leadloop.store import lead_ids, session_scope
@@ -411,15 +422,23 @@ class HubSpotSource:
     def _contact_page(self, results: Iterable[dict]) -> Page:
         page = Page()
         for r in results:
-            self._add_contact(page, r)
+            try:
+                self._add_contact(page, r)
+            except MALFORMED as exc:  # a wrong type or missing key costs this record only
+                page.rejects.append(as_reject(exc, record_id(r)))
         if page.leads:
-            top = max(page.leads, key=lambda lead: (lead.updated_at, int(lead.crm_id)))
+            top = max(page.leads, key=lambda lead: (
+                lead.updated_at, int(lead.crm_id) if lead.crm_id.isdigit() else -1))
             page.cursor = Cursor(top.updated_at, top.crm_id)  # type: ignore[arg-type]
         return page
 
     def _add_contact(self, page: Page, r: dict[str, Any]) -> None:
         props: dict[str, Any] = r.get("properties") or {}
-        cid = str(r["id"])
+        cid = record_key(r, "id")
+        if cid is None:
+            page.rejects.append(RecordRejected("contact:?", f"record has no usable id: "
+                                               f"{str(r.get('id'))[:40]!r}"))
+            return
         p = self.crm.properties
         times: dict[str, datetime | None] = {}
         for key, fallback in ((p.created_at or "createdate", "createdAt"),

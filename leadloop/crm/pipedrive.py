@@ -27,7 +27,18 @@ from typing import Any
 import requests
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn, parse_decimal
+from leadloop.crm.base import (
+    ATTRIBUTION_FIELDS,
+    MALFORMED,
+    Cursor,
+    LeadIn,
+    Page,
+    StageIn,
+    as_reject,
+    parse_decimal,
+    record_id,
+    record_key,
+)
 from leadloop.errors import (
     FatalSourceError,
     QuotaExhaustedError,
@@ -180,9 +191,10 @@ class PipedriveSource:
                 for raw in data:
                     try:
                         page.leads.append(self.normalise_person(raw))
-                    except RecordRejected as exc:
-                        page.rejects.append(exc)
-                page.deleted_crm_ids = [str(r["id"]) for r in data if r.get("is_deleted")]
+                    except MALFORMED as exc:  # a wrong type or missing key costs this record
+                        page.rejects.append(as_reject(exc, f"person:{record_id(raw)}"))
+                page.deleted_crm_ids = [str(r["id"]) for r in data if isinstance(r, dict)
+                                        and r.get("is_deleted") and r.get("id") is not None]
                 yield page
         elif stream in ("deals", "deals_archived"):
             stages = self._stage_table()
@@ -192,8 +204,8 @@ class PipedriveSource:
                 for raw in data:
                     try:
                         page.stages.extend(self.normalise_deal(raw, stages))
-                    except RecordRejected as exc:
-                        page.rejects.append(exc)
+                    except MALFORMED as exc:  # a wrong type or missing key costs this record
+                        page.rejects.append(as_reject(exc, f"deal:{record_id(raw)}"))
                 yield page
         else:
             raise ValueError(f"unknown Pipedrive stream {stream!r}")
@@ -223,9 +235,9 @@ class PipedriveSource:
         return custom.get(key, raw.get(key))
 
     def normalise_person(self, raw: dict[str, Any]) -> LeadIn:
-        pid = raw.get("id")
+        pid = record_key(raw, "id")
         if pid is None:
-            raise RecordRejected("person:?", "record has no id")
+            raise RecordRejected("person:?", "record has no usable id")
         created = parse_time(raw.get("add_time"))
         if created is None:
             raise RecordRejected(f"person:{pid}", "missing add_time")

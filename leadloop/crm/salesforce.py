@@ -29,7 +29,18 @@ from urllib.parse import quote
 import requests
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, LeadIn, Page, StageIn, parse_decimal
+from leadloop.crm.base import (
+    ATTRIBUTION_FIELDS,
+    MALFORMED,
+    Cursor,
+    LeadIn,
+    Page,
+    StageIn,
+    as_reject,
+    parse_decimal,
+    record_id,
+    record_key,
+)
 from leadloop.errors import (
     ConfigError,
     FatalSourceError,
@@ -303,8 +314,8 @@ class SalesforceSource:
             for raw in live:
                 try:
                     lead, stages = self.normalise_lead(raw, history.get(str(raw["Id"]), []))
-                except RecordRejected as exc:
-                    page.rejects.append(exc)
+                except MALFORMED as exc:  # a wrong type or missing key costs this record only
+                    page.rejects.append(as_reject(exc, f"Lead:{record_id(raw, 'Id')}"))
                     continue
                 lead.merged_crm_ids = survivors.get(lead.crm_id, [])
                 page.leads.append(lead)
@@ -352,7 +363,7 @@ class SalesforceSource:
     def normalise_lead(self, raw: dict[str, Any], history: list[tuple[str, datetime]]
                        ) -> tuple[LeadIn, list[StageIn]]:
         """One Lead record -> LeadIn and its status facts. Pure; raises RecordRejected."""
-        crm_id = str(raw.get("Id") or "")
+        crm_id = record_key(raw, "Id")
         if not crm_id:
             raise RecordRejected("Lead:?", "record has no Id", _public(raw))
         try:
@@ -405,8 +416,8 @@ class SalesforceSource:
                 try:
                     page.stages.extend(self.normalise_opportunity(
                         raw, lead_id, history.get(opp_id, []), stage_meta))
-                except RecordRejected as exc:
-                    page.rejects.append(exc)
+                except MALFORMED as exc:  # a wrong type or missing key costs this record only
+                    page.rejects.append(as_reject(exc, f"Opportunity:{opp_id}"))
             page.cursor = _batch_cursor(batch)
             yield page
 

@@ -64,6 +64,8 @@ class PiiActions:
 
 def text_problem(value: Any) -> str | None:
     """Why a value cannot be stored as text, or None."""
+    if type(value) is str and value.isascii() and "\x00" not in value and len(value) <= MAX_TEXT:
+        return None  # the common case, decided without a regular expression
     if not isinstance(value, str):
         return f"is a {type(value).__name__}, not text"
     if "\x00" in value:
@@ -88,6 +90,18 @@ def clean_text(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return clean_text(str(value))
+
+
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A rejected record as it may be kept: storable, and without identity in clear (the value
+    of a `Work Email`, `Mobile Number` or `Contact Name` field, at any depth, is removed)."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            out[key] = public_payload(value)
+        else:
+            out[key] = value if identity_kind(str(key), value) is None else "<removed>"
+    return clean_text(out)
 
 
 def time_problem(value: Any, now: datetime) -> str | None:
@@ -161,7 +175,7 @@ def screen_page(page: Page, now: datetime) -> tuple[Page, list[Problem], PiiActi
     for r in rejects:  # a connector's reject quotes the record: keep it storable
         r.record_ref = clean_text(str(r.record_ref))
         r.reason = clean_text(str(r.reason))
-        r.payload = clean_text(r.payload) if isinstance(r.payload, dict) else {}
+        r.payload = public_payload(r.payload) if isinstance(r.payload, dict) else {}
     return (replace(page, leads=leads, stages=stages, events=events, rejects=rejects,
                     deleted_crm_ids=deleted, deleted_deal_ids=deleted_deals), problems, pii)
 
@@ -188,7 +202,8 @@ def _screen_lead(lead: LeadIn, now: datetime, problems: list[Problem], pii: PiiA
         dropped.append(f"updated time {why}")
     for name in _TEXT_FIELDS:
         value = getattr(lead, name)
-        if value is None:
+        if value is None or (type(value) is str and value.isascii() and "\x00" not in value
+                             and len(value) <= MAX_TEXT):
             continue
         if isinstance(value, int | float) and not isinstance(value, bool) and name != "email":
             value = str(value)

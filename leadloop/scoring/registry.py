@@ -5,7 +5,9 @@ Each training writes `<version>.json` (the card) and, when a model was chosen,
 arbitrary pickle code). `CURRENT` names the newest card: if that card is a fallback (not enough
 data, or no candidate beat the baseline) there is no current model and the stage-value mapping
 is used. Loading refuses an artifact written by another scikit-learn minor version (retrain)
-and warns on a patch difference.
+and warns on a patch difference; it also refuses one whose SHA-256 is not the one its card
+recorded when it was written, or that holds any type beyond skops' defaults and
+`TRUSTED_TYPES`. Artifacts, cards and the folder are owner-only.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def load_model(settings: Settings, card: dict[str, Any]) -> Any:
     if not expected:
         raise ModelError(f"model card {card['version']} records no SHA-256 of its artifact "
                          "(written by an older leadloop); refusing to load it",
-                         hint="retrain: run the retrain job or `leadloop score` after removing it")
+                         hint=f"retrain: delete {d / CURRENT} and run `leadloop score` (it "
+                              "trains a new model), or let the scheduled retrain job run")
     if file_sha256(path) != expected:
         raise ModelError(f"model artifact {path.name} does not match the SHA-256 in its card "
                          "(changed since it was trained); refusing to load it")
