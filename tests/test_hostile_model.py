@@ -77,7 +77,9 @@ def test_a_pipeline_holding_partial_eval_is_refused_even_with_a_matching_hash(
     model = fit_final(x, y, FEATURES, "hist_gradient_boosting")
     card = _register(ctx, model)
     payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
-    model.calibrated_classifiers_[0].estimator.steps[-1][1]._loss = functools.partial(eval, payload)
+    pipeline = model.calibrated_classifiers_[0].estimator if hasattr(
+        model, "calibrated_classifiers_") else model  # shipped calibrated or as it is
+    pipeline.steps[-1][1]._loss = functools.partial(eval, payload)
     artifact = tmp_path / "models" / card["artifact"]
     sio.dump(model, artifact)
     card_path = tmp_path / "models" / "v1.json"
