@@ -36,12 +36,13 @@ def _register(ctx, model, version: str = "v1") -> dict:
     return registry.load_card(ctx.settings, version)
 
 
+@pytest.mark.parametrize("method", ["none", "sigmoid", "isotonic"])
 @pytest.mark.parametrize("candidate", ["hist_gradient_boosting", "logistic_regression"])
 def test_training_writes_only_trusted_types_and_records_the_hash(sqlite_engine, tmp_path,
-                                                                 candidate) -> None:
+                                                                 candidate, method) -> None:
     ctx = demo_context(sqlite_engine, tmp_path)
     x, y = _data()
-    model = fit_final(x, y, FEATURES, candidate)
+    model = fit_final(x, y, FEATURES, candidate, method=method)
     card = _register(ctx, model)
     artifact = tmp_path / "models" / card["artifact"]
     assert card["artifact_sha256"] == registry.file_sha256(artifact)

@@ -45,6 +45,7 @@ TRUSTED_TYPES = frozenset({
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.model_selection._split.StratifiedKFold",  # the calibration's shuffled folds
     "sklearn.utils.validation.check_array",
 })
 
