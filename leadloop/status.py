@@ -164,7 +164,7 @@ def destination_alerts(ctx: Context) -> list[dict[str, str]]:
     """What needs a person, per destination: a pause by the platform (level "paused", with the
     fix in one sentence; `status` exits 1), a LinkedIn-Version within 60 days of its sunset, and
     credentials within 14 days of their known expiry (level "warning")."""
-    from leadloop.export import destination_states
+    from leadloop.export.engine import destination_states
     from leadloop.export.linkedin import API_VERSION, sunset
 
     now = ctx.now()

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 import requests
 
 from leadloop.errors import DestinationError, FatalDestinationError, RetriableDestinationError
+from leadloop.export.rules import check, window
 from leadloop.http import describe_response, retry_after_seconds
 from leadloop.redact import redact_text
 
@@ -69,15 +71,6 @@ class OutRow:
     phone_digits_sha256: str | None = None
     consent_ad_user_data: bool | None = None
     consent_ad_personalization: bool | None = None
-
-    @property
-    def google_click(self) -> tuple[str, str] | None:
-        """Google accepts exactly one click id: gclid first, then the iOS braids."""
-        for kind in ("gclid", "gbraid", "wbraid"):
-            value = getattr(self, kind)
-            if value:
-                return kind, value
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,32 +135,25 @@ class RetryLater(RetriableDestinationError):
         self.retry_after = retry_after
 
 
-class Destination(Protocol):
-    name: str
-    max_batch_size: int
-    adjustments: frozenset[str]  # which revisions the platform takes: restatement, retraction
-
-    def group_key(self, row: OutRow) -> str:
-        """Rows of one request share this key (e.g. conversions vs adjustments)."""
-        ...
-
-    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]: ...
-
-    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]: ...
-
-    def validate_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The validate-only variant of a payload (unchanged when the platform has none)."""
-        ...
-
-
 class BaseDestination:
-    """Shared plumbing: batching, the HTTP session, time formats, whole-request error mapping."""
+    """A platform: what it declares (class variables, `rule`, `build_payload`, `send`, and
+    `diagnose`/`settle` when it reports on requests afterwards), and the shared plumbing
+    (batching, the HTTP session, time formats, whole-request error mapping).
 
-    kind: ClassVar[str] = ""
+    A subclass with a `kind` is a destination: the registry finds it and the config accepts
+    `kind = "<its kind>"` with its `config_model`."""
+
+    kind: ClassVar[str] = ""  # the config's `kind`; empty for a base that is not a destination
     default_base_url: ClassVar[str] = ""
-    platform_max: ClassVar[int] = 1000
+    platform_max: ClassVar[int] = 1000  # most rows one request may carry
     adjustments: ClassVar[frozenset[str]] = frozenset()  # restatement and/or retraction
     has_validate_only: ClassVar[bool] = False
+    # The lead's click ids the platform matches on, preferred first; the outbox stores the first
+    # one a lead has, and a manual-import file checks the first against `click_format`.
+    click_ids: ClassVar[tuple[str, ...]] = ()
+    click_format: ClassVar[re.Pattern[str] | None] = None
+    window_days: ClassVar[int] = 90  # oldest conversion the platform takes (days at send time)
+    has_diagnostics: ClassVar[bool] = False  # whether `diagnose` reports on sent requests
 
     def __init__(
         self,
@@ -189,6 +175,32 @@ class BaseDestination:
         self._resolve = resolve_path or Path
         self._clock = clock or (lambda: datetime.now(UTC))
         self._oauth: Any = None
+
+    # -- platform rules --------------------------------------------------------------------
+
+    @staticmethod
+    def rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+        """The platform's own hold rule for `row` (see `rules.py`): `user_data` says whether its
+        hashed identities may be sent, `window` is how old a conversion may be."""
+        return None
+
+    def platform_hold(self, row: OutRow, now: datetime, user_data: bool) -> str | None:
+        return self.rule(row, now, user_data, window(self.window_days, self.cfg.conversion_window_days))
+
+    def hold_rule(self, row: OutRow, now: datetime) -> str | None:
+        """The first rule `row` breaks now (shared ones first), or None when it may be sent."""
+        return check(row, now, self.platform_hold, consent_required=self.cfg.consent_required,
+                     send_user_data=self.cfg.send_user_data)
+
+    # -- asynchronous diagnostics (platforms with `has_diagnostics`) -------------------------
+
+    def diagnose(self, request_id: str) -> dict[str, Any] | None:
+        """The platform's report on a sent request, or None while it has none."""
+        return None
+
+    def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+        """(outcome, code, message, retry_after) of a request from its `diagnose` report."""
+        raise NotImplementedError(f"{self.kind} reports no diagnostics")
 
     # -- batching --------------------------------------------------------------------------
 

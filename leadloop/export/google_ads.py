@@ -13,6 +13,7 @@ enums by `tests/test_export_contracts.py`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from leadloop.export.base import (
 )
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
+from leadloop.export.google_data_manager import CLICK_IDS, GCLID, google_click, google_rule
 
 SCOPE = "https://www.googleapis.com/auth/adwords"
 API_VERSION = "v26"
@@ -95,6 +97,10 @@ class GoogleAdsDestination(BaseDestination):
     platform_max: ClassVar[int] = 2000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
     has_validate_only: ClassVar[bool] = True
+    click_ids: ClassVar[tuple[str, ...]] = CLICK_IDS
+    click_format: ClassVar[re.Pattern[str] | None] = GCLID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(google_rule)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,7 +117,7 @@ class GoogleAdsDestination(BaseDestination):
 
     def _conversion(self, row: OutRow) -> dict[str, Any]:
         c: dict[str, Any] = {}
-        click = row.google_click
+        click = google_click(row)
         if click:
             c[click[0]] = click[1]
         c["conversionAction"] = self._action(row.conversion_action)

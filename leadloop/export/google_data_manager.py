@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from leadloop.export.base import (
@@ -29,6 +30,7 @@ from leadloop.export.base import (
 )
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
+from leadloop.export.rules import DAY, has_identity, no_identity
 from leadloop.http import RateLimiter
 
 SCOPE = "https://www.googleapis.com/auth/datamanager"
@@ -65,6 +67,43 @@ SETUP: dict[str, str] = {
 }
 
 
+CLICK_IDS = ("gclid", "gbraid", "wbraid")  # Google takes exactly one: gclid first, then the iOS braids
+GCLID = re.compile(r"^[A-Za-z0-9_\-]{6,512}$")  # a URL-safe token
+_HASHED = ("email_google_sha256", "phone_e164_sha256")
+
+
+def google_click(row: OutRow) -> tuple[str, str] | None:
+    """The click id Google gets for `row`: (its name, its value), or None."""
+    for kind in CLICK_IDS:
+        value = getattr(row, kind)
+        if value:
+            return kind, value
+    return None
+
+
+def google_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """Google's rules, for Data Manager and the Ads API alike. Google imports a conversion, with
+    a click id or as an enhanced conversion for leads matched on hashes, only while the lead's
+    click is inside the action's click-through window (at most 90 days; the maximum is
+    unverified, the platform answers `EVENT_TOO_OLD` past the real window anyway) at upload
+    time; the lead's creation stands in for the click. Adjustments go between 24 hours and 54
+    days after the conversion."""
+    if row.kind == "conversion":
+        if google_click(row) is None and not (user_data and has_identity(row, _HASHED)):
+            return no_identity(row, _HASHED, user_data, "no_click_id")
+        if now - row.conversion_time > window:
+            return "event_too_old"
+        if now - row.lead_created_at > window:
+            return "click_too_old"
+        return None
+    age = now - row.conversion_time
+    if age < DAY:
+        return "adjustment_too_recent"
+    if age > 54 * DAY:
+        return "adjustment_window_passed"
+    return None
+
+
 def consent_value(flag: bool | None) -> str | None:
     return None if flag is None else ("CONSENT_GRANTED" if flag else "CONSENT_DENIED")
 
@@ -75,6 +114,11 @@ class DataManagerDestination(BaseDestination):
     platform_max: ClassVar[int] = 2000
     has_validate_only: ClassVar[bool] = True
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement"})
+    click_ids: ClassVar[tuple[str, ...]] = CLICK_IDS
+    click_format: ClassVar[re.Pattern[str] | None] = GCLID
+    window_days: ClassVar[int] = 90
+    has_diagnostics: ClassVar[bool] = True
+    rule = staticmethod(google_rule)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,7 +181,7 @@ class DataManagerDestination(BaseDestination):
             ("adPersonalization", consent_value(row.consent_ad_personalization))) if v}
         if consent:
             ev["consent"] = consent
-        click = row.google_click
+        click = google_click(row)
         if click:
             ev["adIdentifiers"] = {click[0]: click[1]}
         if row.currency and row.value is not None:

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime, timedelta
 from typing import Any, ClassVar
 
 from leadloop.export.base import BaseDestination, BatchRejected, OutRow, RowResult, unix_millis
 from leadloop.export.consent import user_data_allowed
+from leadloop.export.rules import no_identity
 
 API_VERSION = "202607"  # the newest version the spec sheet saw; override with api_version
 TOKEN_URL = "https://www.linkedin.com/oauth/v2/accessToken"
 VERSION = re.compile(r"^(20\d\d)(0[1-9]|1[0-2])$")
+LI_FAT_ID = re.compile(r"^[A-Za-z0-9\-]{6,128}$")  # the first-party tracking UUID
 # Sunset dates published on https://learn.microsoft.com/linkedin/marketing/integrations/migrations
 SUNSETS = {
     "202407": date(2025, 7, 22), "202408": date(2025, 8, 18), "202409": date(2025, 9, 15),
@@ -51,10 +53,23 @@ def sunset(version: str) -> date | None:
     return SUNSETS.get(version) or date(int(m.group(1)) + 1, int(m.group(2)), 15)
 
 
+def linkedin_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """A conversion needs li_fat_id or a hashed e-mail that may be sent; at most 90 days old."""
+    if not row.li_fat_id and not (user_data and row.email_sha256):
+        return no_identity(row, ("email_sha256",), user_data, "no_linkedin_id")
+    if now - row.conversion_time > window:
+        return "event_too_old"
+    return None
+
+
 class LinkedInDestination(BaseDestination):
     kind: ClassVar[str] = "linkedin"
     default_base_url: ClassVar[str] = "https://api.linkedin.com"
     platform_max: ClassVar[int] = 5000
+    click_ids: ClassVar[tuple[str, ...]] = ("li_fat_id",)
+    click_format: ClassVar[re.Pattern[str] | None] = LI_FAT_ID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(linkedin_rule)
 
     def element(self, row: OutRow) -> dict[str, Any]:
         ids = []

@@ -19,7 +19,9 @@ each) when `refresh_token_env` is set, else from `token_env`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from leadloop.export.base import (
@@ -74,11 +76,27 @@ def classify(order_id: str, code: str, message: str) -> RowResult:
                         setup=SETUP)
 
 
+MSCLKID = re.compile(r"^[A-Za-z0-9_\-]{6,128}$")  # a URL-safe token
+
+
+def microsoft_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """An offline conversion needs its msclkid; at most 90 days old."""
+    if not row.msclkid:
+        return "no_click_id"
+    if now - row.conversion_time > window:
+        return "event_too_old"
+    return None
+
+
 class MicrosoftDestination(BaseDestination):
     kind: ClassVar[str] = "microsoft"
     default_base_url: ClassVar[str] = "https://campaign.api.bingads.microsoft.com"
     platform_max: ClassVar[int] = 1000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
+    click_ids: ClassVar[tuple[str, ...]] = ("msclkid",)
+    click_format: ClassVar[re.Pattern[str] | None] = MSCLKID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(microsoft_rule)
 
     def _identity(self, row: OutRow, item: dict[str, Any]) -> None:
         if user_data_allowed(row, self.cfg.send_user_data):
