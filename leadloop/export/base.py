@@ -24,13 +24,15 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import requests
+from pydantic import BaseModel, ConfigDict, Field
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.errors import DestinationError, FatalDestinationError, RetriableDestinationError
 from leadloop.export.rules import check, window
 from leadloop.http import describe_response, retry_after_seconds
@@ -135,6 +137,42 @@ class RetryLater(RetriableDestinationError):
         self.retry_after = retry_after
 
 
+class DestinationSettings(BaseModel):
+    """`[destinations.<name>]`: the keys every platform takes. Each destination module extends
+    it with its platform's own keys (`config_model` of its class); `kind` says which platform
+    (default: the section name), and a key the platform does not take is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    enabled: bool = True
+    base_url: str | None = None
+    dry_run: bool = False
+    # credentials: env var names only
+    token_env: CheckedEnvName | None = None
+    client_id_env: CheckedEnvName | None = None
+    client_secret_env: CheckedEnvName | None = None
+    refresh_token_env: CheckedEnvName | None = None
+    token_url: str | None = None
+    api_version: str | None = Field(
+        None, description="the platform's API version; linkedin: LinkedIn-Version YYYYMM (default in "
+        "leadloop/export/linkedin.py; `status` warns 60 days before its sunset)")
+    token_expires_on: date | None = Field(
+        None, description="when the access (or refresh) token expires; `status` warns 14 days before")
+    conversion_window_days: int | None = Field(
+        None, ge=1, description="upload conversions at most this many days old (default and "
+        "maximum: the platform's window)")
+    batch_size: int | None = Field(None, ge=1)
+    max_attempts: int = Field(8, ge=1)
+    retry_horizon_hours: float = Field(72.0, gt=0)
+    consent_required: bool = True
+    send_user_data: bool = True
+
+    def anchored(self, against: Callable[[str], str]) -> DestinationSettings:
+        """These settings with their relative paths made absolute by `against`."""
+        return self
+
+
 class BaseDestination:
     """A platform: what it declares (class variables, `rule`, `build_payload`, `send`, and
     `diagnose`/`settle` when it reports on requests afterwards), and the shared plumbing
@@ -144,6 +182,7 @@ class BaseDestination:
     `kind = "<its kind>"` with its `config_model`."""
 
     kind: ClassVar[str] = ""  # the config's `kind`; empty for a base that is not a destination
+    config_model: ClassVar[type[DestinationSettings]] = DestinationSettings
     default_base_url: ClassVar[str] = ""
     platform_max: ClassVar[int] = 1000  # most rows one request may carry
     adjustments: ClassVar[frozenset[str]] = frozenset()  # restatement and/or retraction
@@ -223,8 +262,7 @@ class BaseDestination:
 
     @property
     def has_credentials(self) -> bool:
-        return bool(self.cfg.token_env or self.cfg.refresh_token_env
-                    or self.cfg.service_account_file_env)
+        return bool(self.cfg.token_env or self.cfg.refresh_token_env)
 
     def bearer(self, token_url: str, scope: str | None = None) -> dict[str, str]:
         """`Authorization: Bearer ...` from the OAuth refresh-token grant when the config names a

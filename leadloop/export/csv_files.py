@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
+from pydantic import Field
+
 from leadloop.errors import FatalDestinationError
-from leadloop.export.base import BaseDestination, OutRow, RowResult, unix_millis, unix_seconds
+from leadloop.export.base import (
+    BaseDestination,
+    DestinationSettings,
+    OutRow,
+    RowResult,
+    unix_millis,
+    unix_seconds,
+)
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_data_manager import DataManagerDestination
 from leadloop.export.linkedin import LinkedInDestination
@@ -48,6 +57,21 @@ PLATFORMS: dict[str, type[BaseDestination]] = {
     "google": DataManagerDestination, "meta": MetaDestination,
     "microsoft": MicrosoftDestination, "linkedin": LinkedInDestination,
 }
+
+
+class CsvFilesSettings(DestinationSettings):
+    kind: Literal["csv_files"] = "csv_files"
+    output_dir: str | None = None
+    timezone: str = "UTC"
+    file_platform: Literal["google", "meta", "microsoft", "linkedin"] = Field(
+        "google", description="whose manual-import template to write")
+
+    def anchored(self, against: Callable[[str], str]) -> DestinationSettings:
+        if not self.output_dir:
+            return self
+        return self.model_copy(update={"output_dir": against(self.output_dir)})
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -62,6 +86,7 @@ def _num(row: OutRow) -> str:
 
 class CsvFilesDestination(BaseDestination):
     kind: ClassVar[str] = "csv_files"
+    config_model: ClassVar[type[DestinationSettings]] = CsvFilesSettings
     platform_max: ClassVar[int] = 100_000
     # The outbox keeps one click id per row; a file takes its template's (`file_platform`).
     click_ids: ClassVar[tuple[str, ...]] = ("gclid", "msclkid", "li_fat_id", "meta_lead_id")

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RowResult,
     classify_row,
@@ -28,7 +30,13 @@ from leadloop.export.base import (
 )
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
-from leadloop.export.google_data_manager import CLICK_IDS, GCLID, google_click, google_rule
+from leadloop.export.google_data_manager import (
+    CLICK_IDS,
+    GCLID,
+    GoogleSettings,
+    google_click,
+    google_rule,
+)
 
 SCOPE = "https://www.googleapis.com/auth/adwords"
 API_VERSION = "v26"
@@ -73,6 +81,11 @@ SETUP: dict[str, str] = {
 }
 
 
+class GoogleAdsSettings(GoogleSettings):
+    kind: Literal["google_ads"] = "google_ads"
+    developer_token_env: CheckedEnvName | None = None  # optional and ignored since 2026-09-09
+
+
 def _code(error: dict[str, Any]) -> str:
     codes = error.get("errorCode") or {}
     return next(iter(codes.values()), "UNKNOWN") if codes else "UNKNOWN"
@@ -93,6 +106,7 @@ def classify(order_id: str, code: str, message: str) -> RowResult:
 
 class GoogleAdsDestination(BaseDestination):
     kind: ClassVar[str] = "google_ads"
+    config_model: ClassVar[type[DestinationSettings]] = GoogleAdsSettings
     default_base_url: ClassVar[str] = "https://googleads.googleapis.com"
     platform_max: ClassVar[int] = 2000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})

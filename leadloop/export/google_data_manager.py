@@ -18,11 +18,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RowResult,
     json_value,
@@ -72,6 +76,22 @@ GCLID = re.compile(r"^[A-Za-z0-9_\-]{6,512}$")  # a URL-safe token
 _HASHED = ("email_google_sha256", "phone_e164_sha256")
 
 
+class GoogleSettings(DestinationSettings):
+    """Keys of both Google destinations."""
+
+    validate_only: bool = False
+    service_account_file_env: CheckedEnvName | None = None
+    operating_account_id: str | None = None
+    customer_id: str | None = None
+    login_account_id: str | None = None
+
+
+class DataManagerSettings(GoogleSettings):
+    kind: Literal["google_data_manager"] = "google_data_manager"
+    linked_account_id: str | None = None
+    requests_per_minute: float | None = Field(None, gt=0)
+
+
 def google_click(row: OutRow) -> tuple[str, str] | None:
     """The click id Google gets for `row`: (its name, its value), or None."""
     for kind in CLICK_IDS:
@@ -110,6 +130,7 @@ def consent_value(flag: bool | None) -> str | None:
 
 class DataManagerDestination(BaseDestination):
     kind: ClassVar[str] = "google_data_manager"
+    config_model: ClassVar[type[DestinationSettings]] = DataManagerSettings
     default_base_url: ClassVar[str] = "https://datamanager.googleapis.com"
     platform_max: ClassVar[int] = 2000
     has_validate_only: ClassVar[bool] = True

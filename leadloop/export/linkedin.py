@@ -18,9 +18,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from leadloop.export.base import BaseDestination, BatchRejected, OutRow, RowResult, unix_millis
+from leadloop.export.base import (
+    BaseDestination,
+    BatchRejected,
+    DestinationSettings,
+    OutRow,
+    RowResult,
+    unix_millis,
+)
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.rules import no_identity
 
@@ -53,6 +60,11 @@ def sunset(version: str) -> date | None:
     return SUNSETS.get(version) or date(int(m.group(1)) + 1, int(m.group(2)), 15)
 
 
+class LinkedInSettings(DestinationSettings):
+    kind: Literal["linkedin"] = "linkedin"
+    account_id: str | None = None
+
+
 def linkedin_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
     """A conversion needs li_fat_id or a hashed e-mail that may be sent; at most 90 days old."""
     if not row.li_fat_id and not (user_data and row.email_sha256):
@@ -64,6 +76,7 @@ def linkedin_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta
 
 class LinkedInDestination(BaseDestination):
     kind: ClassVar[str] = "linkedin"
+    config_model: ClassVar[type[DestinationSettings]] = LinkedInSettings
     default_base_url: ClassVar[str] = "https://api.linkedin.com"
     platform_max: ClassVar[int] = 5000
     click_ids: ClassVar[tuple[str, ...]] = ("li_fat_id",)

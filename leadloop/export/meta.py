@@ -14,11 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RetryLater,
     RowResult,
@@ -48,6 +49,12 @@ def _setup_fix(code: int, subcode: int | None) -> str | None:
     return None
 
 
+class MetaSettings(DestinationSettings):
+    kind: Literal["meta"] = "meta"
+    dataset_id: str | None = None
+    lead_event_source: str = "leadloop"
+
+
 def meta_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
     """A CRM conversion lead needs its Lead Ads lead id; events at most 7 days old."""
     if not row.meta_lead_id or not LEAD_ID.match(row.meta_lead_id):
@@ -59,6 +66,7 @@ def meta_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) ->
 
 class MetaDestination(BaseDestination):
     kind: ClassVar[str] = "meta"
+    config_model: ClassVar[type[DestinationSettings]] = MetaSettings
     default_base_url: ClassVar[str] = "https://graph.facebook.com"
     platform_max: ClassVar[int] = 1000
     click_ids: ClassVar[tuple[str, ...]] = ("meta_lead_id",)

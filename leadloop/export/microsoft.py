@@ -22,11 +22,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RetryLater,
     RowResult,
@@ -76,6 +78,13 @@ def classify(order_id: str, code: str, message: str) -> RowResult:
                         setup=SETUP)
 
 
+class MicrosoftSettings(DestinationSettings):
+    kind: Literal["microsoft"] = "microsoft"
+    customer_id: str | None = None
+    account_id: str | None = None
+    developer_token_env: CheckedEnvName | None = None
+
+
 MSCLKID = re.compile(r"^[A-Za-z0-9_\-]{6,128}$")  # a URL-safe token
 
 
@@ -90,6 +99,7 @@ def microsoft_rule(row: OutRow, now: datetime, user_data: bool, window: timedelt
 
 class MicrosoftDestination(BaseDestination):
     kind: ClassVar[str] = "microsoft"
+    config_model: ClassVar[type[DestinationSettings]] = MicrosoftSettings
     default_base_url: ClassVar[str] = "https://campaign.api.bingads.microsoft.com"
     platform_max: ClassVar[int] = 1000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
