@@ -231,6 +231,12 @@ class BaseDestination:
         return check(row, now, self.platform_hold, consent_required=self.cfg.consent_required,
                      send_user_data=self.cfg.send_user_data)
 
+    @classmethod
+    def setup_warnings(cls, name: str, cfg: Any, today: date) -> list[tuple[str, str]]:
+        """(code, message) of what in this destination's setup will stop working soon, for
+        `leadloop status` (credential expiry is checked for every destination there)."""
+        return []
+
     # -- asynchronous diagnostics (platforms with `has_diagnostics`) -------------------------
 
     def diagnose(self, request_id: str) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from leadloop.export.base import (
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.rules import no_identity
 
+VERSION_WARN_DAYS = 60  # `leadloop status` warns this long before a version's sunset
 API_VERSION = "202607"  # the newest version the spec sheet saw; override with api_version
 TOKEN_URL = "https://www.linkedin.com/oauth/v2/accessToken"
 VERSION = re.compile(r"^(20\d\d)(0[1-9]|1[0-2])$")
@@ -83,6 +84,18 @@ class LinkedInDestination(BaseDestination):
     click_format: ClassVar[re.Pattern[str] | None] = LI_FAT_ID
     window_days: ClassVar[int] = 90
     rule = staticmethod(linkedin_rule)
+
+    @classmethod
+    def setup_warnings(cls, name: str, cfg: Any, today: date) -> list[tuple[str, str]]:
+        """The LinkedIn-Version in use, when it is malformed or within 60 days of its sunset."""
+        version = cfg.api_version or API_VERSION
+        ends = sunset(version)
+        if ends is None:
+            return [("LINKEDIN_VERSION", f"api_version {version!r} is not a LinkedIn-Version (YYYYMM)")]
+        if (ends - today).days <= VERSION_WARN_DAYS:
+            return [("LINKEDIN_VERSION", f"LinkedIn-Version {version} is sunset on {ends.isoformat()}: "
+                                         f"set api_version of [destinations.{name}] to a newer one")]
+        return []
 
     def element(self, row: OutRow) -> dict[str, Any]:
         ids = []
