@@ -5,7 +5,6 @@
 - `outbox.py`: building the outbox (`conversion` rows) from the store.
 - `state.py`: what the export keeps between runs (build watermark, destination pauses).
 - `base.py`: the destination contract; `rules.py`: the rules shared by every platform.
-- `registry.py`: `DESTINATIONS`, found from the destination modules: one module per platform
-  (`google_data_manager.py`, `google_ads.py`, `meta.py`, `microsoft.py`, `linkedin.py`,
-  `csv_files.py`), each declaring everything about it.
+- `registry.py`: `DESTINATIONS`, found from the destination modules: every other module here is
+  one platform (e.g. `meta.py`) declaring everything about it.
 """
