@@ -215,6 +215,17 @@ class BaseDestination:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._oauth: Any = None
 
+    # -- the request ------------------------------------------------------------------------
+
+    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]:
+        """ONE request body for `rows` (pure: no clock, no network)."""
+        raise NotImplementedError
+
+    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:
+        """Send the body; one `RowResult` per row, or raise for the whole request (module
+        docstring)."""
+        raise NotImplementedError
+
     # -- platform rules --------------------------------------------------------------------
 
     @staticmethod
