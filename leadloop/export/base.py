@@ -172,6 +172,10 @@ class DestinationSettings(BaseModel):
         """These settings with their relative paths made absolute by `against`."""
         return self
 
+    def file_dirs(self) -> list[str]:
+        """Folders this destination writes files to (erasure rewrites them)."""
+        return []
+
 
 class BaseDestination:
     """A platform: what it declares (class variables, `rule`, `build_payload`, `send`, and

@@ -71,6 +71,9 @@ class CsvFilesSettings(DestinationSettings):
             return self
         return self.model_copy(update={"output_dir": against(self.output_dir)})
 
+    def file_dirs(self) -> list[str]:
+        return [self.output_dir] if self.output_dir else []
+
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
