@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from leadloop.export.base import OutRow, RowResult
+from leadloop.export.base import OutRow, RowResult, Settlement
 from leadloop.export.transitions import (
     BACKOFF_CAP,
     BACKOFF_START,
@@ -127,7 +127,7 @@ SETTLED: list[tuple[str, str | None, float | None, dict[str, Any]]] = [
 @pytest.mark.parametrize(("outcome", "message", "retry_after", "expected"), SETTLED)
 def test_settle_change(outcome: str, message: str | None, retry_after: float | None,
                        expected: dict[str, Any]) -> None:
-    change = settle_change(outcome, "CODE", message, retry_after, DIAG, NOW)
+    change = settle_change(Settlement(outcome, "CODE", message, retry_after), DIAG, NOW)
     assert change == {"platform_code": "CODE", "platform_response": {"diagnostics": DIAG},
                       **expected}
 

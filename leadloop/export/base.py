@@ -86,6 +86,18 @@ class RowResult:
     request_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a platform's later report on a sent request (`diagnose`) means for its rows:
+    "sent" (kept; `message` marks a partial success), "rejected", "retry" (after `retry_after`
+    seconds) or "paused" (back to due; `message` is the fix)."""
+
+    outcome: Outcome
+    code: str
+    message: str | None = None
+    retry_after: float | None = None
+
+
 def classify_row(
     order_id: str, code: str, message: str, *, duplicate: frozenset[str], retry_after: dict[str, float],
     setup: dict[str, str] | None = None,
@@ -258,8 +270,8 @@ class BaseDestination:
         """The platform's report on a sent request, or None while it has none."""
         return None
 
-    def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
-        """(outcome, code, message, retry_after) of a request from its `diagnose` report."""
+    def settle(self, diagnostics: dict[str, Any]) -> Settlement:
+        """What a request's `diagnose` report means for its rows."""
         raise NotImplementedError(f"{self.kind} reports no diagnostics")
 
     # -- batching --------------------------------------------------------------------------

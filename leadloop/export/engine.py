@@ -27,6 +27,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from leadloop.export.base import (
     OutRow,
     RetryLater,
     RowResult,
+    Settlement,
 )
 from leadloop.export.outbox import BUILD_RULES, build_outbox, bulk_update, changed_leads, load_rows
 from leadloop.export.registry import DESTINATIONS
@@ -441,31 +443,29 @@ def _diagnose(ctx: Context, dest: BaseDestination, limit: int = 50) -> tuple[int
         status = dest.diagnose(request_id)
         if status is None:
             continue
-        outcome, code, message, retry_after = dest.settle(status)
-        message = redact_text(message) if message else None
+        settled = dest.settle(status)
+        settled = replace(settled, message=redact_text(settled.message) if settled.message else None)
         with session_scope(ctx.engine) as session:
-            _settle_request(session, dest, request_id, status, (outcome, code, message, retry_after),
-                            now, ctx.job_run_id)
-        if outcome == "paused":
-            paused = RowResult(request_id, "paused", code, message)
+            _settle_request(session, dest, request_id, status, settled, now, ctx.job_run_id)
+        if settled.outcome == "paused":
+            paused = RowResult(request_id, "paused", settled.code, settled.message)
         done += 1
     return done, paused
 
 
 def _settle_request(session: Any, dest: BaseDestination, request_id: str,
-                    diagnostics: dict[str, Any], settled: tuple[str, str, str | None, float | None],
-                    now: datetime, job_run_id: int | None) -> None:
+                    diagnostics: dict[str, Any], settled: Settlement, now: datetime,
+                    job_run_id: int | None) -> None:
     """Apply a settled request to its rows (see `transitions.settle_change`)."""
-    outcome, code, message, retry_after = settled
     rows = session.execute(select(  # type: ignore[call-overload]
         Conversion.id, Conversion.order_id, Conversion.stage, Conversion.kind,
         Conversion.conversion_action).where(
         Conversion.destination == dest.name, Conversion.request_id == request_id)).all()
-    change = transitions.settle_change(outcome, code, message, retry_after, diagnostics, now)
-    if outcome == "rejected":
+    change = transitions.settle_change(settled, diagnostics, now)
+    if settled.outcome == "rejected":
         for r in rows:
             session.add(_rejected_record(
-                dest, r.order_id, f"{code}: {message}",
+                dest, r.order_id, f"{settled.code}: {settled.message}",
                 {"stage": r.stage, "kind": str(r.kind), "request_id": request_id,
                  "conversion_action": r.conversion_action}, now, job_run_id))
     bulk_update(session, [{"id": r.id, **change} for r in rows], job_run_id)

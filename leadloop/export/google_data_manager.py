@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal
 
@@ -29,6 +30,7 @@ from leadloop.export.base import (
     DestinationSettings,
     OutRow,
     RowResult,
+    Settlement,
     json_value,
     rfc3339,
 )
@@ -270,12 +272,12 @@ class DataManagerDestination(BaseDestination):
                                "[destinations.{name}] and its conversion actions in [[stages]]", message)
         return BatchRejected(status_name, message)
 
-    def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+    def settle(self, diagnostics: dict[str, Any]) -> Settlement:
         """`settle` for this destination (a pause's fix names it)."""
-        outcome, code, text, retry_after = settle(diagnostics)
-        if outcome == "paused" and text:
-            text = text.format(name=self.name)
-        return outcome, code, text, retry_after
+        settled = settle(diagnostics)
+        if settled.outcome == "paused" and settled.message:
+            return replace(settled, message=settled.message.format(name=self.name))
+        return settled
 
     def diagnose(self, request_id: str) -> dict[str, Any] | None:
         """Status of an ingested request: SUCCESS, PROCESSING, PARTIAL_SUCCESS or FAILED, with
@@ -324,23 +326,24 @@ ASYNC_SETUP = {
 }
 
 
-def settle(diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
-    """What a request's asynchronous status means for each of its rows: (outcome, code, message
-    or fix, retry after). PARTIAL_SUCCESS keeps the rows sent but marked: Google reports counts
-    per reason, not which events failed, so the report does not count them as accepted."""
+def settle(diagnostics: dict[str, Any]) -> Settlement:
+    """What a request's asynchronous status means for each of its rows. PARTIAL_SUCCESS keeps the
+    rows sent but marked: Google reports counts per reason, not which events failed, so the report
+    does not count them as accepted."""
     status, errors = diagnostics["requestStatus"], diagnostics.get("errorCounts") or {}
     summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(errors.items()))
     if status != "FAILED":
-        return "sent", status, summary or None, None
+        return Settlement("sent", status, summary or None)
     reasons = set(errors) or {"PROCESSING_ERROR_REASON_UNSPECIFIED"}
     setup = sorted(reasons & set(ASYNC_SETUP))
     if setup:
-        return "paused", setup[0].removeprefix("PROCESSING_ERROR_REASON_"), ASYNC_SETUP[setup[0]], None
+        return Settlement("paused", setup[0].removeprefix("PROCESSING_ERROR_REASON_"),
+                          ASYNC_SETUP[setup[0]])
     if reasons <= _DUPLICATE:
-        return "sent", "DUPLICATE", summary, None
+        return Settlement("sent", "DUPLICATE", summary)
     if reasons <= set(_RETRY):
-        return "retry", "FAILED", summary, max(_RETRY[r] for r in reasons)
-    return "rejected", "FAILED", f"Google failed the request after accepting it: {summary}", None
+        return Settlement("retry", "FAILED", summary, max(_RETRY[r] for r in reasons))
+    return Settlement("rejected", "FAILED", f"Google failed the request after accepting it: {summary}")
 
 
 def _json(response: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from leadloop.export.base import OutRow, RowResult
+from leadloop.export.base import OutRow, RowResult, Settlement
 from leadloop.tables import ConversionStatus
 
 BACKOFF_START = 300.0  # seconds before the first retry of a transient failure
@@ -82,19 +82,20 @@ def result_change(res: RowResult, row_id: int, attempts: int, response: dict[str
     return ("dead" if dead else "failed"), change
 
 
-def settle_change(outcome: str, code: str, message: str | None, retry_after: float | None,
-                  diagnostics: dict[str, Any], now: datetime) -> dict[str, Any]:
+def settle_change(settled: Settlement, diagnostics: dict[str, Any], now: datetime
+                  ) -> dict[str, Any]:
     """Column changes for the rows of one request once the platform's diagnostics settled it:
     rejected, retried later, back to due (the destination pauses), or still sent (with the
     platform's code and message kept)."""
-    change: dict[str, Any] = {"platform_code": code,
+    change: dict[str, Any] = {"platform_code": settled.code,
                               "platform_response": {"diagnostics": diagnostics}}
-    if outcome == "rejected":
+    message = settled.message
+    if settled.outcome == "rejected":
         change.update(status=ConversionStatus.rejected, last_error=message)
-    elif outcome == "retry":
-        change.update(status=ConversionStatus.failed, last_error=message,
-                      next_attempt_at=now + timedelta(seconds=retry_after or BACKOFF_START))
-    elif outcome == "paused":
+    elif settled.outcome == "retry":
+        change.update(status=ConversionStatus.failed, last_error=message, next_attempt_at=now
+                      + timedelta(seconds=settled.retry_after or BACKOFF_START))
+    elif settled.outcome == "paused":
         change.update(status=ConversionStatus.pending, last_error=message, sent_at=None)
     elif message:
         change["last_error"] = message
