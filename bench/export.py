@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.identity import sha256_hex
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import insert_ignore, make_engine, session_scope

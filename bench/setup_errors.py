@@ -29,7 +29,7 @@ from sqlalchemy import select
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
 from leadloop.errors import LeadloopError
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.identity import sha256_hex
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.sandbox.server import LocalServer, Reply

@@ -212,7 +212,7 @@ def export(click_ctx: click.Context, dry_run: bool, out: str, wait: bool) -> Non
             return
         if dry_run:
             from leadloop.context import JobResult
-            from leadloop.export import run_export
+            from leadloop.export.engine import run_export
 
             sys.exit(_print_results([JobResult("export", counts=run_export(ctx))]))
         from leadloop.jobs import run_job

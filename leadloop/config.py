@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -25,18 +25,17 @@ from pydantic import (
     model_validator,
 )
 
+from leadloop.envnames import EnvName
+from leadloop.envnames import check_env_name as _check_env_name
 from leadloop.errors import ConfigError, ConfigErrors, MissingSecretError
+from leadloop.export.registry import DESTINATIONS
 from leadloop.expr import parse as parse_expression
 from leadloop.redact import register_secret
 
 CrmKind = Literal["hubspot", "salesforce", "pipedrive", "csv"]
-DestinationKind = Literal[
-    "google_data_manager", "google_ads", "meta", "microsoft", "linkedin", "csv_files"
-]
 ValueRule = float | Literal["deal_amount", "predicted"]
 MicroRole = Literal["primary goal", "secondary signal", "diagnostic only", "retire"]
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INTERVAL = re.compile(r"^(\d+)\s*([smhd])$")
 _CRON_FIELD = re.compile(r"^[\d*/,\-A-Za-z?]+$")
 
@@ -45,17 +44,6 @@ class _Model(BaseModel):
     """Strict base: unknown keys are errors (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_env_name(value: str | None) -> str | None:
-    if value is not None and not _ENV_NAME.match(value):
-        raise ValueError(
-            "must be the NAME of an environment variable (letters, digits, _), not the secret"
-        )
-    return value
-
-
-EnvName = Annotated[str, Field(description="name of an environment variable holding a secret")]
 
 
 class DatabaseConfig(_Model):
@@ -251,61 +239,13 @@ class MicroConversionConfig(_Model):
         return self
 
 
-class DestinationConfig(_Model):
-    """One ad platform. Keys a given platform does not use are ignored by its exporter."""
-
-    kind: DestinationKind | None = Field(None, description="default: the section name")
-    enabled: bool = True
-    base_url: str | None = None
-    dry_run: bool = False
-    validate_only: bool = False
-    # credentials: env var names only
-    token_env: EnvName | None = None
-    client_id_env: EnvName | None = None
-    client_secret_env: EnvName | None = None
-    refresh_token_env: EnvName | None = None
-    service_account_file_env: EnvName | None = None
-    developer_token_env: EnvName | None = None
-    token_url: str | None = None
-    # account identifiers (not secrets)
-    customer_id: str | None = None
-    operating_account_id: str | None = None
-    login_account_id: str | None = None
-    linked_account_id: str | None = None
-    account_id: str | None = None
-    dataset_id: str | None = None
-    api_version: str | None = Field(
-        None, description="the platform's API version; linkedin: LinkedIn-Version YYYYMM (default in "
-        "leadloop/export/linkedin.py; `status` warns 60 days before its sunset)")
-    token_expires_on: date | None = Field(
-        None, description="when the access (or refresh) token expires; `status` warns 14 days before")
-    conversion_window_days: int | None = Field(
-        None, ge=1, description="upload conversions at most this many days old (default and "
-        "maximum: the platform's window)")
-    lead_event_source: str = "leadloop"
-    batch_size: int | None = Field(None, ge=1)
-    requests_per_minute: float | None = Field(None, gt=0)
-    max_attempts: int = Field(8, ge=1)
-    retry_horizon_hours: float = Field(72.0, gt=0)
-    output_dir: str | None = None
-    timezone: str = "UTC"
-    consent_required: bool = True
-    send_user_data: bool = True
-    file_platform: Literal["google", "meta", "microsoft", "linkedin"] = Field(
-        "google", description="csv_files only: whose manual-import template to write"
-    )
-
-    @field_validator(
-        "token_env",
-        "client_id_env",
-        "client_secret_env",
-        "refresh_token_env",
-        "service_account_file_env",
-        "developer_token_env",
-    )
-    @classmethod
-    def _env_names(cls, v: str | None) -> str | None:
-        return _check_env_name(v)
+# One `[destinations.<name>]` section: the config model of its `kind`'s destination class (each
+# declares its own keys, see leadloop/export/base.py `DestinationSettings`). `kind` defaults to
+# the section name (`Settings._kind_from_name`).
+DestinationConfig = Annotated[
+    Union[tuple(cls.config_model for cls in DESTINATIONS.values())],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="kind"),
+]
 
 
 def parse_schedule(value: str) -> timedelta | str:
@@ -413,6 +353,15 @@ class Settings(_Model):
     health: HealthConfig = HealthConfig()
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file")
 
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _kind_from_name(cls, value: Any) -> Any:
+        """A section without `kind` is the platform it is named after."""
+        if not isinstance(value, dict):
+            return value
+        return {name: {"kind": name, **section} if isinstance(section, dict) and "kind" not in section
+                else section for name, section in value.items()}
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         names = [s.name for s in self.stages]
@@ -456,7 +405,7 @@ class Settings(_Model):
         return self.crm.kind == "csv" and self.crm.csv is not None and not self.crm.csv.created_column
 
     def destination_kind(self, name: str) -> str:
-        return self.destinations[name].kind or name
+        return self.destinations[name].kind
 
     def resolve_path(self, path: str | Path) -> Path:
         """Paths in the config are relative to the config file's directory."""
@@ -476,7 +425,9 @@ class Settings(_Model):
 
 def _key_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for i, item in enumerate(loc):
+        if i == 2 and loc[0] == "destinations" and item in DESTINATIONS:
+            continue  # the discriminator's tag: destinations.<name>.<kind>.<key>
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
         elif item in ("float", "constrained-float", "literal['deal_amount','predicted']"):
@@ -514,11 +465,8 @@ def anchor_paths(settings: Settings, base_dir: Path) -> Settings:
             "path": str(_against(csv_mapping.path, base_dir)),
             "join": join and join.model_copy(update={"path": str(_against(join.path, base_dir))}),
         })
-    destinations = {
-        name: dest.model_copy(update={"output_dir": str(_against(dest.output_dir, base_dir))})
-        if dest.output_dir else dest
-        for name, dest in settings.destinations.items()
-    }
+    destinations = {name: dest.anchored(lambda path: str(_against(path, base_dir)))
+                    for name, dest in settings.destinations.items()}
     return settings.model_copy(update={
         "database": settings.database.model_copy(
             update={"url": _sqlite_url_against(settings.database.url, base_dir)}),

@@ -152,8 +152,9 @@ def output_dirs(ctx: Context, session: Session) -> list[Path]:
     from leadloop.jobs import OUT_DIR_KEY
 
     s = ctx.settings
-    dirs = [s.resolve_path(s.report.out_dir), *(s.resolve_path(d.output_dir)
-                                                for d in s.destinations.values() if d.output_dir)]
+    dirs = [s.resolve_path(s.report.out_dir), *(s.resolve_path(folder)
+                                                for d in s.destinations.values()
+                                                for folder in d.file_dirs())]
     if ctx.out_dir:
         dirs.append(Path(ctx.out_dir))
     for counts in session.execute(select(JobRun.counts)).scalars():

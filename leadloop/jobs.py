@@ -198,7 +198,7 @@ def _validate(ctx: Context) -> dict[str, Any]:
 
 
 def _export(ctx: Context) -> dict[str, Any]:
-    from leadloop.export import run_export
+    from leadloop.export.engine import run_export
 
     enabled = [n for n, d in ctx.settings.destinations.items() if d.enabled]
     if not enabled:

@@ -156,7 +156,6 @@ def format_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-LINKEDIN_VERSION_WARN_DAYS = 60
 TOKEN_WARN_DAYS = 14
 
 
@@ -164,8 +163,8 @@ def destination_alerts(ctx: Context) -> list[dict[str, str]]:
     """What needs a person, per destination: a pause by the platform (level "paused", with the
     fix in one sentence; `status` exits 1), a LinkedIn-Version within 60 days of its sunset, and
     credentials within 14 days of their known expiry (level "warning")."""
-    from leadloop.export import destination_states
-    from leadloop.export.linkedin import API_VERSION, sunset
+    from leadloop.export.engine import destination_states
+    from leadloop.export.registry import DESTINATIONS
 
     now = ctx.now()
     per = destination_states(ctx)
@@ -178,16 +177,8 @@ def destination_alerts(ctx: Context) -> list[dict[str, str]]:
             alerts.append({"destination": name, "level": "paused", "code": paused["code"],
                            "message": f"paused by the platform ({paused['code']}): {paused['fix']}; "
                                       "its conversions stay due and the next run retries"})
-        if ctx.settings.destination_kind(name) == "linkedin":
-            version = cfg.api_version or API_VERSION
-            ends = sunset(version)
-            if ends is None:
-                alerts.append({"destination": name, "level": "warning", "code": "LINKEDIN_VERSION",
-                               "message": f"api_version {version!r} is not a LinkedIn-Version (YYYYMM)"})
-            elif (ends - now.date()).days <= LINKEDIN_VERSION_WARN_DAYS:
-                alerts.append({"destination": name, "level": "warning", "code": "LINKEDIN_VERSION",
-                               "message": f"LinkedIn-Version {version} is sunset on {ends.isoformat()}: "
-                                          f"set api_version of [destinations.{name}] to a newer one"})
+        alerts += [{"destination": name, "level": "warning", "code": code, "message": message}
+                   for code, message in DESTINATIONS[cfg.kind].setup_warnings(name, cfg, now.date())]
         expiries = [(cfg.token_expires_on, "token_expires_on")]
         known = (per.get(name) or {}).get("refresh_token_expires_at")
         if known:

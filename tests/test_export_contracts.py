@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from leadloop.config import DestinationConfig
-from leadloop.export.base import OutRow
+from leadloop.export.base import BaseDestination, DestinationSettings, OutRow
 from leadloop.export.csv_files import CsvFilesDestination
 from leadloop.export.google_ads import GoogleAdsDestination
 from leadloop.export.google_data_manager import DataManagerDestination
@@ -60,8 +59,8 @@ VARIANTS = [
 ]
 
 
-def cfg(**kw: Any) -> DestinationConfig:
-    return DestinationConfig(**kw)
+def cfg(cls: type[BaseDestination], **kw: Any) -> DestinationSettings:
+    return cls.config_model(**kw)
 
 
 def canonical_problems(message_type: Any, body: dict[str, Any]) -> list[str]:
@@ -75,7 +74,7 @@ def canonical_problems(message_type: Any, body: dict[str, Any]) -> list[str]:
 
 
 def dm() -> DataManagerDestination:
-    return DataManagerDestination("gdm", cfg(operating_account_id="123-456-7890",
+    return DataManagerDestination("gdm", cfg(DataManagerDestination, operating_account_id="123-456-7890",
                                              login_account_id="987-654-3210"))
 
 
@@ -191,7 +190,7 @@ def test_fake_data_manager_status_parses_as_vendor_type() -> None:
 
 
 def gads() -> GoogleAdsDestination:
-    return GoogleAdsDestination("gads", cfg(customer_id="123-456-7890"))
+    return GoogleAdsDestination("gads", cfg(GoogleAdsDestination, customer_id="123-456-7890"))
 
 
 ADS_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
@@ -266,7 +265,7 @@ def test_meta_event_equals_facebook_business_sdk_output() -> None:
     from facebook_business.adobjects.serverside.event_request import EventRequest
     from facebook_business.adobjects.serverside.user_data import UserData
 
-    dest = MetaDestination("meta", cfg(dataset_id="1", lead_event_source="leadloop"))
+    dest = MetaDestination("meta", cfg(MetaDestination, dataset_id="1", lead_event_source="leadloop"))
     r = row(0, email_sha256=hash_email(" Jane.Doe@Example.com ")[0],
             phone_digits_sha256=hash_phone("+44 20 7946 0018")[1])
     ours = dest.build_payload([r])["data"][0]
@@ -284,7 +283,7 @@ def test_meta_event_equals_facebook_business_sdk_output() -> None:
 
 
 def test_meta_batch_and_no_token_in_body() -> None:
-    dest = MetaDestination("meta", cfg(dataset_id="1", token_env="X_TOKEN"))
+    dest = MetaDestination("meta", cfg(MetaDestination, dataset_id="1", token_env="X_TOKEN"))
     assert dest.max_batch_size == 1000
     body = dest.build_payload(VARIANTS)
     assert set(body) == {"data"} and "access_token" not in json.dumps(body)
@@ -301,7 +300,7 @@ MS_ADJ_KEYS = {"MicrosoftClickId", "ConversionName", "ConversionTime", "Adjustme
 
 
 def test_microsoft_items_use_only_offline_conversion_keys() -> None:
-    dest = MicrosoftDestination("ms", cfg())
+    dest = MicrosoftDestination("ms", cfg(MicrosoftDestination))
     body = dest.build_payload(VARIANTS)
     assert set(body) == {"OfflineConversions"} and len(body["OfflineConversions"]) <= 1000
     for item in body["OfflineConversions"]:
@@ -315,7 +314,7 @@ def test_microsoft_items_use_only_offline_conversion_keys() -> None:
 def test_microsoft_items_validate_with_msads_models_when_installed() -> None:
     models = pytest.importorskip("openapi_client.models.campaign.offline_conversion")
     adj_models = pytest.importorskip("openapi_client.models.campaign.offline_conversion_adjustment")
-    dest = MicrosoftDestination("ms", cfg())
+    dest = MicrosoftDestination("ms", cfg(MicrosoftDestination))
     allowed = {f.alias for f in models.OfflineConversion.model_fields.values()}
     assert allowed == MS_KEYS
     for item in dest.build_payload(VARIANTS)["OfflineConversions"]:
@@ -330,7 +329,7 @@ def test_microsoft_items_validate_with_msads_models_when_installed() -> None:
 
 
 def test_linkedin_elements_follow_the_conversion_events_schema() -> None:
-    dest = LinkedInDestination("li", cfg(api_version="202607"))
+    dest = LinkedInDestination("li", cfg(LinkedInDestination, api_version="202607"))
     body = dest.build_payload(VARIANTS[:3])
     el = body["elements"][0]
     assert set(el) == {"conversion", "conversionHappenedAt", "conversionValue", "eventId", "user"}
@@ -347,8 +346,8 @@ def test_linkedin_elements_follow_the_conversion_events_schema() -> None:
 
 
 def test_google_csv_file_has_the_import_template(tmp_path: Path) -> None:
-    dest = CsvFilesDestination("files", cfg(output_dir=str(tmp_path), timezone="Europe/Amsterdam"),
-                               clock=lambda: T0)
+    settings = cfg(CsvFilesDestination, output_dir=str(tmp_path), timezone="Europe/Amsterdam")
+    dest = CsvFilesDestination("files", settings, clock=lambda: T0)
     payload = dest.build_payload([row(0), row(1, gclid="Cj0other", value=None, currency=None)])
     results = dest.send(payload, [row(0), row(1)])
     assert {r.platform_code for r in results} == {"file"}
@@ -365,8 +364,8 @@ def test_google_csv_file_has_the_import_template(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("platform", ["meta", "microsoft", "linkedin"])
 def test_other_csv_templates(tmp_path: Path, platform: str) -> None:
-    dest = CsvFilesDestination("files", cfg(output_dir=str(tmp_path), file_platform=platform),
-                               clock=lambda: T0)
+    settings = cfg(CsvFilesDestination, output_dir=str(tmp_path), file_platform=platform)
+    dest = CsvFilesDestination("files", settings, clock=lambda: T0)
     payload = dest.build_payload([row(0)])
     dest.send(payload, [row(0)])
     rows = list(csv.reader(next(tmp_path.glob("*.csv")).open()))

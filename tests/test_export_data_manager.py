@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import select, update
 
 from leadloop.errors import FatalDestinationError
-from leadloop.export import adjustment_support, run_export
+from leadloop.export.engine import run_export
 from leadloop.export.outbox import order_id
+from leadloop.export.registry import adjustment_support
 from leadloop.report.data import build_report_data
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlmodel import SQLModel
 
 from leadloop.cli import cli
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
 from leadloop.tables import JobRun, StageChange

@@ -7,14 +7,13 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from leadloop.config import DestinationConfig
 from leadloop.errors import FatalDestinationError
-from leadloop.export.google_data_manager import DataManagerDestination
+from leadloop.export.google_data_manager import DataManagerDestination, DataManagerSettings
 from leadloop.sandbox.server import LocalServer, Reply, Request
 
 
 def _dest(token_url: str, env: dict[str, str]) -> DataManagerDestination:
-    cfg = DestinationConfig(kind="google_data_manager", token_url=token_url,
+    cfg = DataManagerSettings(token_url=token_url,
                             client_id_env="G_ID", client_secret_env="G_SECRET",
                             refresh_token_env="G_REFRESH")
     return DataManagerDestination("gdm", cfg, secret=lambda key, name: env[name])
@@ -54,5 +53,5 @@ def test_refused_refresh_is_a_fatal_error_without_the_secret() -> None:
 
 
 def test_no_credentials_sends_no_header(monkeypatch: Any) -> None:
-    dest = DataManagerDestination("gdm", DestinationConfig(kind="google_data_manager"))
+    dest = DataManagerDestination("gdm", DataManagerSettings())
     assert not dest.has_credentials and dest.token.header() == {}

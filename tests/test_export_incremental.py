@@ -7,7 +7,7 @@ from datetime import timedelta
 from sqlmodel import Session, func, select
 
 from leadloop.crm.base import Page, StageIn, apply_page
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.export.outbox import build_outbox
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope

@@ -16,7 +16,7 @@ from sqlmodel import Session
 from leadloop import lease
 from leadloop.cli import cli
 from leadloop.errors import LeaseHeldError
-from leadloop.export import _advance_watermark
+from leadloop.export.state import advance_watermark
 from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import make_engine
@@ -128,10 +128,10 @@ macro = true
 
 def test_the_outbox_watermark_row_cannot_collide(engine: Any) -> None:
     with Session(engine) as first, Session(engine) as second:
-        assert _advance_watermark(second, "k", NOW) is None
+        assert advance_watermark(second, "k", NOW) is None
         second.commit()
         # the other builder read no row before this one committed: its insert is a no-op now
-        assert _advance_watermark(first, "k", NOW + timedelta(minutes=1)) == NOW
+        assert advance_watermark(first, "k", NOW + timedelta(minutes=1)) == NOW
         first.commit()
     with Session(engine) as s:
         assert s.get(SyncState, ("outbox", "k")).cursor_updated_at == NOW + timedelta(minutes=1)  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.export.linkedin import API_VERSION, sunset
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.status import collect_status

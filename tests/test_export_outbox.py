@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.export.outbox import order_id
 from leadloop.http import make_session
 from leadloop.sandbox.fake_platforms import FakePlatforms
@@ -85,12 +85,12 @@ def test_crash_between_send_and_commit_never_makes_a_second_order_id(
     for i in range(4):
         full_lead(engine, i)
     ctx = make_ctx(engine, fakes, tmp_path)
-    import leadloop.export as export
+    from leadloop.export import engine as export
 
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("power cut after the platform answered")
 
-    monkeypatch.setattr(export, "_apply_results", crash)
+    monkeypatch.setattr(export, "apply_results", crash)
     with pytest.raises(RuntimeError):
         run_export(ctx)
     assert all(r.status == ConversionStatus.pending for r in rows(engine))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.export.outbox import order_id
 from leadloop.report import write_reports
 from leadloop.sandbox.fake_platforms import FakePlatforms

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.report.data import build_report_data
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope

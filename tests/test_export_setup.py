@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import Session, select
 
 from leadloop.errors import FatalDestinationError
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.export.outbox import order_id
 from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlmodel import Session, select
 
 from leadloop.crm.base import EventIn, Page, apply_page
-from leadloop.export.outbox import _bulk_update
+from leadloop.export.outbox import bulk_update
 from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
@@ -83,7 +83,7 @@ def test_score_and_report_skip_only_while_their_inputs_are_unchanged(sqlite_engi
     with Session(sqlite_engine) as s:  # an outbox row written by a later run: the report shows it
         conversion_id = s.exec(select(Conversion.id)).first()
     with session_scope(sqlite_engine) as session:
-        _bulk_update(session, [{"id": conversion_id, "hold_rule": "manual"}], job_run_id=10_000)
+        bulk_update(session, [{"id": conversion_id, "hold_rule": "manual"}], job_run_id=10_000)
     assert "skipped" not in run("report")
 
     first, *rest = ctx.settings.stages  # an edited stage mapping changes the report

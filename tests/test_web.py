@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from leadloop.cli import cli
 from leadloop.daemon import Daemon
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from leadloop.web import create_app
 from leadloop.web.configedit import history_dir, read_log
 from tests.web_helpers import export_context, platforms, sent_store, write_config

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
-from leadloop.export import run_export
+from leadloop.export.engine import run_export
 from tests.web_helpers import export_context, platforms, running_workbench, sent_store, write_config
 
 PAGES = {"overview": "/", "stages": "/stages", "micro-conversions": "/micro-conversions",

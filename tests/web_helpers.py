@@ -97,7 +97,7 @@ def export_context(path: Path, engine: Engine) -> Context:
 
 def sent_store(engine: Engine, path: Path, n: int = 4) -> Context:
     """`n` qualified leads every platform accepts, exported once (all sent)."""
-    from leadloop.export import run_export
+    from leadloop.export.engine import run_export
 
     for i in range(n):
         full_lead(engine, i, age=timedelta(days=3))

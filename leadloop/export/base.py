@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 import requests
+from pydantic import BaseModel, ConfigDict, Field
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.errors import DestinationError, FatalDestinationError, RetriableDestinationError
+from leadloop.export.rules import check, window
 from leadloop.http import describe_response, retry_after_seconds
 from leadloop.redact import redact_text
 
@@ -70,15 +74,6 @@ class OutRow:
     consent_ad_user_data: bool | None = None
     consent_ad_personalization: bool | None = None
 
-    @property
-    def google_click(self) -> tuple[str, str] | None:
-        """Google accepts exactly one click id: gclid first, then the iOS braids."""
-        for kind in ("gclid", "gbraid", "wbraid"):
-            value = getattr(self, kind)
-            if value:
-                return kind, value
-        return None
-
 
 @dataclass(frozen=True, slots=True)
 class RowResult:
@@ -89,6 +84,18 @@ class RowResult:
     retry_after: float | None = None  # seconds; None = the engine's backoff
     response: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a platform's later report on a sent request (`diagnose`) means for its rows:
+    "sent" (kept; `message` marks a partial success), "rejected", "retry" (after `retry_after`
+    seconds) or "paused" (back to due; `message` is the fix)."""
+
+    outcome: Outcome
+    code: str
+    message: str | None = None
+    retry_after: float | None = None
 
 
 def classify_row(
@@ -142,32 +149,66 @@ class RetryLater(RetriableDestinationError):
         self.retry_after = retry_after
 
 
-class Destination(Protocol):
-    name: str
-    max_batch_size: int
-    adjustments: frozenset[str]  # which revisions the platform takes: restatement, retraction
+class DestinationSettings(BaseModel):
+    """`[destinations.<name>]`: the keys every platform takes. Each destination module extends
+    it with its platform's own keys (`config_model` of its class); `kind` says which platform
+    (default: the section name), and a key the platform does not take is an error."""
 
-    def group_key(self, row: OutRow) -> str:
-        """Rows of one request share this key (e.g. conversions vs adjustments)."""
-        ...
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]: ...
+    kind: str
+    enabled: bool = True
+    base_url: str | None = None
+    dry_run: bool = False
+    # credentials: env var names only
+    token_env: CheckedEnvName | None = None
+    client_id_env: CheckedEnvName | None = None
+    client_secret_env: CheckedEnvName | None = None
+    refresh_token_env: CheckedEnvName | None = None
+    token_url: str | None = None
+    api_version: str | None = Field(
+        None, description="the platform's API version; linkedin: LinkedIn-Version YYYYMM (default in "
+        "leadloop/export/linkedin.py; `status` warns 60 days before its sunset)")
+    token_expires_on: date | None = Field(
+        None, description="when the access (or refresh) token expires; `status` warns 14 days before")
+    conversion_window_days: int | None = Field(
+        None, ge=1, description="upload conversions at most this many days old (default and "
+        "maximum: the platform's window)")
+    batch_size: int | None = Field(None, ge=1)
+    max_attempts: int = Field(8, ge=1)
+    retry_horizon_hours: float = Field(72.0, gt=0)
+    consent_required: bool = True
+    send_user_data: bool = True
 
-    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]: ...
+    def anchored(self, against: Callable[[str], str]) -> DestinationSettings:
+        """These settings with their relative paths made absolute by `against`."""
+        return self
 
-    def validate_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The validate-only variant of a payload (unchanged when the platform has none)."""
-        ...
+    def file_dirs(self) -> list[str]:
+        """Folders this destination writes files to (erasure rewrites them)."""
+        return []
 
 
 class BaseDestination:
-    """Shared plumbing: batching, the HTTP session, time formats, whole-request error mapping."""
+    """A platform: what it declares (class variables, `rule`, `build_payload`, `send`, and
+    `diagnose`/`settle` when it reports on requests afterwards), and the shared plumbing
+    (batching, the HTTP session, time formats, whole-request error mapping).
 
-    kind: ClassVar[str] = ""
+    A subclass with a `kind` is a destination: the registry finds it and the config accepts
+    `kind = "<its kind>"` with its `config_model`."""
+
+    kind: ClassVar[str] = ""  # the config's `kind`; empty for a base that is not a destination
+    config_model: ClassVar[type[DestinationSettings]] = DestinationSettings
     default_base_url: ClassVar[str] = ""
-    platform_max: ClassVar[int] = 1000
+    platform_max: ClassVar[int] = 1000  # most rows one request may carry
     adjustments: ClassVar[frozenset[str]] = frozenset()  # restatement and/or retraction
     has_validate_only: ClassVar[bool] = False
+    # The lead's click ids the platform matches on, preferred first; the outbox stores the first
+    # one a lead has, and a manual-import file checks the first against `click_format`.
+    click_ids: ClassVar[tuple[str, ...]] = ()
+    click_format: ClassVar[re.Pattern[str] | None] = None
+    window_days: ClassVar[int] = 90  # oldest conversion the platform takes (days at send time)
+    has_diagnostics: ClassVar[bool] = False  # whether `diagnose` reports on sent requests
 
     def __init__(
         self,
@@ -190,6 +231,49 @@ class BaseDestination:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._oauth: Any = None
 
+    # -- the request ------------------------------------------------------------------------
+
+    def build_payload(self, rows: Sequence[OutRow]) -> dict[str, Any]:
+        """ONE request body for `rows` (pure: no clock, no network)."""
+        raise NotImplementedError
+
+    def send(self, payload: dict[str, Any], rows: Sequence[OutRow]) -> list[RowResult]:
+        """Send the body; one `RowResult` per row, or raise for the whole request (module
+        docstring)."""
+        raise NotImplementedError
+
+    # -- platform rules --------------------------------------------------------------------
+
+    @staticmethod
+    def rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+        """The platform's own hold rule for `row` (see `rules.py`): `user_data` says whether its
+        hashed identities may be sent, `window` is how old a conversion may be."""
+        return None
+
+    def platform_hold(self, row: OutRow, now: datetime, user_data: bool) -> str | None:
+        return self.rule(row, now, user_data, window(self.window_days, self.cfg.conversion_window_days))
+
+    def hold_rule(self, row: OutRow, now: datetime) -> str | None:
+        """The first rule `row` breaks now (shared ones first), or None when it may be sent."""
+        return check(row, now, self.platform_hold, consent_required=self.cfg.consent_required,
+                     send_user_data=self.cfg.send_user_data)
+
+    @classmethod
+    def setup_warnings(cls, name: str, cfg: Any, today: date) -> list[tuple[str, str]]:
+        """(code, message) of what in this destination's setup will stop working soon, for
+        `leadloop status` (credential expiry is checked for every destination there)."""
+        return []
+
+    # -- asynchronous diagnostics (platforms with `has_diagnostics`) -------------------------
+
+    def diagnose(self, request_id: str) -> dict[str, Any] | None:
+        """The platform's report on a sent request, or None while it has none."""
+        return None
+
+    def settle(self, diagnostics: dict[str, Any]) -> Settlement:
+        """What a request's `diagnose` report means for its rows."""
+        raise NotImplementedError(f"{self.kind} reports no diagnostics")
+
     # -- batching --------------------------------------------------------------------------
 
     def group_key(self, row: OutRow) -> str:
@@ -211,8 +295,7 @@ class BaseDestination:
 
     @property
     def has_credentials(self) -> bool:
-        return bool(self.cfg.token_env or self.cfg.refresh_token_env
-                    or self.cfg.service_account_file_env)
+        return bool(self.cfg.token_env or self.cfg.refresh_token_env)
 
     def bearer(self, token_url: str, scope: str | None = None) -> dict[str, str]:
         """`Authorization: Bearer ...` from the OAuth refresh-token grant when the config names a

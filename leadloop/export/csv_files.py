@@ -9,7 +9,7 @@ destination's `output_dir`; rows written are marked sent with platform code `fil
 
 The files are opened by people in spreadsheets, and their cells come from the CRM: click ids are
 checked against each platform's format before a row is written (`invalid_click_id` holds it, see
-`rules.py`), and any cell that a spreadsheet would read as a formula (`=`, `+`, `-`, `@`, tab,
+`platform_hold`), and any cell that a spreadsheet would read as a formula (`=`, `+`, `-`, `@`, tab,
 carriage return first) is written with a leading `'`, as the report's CSVs are.
 """
 
@@ -17,14 +17,29 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
+from pydantic import Field
+
 from leadloop.errors import FatalDestinationError
-from leadloop.export.base import BaseDestination, OutRow, RowResult, unix_millis, unix_seconds
+from leadloop.export.base import (
+    BaseDestination,
+    DestinationSettings,
+    OutRow,
+    RowResult,
+    unix_millis,
+    unix_seconds,
+)
 from leadloop.export.consent import user_data_allowed
+from leadloop.export.google_data_manager import DataManagerDestination
+from leadloop.export.linkedin import LinkedInDestination
+from leadloop.export.meta import MetaDestination
+from leadloop.export.microsoft import MicrosoftDestination
+from leadloop.export.rules import window
 
 HEADERS = {
     "google": ["Google Click ID", "Conversion Name", "Conversion Time", "Conversion Value",
@@ -35,6 +50,29 @@ HEADERS = {
     "linkedin": ["SHA256 Email", "LinkedIn First Party Ads Tracking UUID", "Conversion Name",
                  "Event Time", "Value", "Currency"],
 }
+
+
+# Whose rules and click id a file of each template follows.
+PLATFORMS: dict[str, type[BaseDestination]] = {
+    "google": DataManagerDestination, "meta": MetaDestination,
+    "microsoft": MicrosoftDestination, "linkedin": LinkedInDestination,
+}
+
+
+class CsvFilesSettings(DestinationSettings):
+    kind: Literal["csv_files"] = "csv_files"
+    output_dir: str | None = None
+    timezone: str = "UTC"
+    file_platform: Literal["google", "meta", "microsoft", "linkedin"] = Field(
+        "google", description="whose manual-import template to write")
+
+    def anchored(self, against: Callable[[str], str]) -> DestinationSettings:
+        if not self.output_dir:
+            return self
+        return self.model_copy(update={"output_dir": against(self.output_dir)})
+
+    def file_dirs(self) -> list[str]:
+        return [self.output_dir] if self.output_dir else []
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -51,7 +89,24 @@ def _num(row: OutRow) -> str:
 
 class CsvFilesDestination(BaseDestination):
     kind: ClassVar[str] = "csv_files"
+    config_model: ClassVar[type[DestinationSettings]] = CsvFilesSettings
     platform_max: ClassVar[int] = 100_000
+    # The outbox keeps one click id per row; a file takes its template's (`file_platform`).
+    click_ids: ClassVar[tuple[str, ...]] = ("gclid", "msclkid", "li_fat_id", "meta_lead_id")
+
+    def platform_hold(self, row: OutRow, now: datetime, user_data: bool) -> str | None:
+        """The template platform's own rule, plus a click id of the platform's shape (a CRM
+        field must not become a spreadsheet formula or break the import). Google's click-import
+        template has a Google Click ID column only (no braids, no hashes)."""
+        platform = PLATFORMS[self.cfg.file_platform]
+        click = platform.click_ids[0]
+        value = getattr(row, click)
+        if value and platform.click_format and not platform.click_format.match(value):
+            return "invalid_click_id"
+        if self.cfg.file_platform == "google" and row.kind == "conversion" and not row.gclid:
+            return "no_click_id"
+        return platform.rule(row, now, user_data,
+                             window(platform.window_days, self.cfg.conversion_window_days))
 
     def _time(self, row: OutRow) -> str:
         return row.conversion_time.astimezone(ZoneInfo(self.cfg.timezone)).strftime("%Y-%m-%d %H:%M:%S")

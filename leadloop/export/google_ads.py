@@ -13,12 +13,15 @@ enums by `tests/test_export_contracts.py`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RowResult,
     classify_row,
@@ -27,6 +30,13 @@ from leadloop.export.base import (
 )
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
+from leadloop.export.google_data_manager import (
+    CLICK_IDS,
+    GCLID,
+    GoogleSettings,
+    google_click,
+    google_rule,
+)
 
 SCOPE = "https://www.googleapis.com/auth/adwords"
 API_VERSION = "v26"
@@ -71,6 +81,11 @@ SETUP: dict[str, str] = {
 }
 
 
+class GoogleAdsSettings(GoogleSettings):
+    kind: Literal["google_ads"] = "google_ads"
+    developer_token_env: CheckedEnvName | None = None  # optional and ignored since 2026-09-09
+
+
 def _code(error: dict[str, Any]) -> str:
     codes = error.get("errorCode") or {}
     return next(iter(codes.values()), "UNKNOWN") if codes else "UNKNOWN"
@@ -91,10 +106,15 @@ def classify(order_id: str, code: str, message: str) -> RowResult:
 
 class GoogleAdsDestination(BaseDestination):
     kind: ClassVar[str] = "google_ads"
+    config_model: ClassVar[type[DestinationSettings]] = GoogleAdsSettings
     default_base_url: ClassVar[str] = "https://googleads.googleapis.com"
     platform_max: ClassVar[int] = 2000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
     has_validate_only: ClassVar[bool] = True
+    click_ids: ClassVar[tuple[str, ...]] = CLICK_IDS
+    click_format: ClassVar[re.Pattern[str] | None] = GCLID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(google_rule)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,7 +131,7 @@ class GoogleAdsDestination(BaseDestination):
 
     def _conversion(self, row: OutRow) -> dict[str, Any]:
         c: dict[str, Any] = {}
-        click = row.google_click
+        click = google_click(row)
         if click:
             c[click[0]] = click[1]
         c["conversionAction"] = self._action(row.conversion_action)

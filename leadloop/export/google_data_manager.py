@@ -17,18 +17,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RowResult,
+    Settlement,
     json_value,
     rfc3339,
 )
 from leadloop.export.consent import user_data_allowed
 from leadloop.export.google_auth import GoogleToken
+from leadloop.export.rules import DAY, has_identity, no_identity
 from leadloop.http import RateLimiter
 
 SCOPE = "https://www.googleapis.com/auth/datamanager"
@@ -65,16 +73,75 @@ SETUP: dict[str, str] = {
 }
 
 
+CLICK_IDS = ("gclid", "gbraid", "wbraid")  # Google takes exactly one: gclid first, then the iOS braids
+GCLID = re.compile(r"^[A-Za-z0-9_\-]{6,512}$")  # a URL-safe token
+_HASHED = ("email_google_sha256", "phone_e164_sha256")
+
+
+class GoogleSettings(DestinationSettings):
+    """Keys of both Google destinations."""
+
+    validate_only: bool = False
+    service_account_file_env: CheckedEnvName | None = None
+    operating_account_id: str | None = None
+    customer_id: str | None = None
+    login_account_id: str | None = None
+
+
+class DataManagerSettings(GoogleSettings):
+    kind: Literal["google_data_manager"] = "google_data_manager"
+    linked_account_id: str | None = None
+    requests_per_minute: float | None = Field(None, gt=0)
+
+
+def google_click(row: OutRow) -> tuple[str, str] | None:
+    """The click id Google gets for `row`: (its name, its value), or None."""
+    for kind in CLICK_IDS:
+        value = getattr(row, kind)
+        if value:
+            return kind, value
+    return None
+
+
+def google_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """Google's rules, for Data Manager and the Ads API alike. Google imports a conversion, with
+    a click id or as an enhanced conversion for leads matched on hashes, only while the lead's
+    click is inside the action's click-through window (at most 90 days; the maximum is
+    unverified, the platform answers `EVENT_TOO_OLD` past the real window anyway) at upload
+    time; the lead's creation stands in for the click. Adjustments go between 24 hours and 54
+    days after the conversion."""
+    if row.kind == "conversion":
+        if google_click(row) is None and not (user_data and has_identity(row, _HASHED)):
+            return no_identity(row, _HASHED, user_data, "no_click_id")
+        if now - row.conversion_time > window:
+            return "event_too_old"
+        if now - row.lead_created_at > window:
+            return "click_too_old"
+        return None
+    age = now - row.conversion_time
+    if age < DAY:
+        return "adjustment_too_recent"
+    if age > 54 * DAY:
+        return "adjustment_window_passed"
+    return None
+
+
 def consent_value(flag: bool | None) -> str | None:
     return None if flag is None else ("CONSENT_GRANTED" if flag else "CONSENT_DENIED")
 
 
 class DataManagerDestination(BaseDestination):
     kind: ClassVar[str] = "google_data_manager"
+    config_model: ClassVar[type[DestinationSettings]] = DataManagerSettings
     default_base_url: ClassVar[str] = "https://datamanager.googleapis.com"
     platform_max: ClassVar[int] = 2000
     has_validate_only: ClassVar[bool] = True
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement"})
+    click_ids: ClassVar[tuple[str, ...]] = CLICK_IDS
+    click_format: ClassVar[re.Pattern[str] | None] = GCLID
+    window_days: ClassVar[int] = 90
+    has_diagnostics: ClassVar[bool] = True
+    rule = staticmethod(google_rule)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,7 +204,7 @@ class DataManagerDestination(BaseDestination):
             ("adPersonalization", consent_value(row.consent_ad_personalization))) if v}
         if consent:
             ev["consent"] = consent
-        click = row.google_click
+        click = google_click(row)
         if click:
             ev["adIdentifiers"] = {click[0]: click[1]}
         if row.currency and row.value is not None:
@@ -205,12 +272,12 @@ class DataManagerDestination(BaseDestination):
                                "[destinations.{name}] and its conversion actions in [[stages]]", message)
         return BatchRejected(status_name, message)
 
-    def settle(self, diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
+    def settle(self, diagnostics: dict[str, Any]) -> Settlement:
         """`settle` for this destination (a pause's fix names it)."""
-        outcome, code, text, retry_after = settle(diagnostics)
-        if outcome == "paused" and text:
-            text = text.format(name=self.name)
-        return outcome, code, text, retry_after
+        settled = settle(diagnostics)
+        if settled.outcome == "paused" and settled.message:
+            return replace(settled, message=settled.message.format(name=self.name))
+        return settled
 
     def diagnose(self, request_id: str) -> dict[str, Any] | None:
         """Status of an ingested request: SUCCESS, PROCESSING, PARTIAL_SUCCESS or FAILED, with
@@ -259,23 +326,24 @@ ASYNC_SETUP = {
 }
 
 
-def settle(diagnostics: dict[str, Any]) -> tuple[str, str, str | None, float | None]:
-    """What a request's asynchronous status means for each of its rows: (outcome, code, message
-    or fix, retry after). PARTIAL_SUCCESS keeps the rows sent but marked: Google reports counts
-    per reason, not which events failed, so the report does not count them as accepted."""
+def settle(diagnostics: dict[str, Any]) -> Settlement:
+    """What a request's asynchronous status means for each of its rows. PARTIAL_SUCCESS keeps the
+    rows sent but marked: Google reports counts per reason, not which events failed, so the report
+    does not count them as accepted."""
     status, errors = diagnostics["requestStatus"], diagnostics.get("errorCounts") or {}
     summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(errors.items()))
     if status != "FAILED":
-        return "sent", status, summary or None, None
+        return Settlement("sent", status, summary or None)
     reasons = set(errors) or {"PROCESSING_ERROR_REASON_UNSPECIFIED"}
     setup = sorted(reasons & set(ASYNC_SETUP))
     if setup:
-        return "paused", setup[0].removeprefix("PROCESSING_ERROR_REASON_"), ASYNC_SETUP[setup[0]], None
+        return Settlement("paused", setup[0].removeprefix("PROCESSING_ERROR_REASON_"),
+                          ASYNC_SETUP[setup[0]])
     if reasons <= _DUPLICATE:
-        return "sent", "DUPLICATE", summary, None
+        return Settlement("sent", "DUPLICATE", summary)
     if reasons <= set(_RETRY):
-        return "retry", "FAILED", summary, max(_RETRY[r] for r in reasons)
-    return "rejected", "FAILED", f"Google failed the request after accepting it: {summary}", None
+        return Settlement("retry", "FAILED", summary, max(_RETRY[r] for r in reasons))
+    return Settlement("rejected", "FAILED", f"Google failed the request after accepting it: {summary}")
 
 
 def _json(response: Any) -> dict[str, Any]:

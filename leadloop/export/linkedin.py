@@ -17,15 +17,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import date
-from typing import Any, ClassVar
+from datetime import date, datetime, timedelta
+from typing import Any, ClassVar, Literal
 
-from leadloop.export.base import BaseDestination, BatchRejected, OutRow, RowResult, unix_millis
+from leadloop.export.base import (
+    BaseDestination,
+    BatchRejected,
+    DestinationSettings,
+    OutRow,
+    RowResult,
+    unix_millis,
+)
 from leadloop.export.consent import user_data_allowed
+from leadloop.export.rules import no_identity
 
+VERSION_WARN_DAYS = 60  # `leadloop status` warns this long before a version's sunset
 API_VERSION = "202607"  # the newest version the spec sheet saw; override with api_version
 TOKEN_URL = "https://www.linkedin.com/oauth/v2/accessToken"
 VERSION = re.compile(r"^(20\d\d)(0[1-9]|1[0-2])$")
+LI_FAT_ID = re.compile(r"^[A-Za-z0-9\-]{6,128}$")  # the first-party tracking UUID
 # Sunset dates published on https://learn.microsoft.com/linkedin/marketing/integrations/migrations
 SUNSETS = {
     "202407": date(2025, 7, 22), "202408": date(2025, 8, 18), "202409": date(2025, 9, 15),
@@ -51,10 +61,41 @@ def sunset(version: str) -> date | None:
     return SUNSETS.get(version) or date(int(m.group(1)) + 1, int(m.group(2)), 15)
 
 
+class LinkedInSettings(DestinationSettings):
+    kind: Literal["linkedin"] = "linkedin"
+    account_id: str | None = None
+
+
+def linkedin_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """A conversion needs li_fat_id or a hashed e-mail that may be sent; at most 90 days old."""
+    if not row.li_fat_id and not (user_data and row.email_sha256):
+        return no_identity(row, ("email_sha256",), user_data, "no_linkedin_id")
+    if now - row.conversion_time > window:
+        return "event_too_old"
+    return None
+
+
 class LinkedInDestination(BaseDestination):
     kind: ClassVar[str] = "linkedin"
+    config_model: ClassVar[type[DestinationSettings]] = LinkedInSettings
     default_base_url: ClassVar[str] = "https://api.linkedin.com"
     platform_max: ClassVar[int] = 5000
+    click_ids: ClassVar[tuple[str, ...]] = ("li_fat_id",)
+    click_format: ClassVar[re.Pattern[str] | None] = LI_FAT_ID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(linkedin_rule)
+
+    @classmethod
+    def setup_warnings(cls, name: str, cfg: Any, today: date) -> list[tuple[str, str]]:
+        """The LinkedIn-Version in use, when it is malformed or within 60 days of its sunset."""
+        version = cfg.api_version or API_VERSION
+        ends = sunset(version)
+        if ends is None:
+            return [("LINKEDIN_VERSION", f"api_version {version!r} is not a LinkedIn-Version (YYYYMM)")]
+        if (ends - today).days <= VERSION_WARN_DAYS:
+            return [("LINKEDIN_VERSION", f"LinkedIn-Version {version} is sunset on {ends.isoformat()}: "
+                                         f"set api_version of [destinations.{name}] to a newer one")]
+        return []
 
     def element(self, row: OutRow) -> dict[str, Any]:
         ids = []

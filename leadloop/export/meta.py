@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
 
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RetryLater,
     RowResult,
@@ -33,6 +35,7 @@ _TOKEN = "renew the access token named by token_env of [destinations.{name}] (a 
 _DATASET = ("check dataset_id of [destinations.{name}] and that the token's system user has access "
             "to that dataset")
 _EVENT_INDEX = re.compile(r"\bdata\[(\d+)\]")
+LEAD_ID = re.compile(r"^\d{15,17}$")  # a Lead Ads lead id
 
 
 def _setup_fix(code: int, subcode: int | None) -> str | None:
@@ -46,10 +49,30 @@ def _setup_fix(code: int, subcode: int | None) -> str | None:
     return None
 
 
+class MetaSettings(DestinationSettings):
+    kind: Literal["meta"] = "meta"
+    dataset_id: str | None = None
+    lead_event_source: str = "leadloop"
+
+
+def meta_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """A CRM conversion lead needs its Lead Ads lead id; events at most 7 days old."""
+    if not row.meta_lead_id or not LEAD_ID.match(row.meta_lead_id):
+        return "no_meta_lead_id"
+    if now - row.conversion_time > window:
+        return "event_too_old"
+    return None
+
+
 class MetaDestination(BaseDestination):
     kind: ClassVar[str] = "meta"
+    config_model: ClassVar[type[DestinationSettings]] = MetaSettings
     default_base_url: ClassVar[str] = "https://graph.facebook.com"
     platform_max: ClassVar[int] = 1000
+    click_ids: ClassVar[tuple[str, ...]] = ("meta_lead_id",)
+    click_format: ClassVar[re.Pattern[str] | None] = LEAD_ID
+    window_days: ClassVar[int] = 7
+    rule = staticmethod(meta_rule)
 
     def event(self, row: OutRow) -> dict[str, Any]:
         user: dict[str, Any] = {}

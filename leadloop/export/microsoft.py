@@ -19,12 +19,16 @@ each) when `refresh_token_env` is set, else from `token_env`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
 
+from leadloop.envnames import CheckedEnvName
 from leadloop.export.base import (
     BaseDestination,
     BatchRejected,
+    DestinationSettings,
     OutRow,
     RetryLater,
     RowResult,
@@ -74,11 +78,35 @@ def classify(order_id: str, code: str, message: str) -> RowResult:
                         setup=SETUP)
 
 
+class MicrosoftSettings(DestinationSettings):
+    kind: Literal["microsoft"] = "microsoft"
+    customer_id: str | None = None
+    account_id: str | None = None
+    developer_token_env: CheckedEnvName | None = None
+
+
+MSCLKID = re.compile(r"^[A-Za-z0-9_\-]{6,128}$")  # a URL-safe token
+
+
+def microsoft_rule(row: OutRow, now: datetime, user_data: bool, window: timedelta) -> str | None:
+    """An offline conversion needs its msclkid; at most 90 days old."""
+    if not row.msclkid:
+        return "no_click_id"
+    if now - row.conversion_time > window:
+        return "event_too_old"
+    return None
+
+
 class MicrosoftDestination(BaseDestination):
     kind: ClassVar[str] = "microsoft"
+    config_model: ClassVar[type[DestinationSettings]] = MicrosoftSettings
     default_base_url: ClassVar[str] = "https://campaign.api.bingads.microsoft.com"
     platform_max: ClassVar[int] = 1000
     adjustments: ClassVar[frozenset[str]] = frozenset({"restatement", "retraction"})
+    click_ids: ClassVar[tuple[str, ...]] = ("msclkid",)
+    click_format: ClassVar[re.Pattern[str] | None] = MSCLKID
+    window_days: ClassVar[int] = 90
+    rule = staticmethod(microsoft_rule)
 
     def _identity(self, row: OutRow, item: dict[str, Any]) -> None:
         if user_data_allowed(row, self.cfg.send_user_data):

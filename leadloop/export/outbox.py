@@ -41,6 +41,7 @@ from sqlmodel import Session
 
 from leadloop.config import Settings, StageConfig
 from leadloop.export.base import OutRow
+from leadloop.export.registry import click_preference
 from leadloop.store import insert_ignore
 from leadloop.tables import (
     Conversion,
@@ -83,15 +84,6 @@ class _Lead:
     crm_id: str
     status: str
     click: dict[str, str | None]
-
-
-_CLICK_BY_KIND = {
-    "google_data_manager": ("gclid", "gbraid", "wbraid"),
-    "google_ads": ("gclid", "gbraid", "wbraid"),
-    "meta": ("meta_lead_id",),
-    "microsoft": ("msclkid",),
-    "linkedin": ("li_fat_id",),
-}
 
 
 def changed_leads(since: datetime) -> Select[Any]:
@@ -325,7 +317,7 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                     })
                     counts["revisions"] += 1
     insert_ignore(session, Conversion, inserts, conflict=("order_id",))
-    _bulk_update(session, updates, job_run_id)
+    bulk_update(session, updates, job_run_id)
 
 
 def _adjustment(stage: StageConfig, last_sent: Any, retract: bool, value: Decimal | None
@@ -365,7 +357,7 @@ def _refresh(row: Any, action: str, when: datetime, value: Decimal | None, curre
 
 
 def _click(kind: str, lead: _Lead) -> tuple[str | None, str | None]:
-    for name in _CLICK_BY_KIND.get(kind, ("gclid", "msclkid", "li_fat_id", "meta_lead_id")):
+    for name in click_preference(kind):
         if lead.click.get(name):
             return name, lead.click[name]
     return None, None
@@ -386,7 +378,7 @@ def _load_leads(session: Session, ids: Iterable[int]) -> dict[int, _Lead]:
     return out
 
 
-def _bulk_update(session: Session, updates: list[dict[str, Any]], job_run_id: int | None
+def bulk_update(session: Session, updates: list[dict[str, Any]], job_run_id: int | None
                  ) -> None:
     """Update outbox rows by id, stamping each with the job run that wrote it (the report's
     change mark, see `freshness.py`)."""

@@ -405,7 +405,7 @@ def _export_facts(uploads: pd.DataFrame, conv: pd.DataFrame, settings: Settings)
     reported as partly failed (Data Manager PARTIAL_SUCCESS: Google says how many events failed,
     not which) are not counted as sent but as `sent_unconfirmed`; and whether each platform can
     restate or retract a sent conversion."""
-    from leadloop.export import adjustment_support
+    from leadloop.export.registry import adjustment_support
 
     partial = conv.loc[(conv["status"] == "sent") & (conv["platform_code"] == "PARTIAL_SUCCESS")]
     unconfirmed = partial.groupby("destination", observed=True).size()

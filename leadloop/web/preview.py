@@ -20,8 +20,8 @@ from sqlmodel import Session
 
 from leadloop.config import Settings
 from leadloop.context import Context
-from leadloop.export import DESTINATIONS
 from leadloop.export.outbox import build_outbox
+from leadloop.export.registry import DESTINATIONS
 from leadloop.report.data import ReportData, load_conversions
 from leadloop.tables import Conversion, ConversionKind, ConversionStatus
 
