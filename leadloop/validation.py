@@ -21,7 +21,10 @@ rate grew is not taken for a predictor. Verdicts:
   alpha, with the same share of leads having it and the same base rate.
 
 The population is the same as the model's: leads whose horizon has passed (and whose window,
-below, has too). Every lead gets the same observation window: a micro-conversion counts when it
+below, has too). In snapshot mode (an export without creation or conversion times, see
+`leadloop.scoring.features.snapshot_reason`) every lead is decided and a micro-conversion counts
+when the export holds it: there are no times to window, stratify by or measure gaps with.
+Otherwise every lead gets the same observation window: a micro-conversion counts when it
 happened within `[validation] window_days` of the lead's creation, whether the lead converted
 before that or not. Counting only until each lead's conversion would give converters a shorter
 window than non-converters, and a micro-conversion spread over time regardless of conversion
@@ -48,7 +51,7 @@ from leadloop.errors import ConfigError, LeadloopError
 from leadloop.expr import ExpressionError
 from leadloop.expr import parse as parse_expression
 from leadloop.scoring.csvframe import MISSING_VALUES
-from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data
+from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data, snapshot_reason
 from leadloop.store import session_scope
 from leadloop.tables import LeadStatus, ValidationResult
 from leadloop.values import first_reached, load_stage_rows, macro_reached_at
@@ -291,10 +294,17 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     macro = macro_all.reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     created = data.leads["created_at"]
-    deadline = created + pd.Timedelta(days=settings.model.horizon_days)
-    cutoff = created + pd.Timedelta(days=cfg.window_days)  # the same window for every lead
-    eligible = ((deadline <= now) & (cutoff <= now)).to_numpy()
-    converted = macro.notna() & (macro <= deadline)
+    snapshot = snapshot_reason(settings, data, macro_all) is not None
+    if snapshot:
+        # Times are stand-ins: every lead is decided and everything counts as the export holds it.
+        cutoff = pd.Series(pd.Timestamp.max.tz_localize("UTC"), index=created.index)
+        eligible = np.ones(len(created), dtype=bool)
+        converted = macro.notna()
+    else:
+        deadline = created + pd.Timedelta(days=settings.model.horizon_days)
+        cutoff = created + pd.Timedelta(days=cfg.window_days)  # the same window for every lead
+        eligible = ((deadline <= now) & (cutoff <= now)).to_numpy()
+        converted = macro.notna() & (macro <= deadline)
     leads = data.leads[eligible]
     y = converted[eligible].astype(int).to_numpy()
     macro_eligible = macro.reindex(leads.index).where(converted[eligible])
@@ -311,7 +321,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             continue
         name = micro.event or micro.name
         ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
-        event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
+        if not snapshot:
+            event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
         ev = ev[ev["occurred_at"].to_numpy() < cutoff.reindex(ev["lead_id"]).to_numpy()]
         first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
         has = first.notna().to_numpy()
@@ -319,6 +330,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             # not `|=`: under pandas 3 (copy-on-write) `to_numpy()` above is a read-only view
             has = has | attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
         flags[micro.name] = has
+        if snapshot:
+            continue  # no micro-to-macro times in a snapshot
         gap = (macro_eligible - first).dt.total_seconds() / 86400
         before = gap > 0
         days[micro.name] = gap.where(before).to_numpy(dtype=float)
@@ -330,9 +343,10 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             segments[col] = leads[col].fillna("(none)").astype(str).to_numpy()
         elif col in attrs:
             segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
-    month = leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy()
+    month = (None if snapshot else
+             leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy())
     rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
-                   segments=segments, days_to_macro=days, strata=month)
+                   segments=segments, days_to_macro=None if snapshot else days, strata=month)
     for r in rows:
         if r["segment"] == "all":
             r["after_macro_share"] = after_macro.get(r["micro"])
@@ -341,7 +355,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     computed_at = ctx.now()
     records = []
     for r in rows:
-        details = {"test": r.get("test"), "window_days": cfg.window_days,
+        details = {"test": r.get("test"), "window_days": None if snapshot else cfg.window_days,
+                   "mode": "snapshot" if snapshot else "dated",
                    "after_macro_share": r.get("after_macro_share")}
         if r["segment"] == "all" and r["micro"] in trends:
             details["trend"] = trends[r["micro"]]
@@ -359,6 +374,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     overall = [r for r in rows if r["segment"] == "all"]
     counts: dict[str, Any] = {"leads": len(y), "macro": int(y.sum()), "tests": len(rows),
                               "segment_tests": len(rows) - len(overall)}
+    if snapshot:
+        counts["time_mode"] = "snapshot"
     for v in VERDICTS:
         counts[v.replace(" ", "_")] = sum(r["verdict"] == v for r in overall)
     return counts

@@ -55,6 +55,7 @@ from leadloop.scoring.features import (
     frame_for,
     load_lead_data,
     resolve_features,
+    snapshot_reason,
 )
 from leadloop.scoring.threads import limited_threads
 from leadloop.store import session_scope, upsert
@@ -71,21 +72,6 @@ BAD_ORDER = "reached the macro stage before its creation time"
 def landmarks(horizon_days: int) -> list[int]:
     """The landmark ages (days after creation) below the horizon."""
     return [a for a in LANDMARK_DAYS if a < horizon_days]
-
-
-def snapshot_reason(ctx: Context, data: LeadData, macro_at: pd.Series) -> str | None:
-    """Why the store holds a snapshot export (times are stand-ins), or None."""
-    crm = ctx.settings.crm
-    if crm.kind == "csv" and crm.csv is not None and not crm.csv.created_column:
-        return ("the export has no creation time ([crm.csv] created_column is not set): every "
-                "lead carries the file's time, so no lead has an age or a conversion time")
-    converted = macro_at.reindex(data.leads.index).dropna()
-    if len(converted) >= 10:
-        share = float((converted == data.leads.loc[converted.index, "created_at"]).mean())
-        if share >= 0.5:
-            return (f"{share:.0%} of the conversions are stamped at the lead's creation time: the "
-                    "export records whether a lead converted, not when")
-    return None
 
 
 def _days(a: list[int] | np.ndarray) -> pd.TimedeltaIndex:
@@ -179,7 +165,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
     stage_rows = load_stage_rows(ctx.engine, settings)
     macro_at = macro_reached_at(settings, first_reached(stage_rows))
-    mode_reason = snapshot_reason(ctx, data, macro_at)
+    mode_reason = snapshot_reason(settings, data, macro_at)
     snapshot = mode_reason is not None
     features = resolve_features(settings, data, with_age=not snapshot)
     labelled, dropped, other = training_rows(
