@@ -313,11 +313,13 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     days: dict[str, np.ndarray] = {}
     after_macro: dict[str, float | None] = {}
     event_times: dict[str, pd.Series] = {}
+    notes: list[str] = []
     for micro in settings.micro_conversions:
         if micro.expr:
             frame = pd.concat([leads.drop(columns=[c for c in leads if c.startswith(ATTRIBUTE_PREFIX)]),
                                attrs], axis=1)
-            flags[micro.name] = _eval_flag(frame, micro.expr, micro.name)
+            flags[micro.name] = _eval_stored_flag(frame, micro.expr, micro.name, notes,
+                                                  empty_store=data.leads.empty)
             continue
         name = micro.event or micro.name
         ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
@@ -376,6 +378,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
                               "segment_tests": len(rows) - len(overall)}
     if snapshot:
         counts["time_mode"] = "snapshot"
+    if notes:
+        counts["notes"] = notes
     for v in VERDICTS:
         counts[v.replace(" ", "_")] = sum(r["verdict"] == v for r in overall)
     return counts
@@ -395,6 +399,27 @@ def _eval_flag(frame: pd.DataFrame, expr: str, name: str) -> np.ndarray:
         raise ConfigError(f"micro-conversion {name}", str(exc),
                           hint="column names with spaces go in backticks; the grammar is in "
                                "the README (micro-conversion expressions)") from None
+
+
+def _eval_stored_flag(frame: pd.DataFrame, expr: str, name: str, notes: list[str], *,
+                      empty_store: bool) -> np.ndarray:
+    """`_eval_flag` on the store's leads. A lead's attributes hold only the fields it has a value
+    for, so a column no stored lead has (an empty store, a field nobody filled in yet) is empty
+    for every lead, not a broken expression: the flag is false, and a store that has leads says
+    which column had no value (a misspelt name shows up there)."""
+    try:
+        wanted = parse_expression(expr).column_names()
+    except ExpressionError:
+        wanted = set()  # `_eval_flag` names the problem
+    absent = sorted(wanted - set(map(str, frame.columns)))
+    if absent:
+        frame = frame.assign(**dict.fromkeys(absent, pd.Series(np.nan, index=frame.index,
+                                                                 dtype=object)))
+        if not empty_store:
+            notes.append(f"micro-conversion {name}: no lead in the store has a value for "
+                         + ", ".join(f"'{c}'" for c in absent)
+                         + " (check the name against the CRM's fields); counted as absent")
+    return _eval_flag(frame, expr, name)
 
 
 # -- a CSV export ---------------------------------------------------------------------------

@@ -275,3 +275,45 @@ def test_conversions_stamped_at_creation_make_a_dated_export_a_snapshot(
     with Session(sqlite_engine) as s:
         r = s.exec(select(ValidationResult).where(ValidationResult.segment == "all")).one()
     assert r.lift_ci_low < 2.5 < r.lift_ci_high and r.verdict == "predictive"
+
+
+def _example_micro(name: str) -> str:
+    from leadloop.config import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
+                             / "x_education.toml")
+    return next(m.expr for m in settings.micro_conversions if m.name == name)
+
+
+@pytest.mark.skipif(not XED.is_file(), reason="shared datasets not present")
+def test_the_examples_backticked_expression_on_the_file_and_on_an_empty_store(
+        sqlite_engine) -> None:
+    """engaged_visit (`Total Time Spent on Website` >= 600, a column name with spaces) through
+    leadloop.expr: on the CSV it counts the leads the file says; on a store with no leads yet it
+    is an analysis of nobody, not a broken expression."""
+    from leadloop.config import load_settings
+    from leadloop.context import Context
+    from leadloop.validation import run_validation
+
+    expr = _example_micro("engaged_visit")
+    assert expr == "`Total Time Spent on Website` >= 600"
+    visits = pd.to_numeric(pd.read_csv(XED)["Total Time Spent on Website"], errors="coerce")
+    [row] = validate_csv(XED, label="Converted", micros=[f"engaged_visit={expr}"])
+    assert row["n_with"] == int((visits >= 600).sum()) == 2953
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
+                             / "x_education.toml")
+    counts = run_validation(Context(settings=settings, engine=sqlite_engine))
+    assert counts["leads"] == 0 and counts["not_enough_data"] == 3 and "notes" not in counts
+
+
+def test_a_column_no_stored_lead_has_is_absent_and_said_so(sqlite_engine, tmp_path) -> None:
+    from leadloop.validation import run_validation
+
+    ctx = demo_context(sqlite_engine, tmp_path, micro_conversions=[
+        {"name": "big_team", "expr": "`Team Size` >= 50"}])
+    load_funnel(ctx, 300, seed=2)
+    counts = run_validation(ctx)
+    assert counts["leads"] > 0 and counts["not_enough_data"] == 1
+    assert counts["notes"] == ["micro-conversion big_team: no lead in the store has a value for "
+                               "'Team Size' (check the name against the CRM's fields); counted "
+                               "as absent"]
