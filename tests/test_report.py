@@ -9,7 +9,7 @@ import re
 import sys
 import types
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -273,3 +273,18 @@ def test_print_validation_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert "convert 4x" in out
     print_validation_rows(rows)
     assert "predictive" in capsys.readouterr().out
+
+
+def test_leads_with_no_attribution_at_all_are_one_none_row(
+        engine: Engine, report_ctx: Callable[..., Context]) -> None:
+    """No lead has a utm field or a landing page (a CSV with none mapped): each table is one
+    "(none)" row, and no pandas warning on the way (pytest turns warnings into errors)."""
+    from leadloop.tables import Lead
+
+    with session_scope(engine) as s:
+        s.add_all(Lead(source="csv", crm_id=str(i), created_at=datetime(2025, 1, 5 + i, tzinfo=UTC))
+                  for i in range(3))
+    data = build_report_data(report_ctx(engine))
+    for name in ("source", "medium", "campaign", "landing_page"):
+        table = data.by[name]
+        assert table[name].tolist() == ["(none)"] and table["leads"].tolist() == [3], name
