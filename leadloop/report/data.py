@@ -283,6 +283,11 @@ def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | Non
         run = df[df["job_run_id"] == run_id.max()]
     run = run.assign(_overall=(run["segment"] != "all").astype(int))
     run = run.sort_values(["_overall", "segment", "lift"], ascending=[True, True, False])
+    from leadloop.validation import p_json  # scipy: only once there are rows to show
+
+    # as `validate --json` writes them: an underflowed p or q is "< 1e-300", not a certain 0
+    for col in ("p_value", "q_value"):
+        run[col] = run[col].astype(object).map(lambda v: v if pd.isna(v) else p_json(float(v)))
     info = {"computed_at": latest, "job_run_id": None if run_id.empty else int(run_id.max()),
             "rows": len(run)}
     return run[VALIDATION_COLUMNS].reset_index(drop=True), info
