@@ -10,6 +10,7 @@ sync note lists it). A record rejected for a new reason gets a row of its own.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 from sqlmodel import Session, select
@@ -25,10 +26,13 @@ def _key(r: RejectedRecord) -> tuple[str, str, str, str, str]:
 
 
 def keep_rejects(session: Session, rejects: Sequence[RejectedRecord]) -> None:
-    """Add the rejects not already stored; move the stored ones to this run."""
-    new: dict[tuple[str, str, str, str, str], RejectedRecord] = {}
+    """Add the rejects not already stored; move the stored ones to this run.
+
+    Matched by count: two records of one page with the same key (two leads without an id, say)
+    are two rejects, and stay two, not one more on every re-read."""
+    new: dict[tuple[str, str, str, str, str], list[RejectedRecord]] = defaultdict(list)
     for r in rejects:
-        new.setdefault(_key(r), r)
+        new[_key(r)].append(r)
     if not new:
         return
     for source in {k[0] for k in new}:
@@ -38,8 +42,11 @@ def keep_rejects(session: Session, rejects: Sequence[RejectedRecord]) -> None:
                 RejectedRecord.source == source,
                 among(session, RejectedRecord.record_ref, refs[i:i + _CHUNK]))
             for old in session.exec(stmt):
-                seen = new.pop(_key(old), None)
-                if seen is not None and seen.job_run_id is not None:
+                same = new.get(_key(old))
+                if not same:
+                    continue
+                seen = same.pop()
+                if seen.job_run_id is not None:
                     old.job_run_id = seen.job_run_id
                     session.add(old)
-    session.add_all(new.values())
+    session.add_all(r for group in new.values() for r in group)

@@ -173,6 +173,21 @@ def test_a_resync_of_the_same_export_keeps_each_rejected_record_once(
         "lead 3: 'created' value 'someday' is not a date"]
 
 
+def test_two_records_with_one_key_stay_two_rejects_over_re_reads(engine) -> None:
+    """Two leads without an id in one page are two records: both kept, and no more on a re-read."""
+    from leadloop.rejects import keep_rejects
+
+    def page(run: int) -> list[RejectedRecord]:
+        return [RejectedRecord(job_run_id=run, source="hubspot", object_type="contacts",
+                               record_ref="?", reason="no id", payload={"n": i}) for i in (1, 2)]
+
+    for run in (1, 2, 3):
+        with session_scope(engine) as s:
+            keep_rejects(s, page(run))
+    _, _, _, rejects = _counts(engine)
+    assert len(rejects) == 2 and {r.job_run_id for r in rejects} == {3}
+
+
 def test_encoding_and_delimiter_are_detected(tmp_path, make_settings, sqlite_engine):
     path = tmp_path / "export.csv"
     text = HEADER.replace(",", ";") + "1;2026-01-02;;;Zoë Müller;;;no;;;Größe\n"
