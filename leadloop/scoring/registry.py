@@ -45,6 +45,9 @@ TRUSTED_TYPES = frozenset({
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    # the calibrated model keeps its shuffled folds (`calibration.shipped_model`): a splitter
+    # holding three numbers, no callable
+    "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.utils.validation.check_array",
 })
 
