@@ -146,7 +146,8 @@ _job_command(
 @click.option("--positive", help="With --csv: the label value that means converted "
               "(default: yes/true/1).")
 @click.option("--micro", "micros", multiple=True, metavar="NAME=EXPR",
-              help="With --csv: a micro-conversion as a pandas query, e.g. "
+              help="With --csv: a micro-conversion as a leadloop expression (README: "
+              "micro-conversion expressions), e.g. "
               "'guide=`A free copy of Mastering The Interview` == \"Yes\"'. Repeatable.")
 @click.option("--sep", help="With --csv: the delimiter (detected when absent).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -167,8 +167,10 @@ class RateLimiter:
                     self.capacity, self._tokens + (now - self._last) * self.per_second
                 )
                 self._last = now
-                if self._tokens >= cost:
-                    self._tokens -= cost
+                # a token short by float rounding only is a whole one: a clock that advances by
+                # exactly the wait (a fake one; a coarse one) would otherwise spin on 1e-17 s
+                if self._tokens >= cost - 1e-9:
+                    self._tokens = max(0.0, self._tokens - cost)
                     return
                 wait = (cost - self._tokens) / self.per_second
             self.waited += wait

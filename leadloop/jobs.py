@@ -194,7 +194,9 @@ def _validate(ctx: Context) -> dict[str, Any]:
         return {"skipped": "no lead changed since the last validation", "inputs": inputs}
     from leadloop.validation import run_validation  # scipy: only when there is work
 
-    return {**run_validation(ctx), "inputs": inputs}
+    counts = run_validation(ctx)
+    notes = counts.pop("notes", [])
+    return _with_notes({**counts, "inputs": inputs}, "validate", notes)
 
 
 def _export(ctx: Context) -> dict[str, Any]:

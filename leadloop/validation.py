@@ -21,7 +21,10 @@ rate grew is not taken for a predictor. Verdicts:
   alpha, with the same share of leads having it and the same base rate.
 
 The population is the same as the model's: leads whose horizon has passed (and whose window,
-below, has too). Every lead gets the same observation window: a micro-conversion counts when it
+below, has too). In snapshot mode (an export without creation or conversion times, see
+`leadloop.scoring.features.snapshot_reason`) every lead is decided and a micro-conversion counts
+when the export holds it: there are no times to window, stratify by or measure gaps with.
+Otherwise every lead gets the same observation window: a micro-conversion counts when it
 happened within `[validation] window_days` of the lead's creation, whether the lead converted
 before that or not. Counting only until each lead's conversion would give converters a shorter
 window than non-converters, and a micro-conversion spread over time regardless of conversion
@@ -48,7 +51,7 @@ from leadloop.errors import ConfigError, LeadloopError
 from leadloop.expr import ExpressionError
 from leadloop.expr import parse as parse_expression
 from leadloop.scoring.csvframe import MISSING_VALUES
-from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data
+from leadloop.scoring.features import ATTRIBUTE_PREFIX, load_lead_data, snapshot_reason
 from leadloop.store import session_scope
 from leadloop.tables import LeadStatus, ValidationResult
 from leadloop.values import first_reached, load_stage_rows, macro_reached_at
@@ -291,10 +294,17 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     macro = macro_all.reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     created = data.leads["created_at"]
-    deadline = created + pd.Timedelta(days=settings.model.horizon_days)
-    cutoff = created + pd.Timedelta(days=cfg.window_days)  # the same window for every lead
-    eligible = ((deadline <= now) & (cutoff <= now)).to_numpy()
-    converted = macro.notna() & (macro <= deadline)
+    snapshot = snapshot_reason(settings, data, macro_all) is not None
+    if snapshot:
+        # Times are stand-ins: every lead is decided and everything counts as the export holds it.
+        cutoff = pd.Series(pd.Timestamp.max.tz_localize("UTC"), index=created.index)
+        eligible = np.ones(len(created), dtype=bool)
+        converted = macro.notna()
+    else:
+        deadline = created + pd.Timedelta(days=settings.model.horizon_days)
+        cutoff = created + pd.Timedelta(days=cfg.window_days)  # the same window for every lead
+        eligible = ((deadline <= now) & (cutoff <= now)).to_numpy()
+        converted = macro.notna() & (macro <= deadline)
     leads = data.leads[eligible]
     y = converted[eligible].astype(int).to_numpy()
     macro_eligible = macro.reindex(leads.index).where(converted[eligible])
@@ -303,15 +313,18 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     days: dict[str, np.ndarray] = {}
     after_macro: dict[str, float | None] = {}
     event_times: dict[str, pd.Series] = {}
+    notes: list[str] = []
     for micro in settings.micro_conversions:
         if micro.expr:
             frame = pd.concat([leads.drop(columns=[c for c in leads if c.startswith(ATTRIBUTE_PREFIX)]),
                                attrs], axis=1)
-            flags[micro.name] = _eval_flag(frame, micro.expr, micro.name)
+            flags[micro.name] = _eval_stored_flag(frame, micro.expr, micro.name, notes,
+                                                  empty_store=data.leads.empty)
             continue
         name = micro.event or micro.name
         ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
-        event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
+        if not snapshot:
+            event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
         ev = ev[ev["occurred_at"].to_numpy() < cutoff.reindex(ev["lead_id"]).to_numpy()]
         first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
         has = first.notna().to_numpy()
@@ -319,6 +332,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             # not `|=`: under pandas 3 (copy-on-write) `to_numpy()` above is a read-only view
             has = has | attrs[micro.property].map(_truthy).to_numpy(dtype=bool)
         flags[micro.name] = has
+        if snapshot:
+            continue  # no micro-to-macro times in a snapshot
         gap = (macro_eligible - first).dt.total_seconds() / 86400
         before = gap > 0
         days[micro.name] = gap.where(before).to_numpy(dtype=float)
@@ -330,9 +345,10 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             segments[col] = leads[col].fillna("(none)").astype(str).to_numpy()
         elif col in attrs:
             segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
-    month = leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy()
+    month = (None if snapshot else
+             leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy())
     rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
-                   segments=segments, days_to_macro=days, strata=month)
+                   segments=segments, days_to_macro=None if snapshot else days, strata=month)
     for r in rows:
         if r["segment"] == "all":
             r["after_macro_share"] = after_macro.get(r["micro"])
@@ -341,7 +357,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     computed_at = ctx.now()
     records = []
     for r in rows:
-        details = {"test": r.get("test"), "window_days": cfg.window_days,
+        details = {"test": r.get("test"), "window_days": None if snapshot else cfg.window_days,
+                   "mode": "snapshot" if snapshot else "dated",
                    "after_macro_share": r.get("after_macro_share")}
         if r["segment"] == "all" and r["micro"] in trends:
             details["trend"] = trends[r["micro"]]
@@ -359,6 +376,10 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     overall = [r for r in rows if r["segment"] == "all"]
     counts: dict[str, Any] = {"leads": len(y), "macro": int(y.sum()), "tests": len(rows),
                               "segment_tests": len(rows) - len(overall)}
+    if snapshot:
+        counts["time_mode"] = "snapshot"
+    if notes:
+        counts["notes"] = notes
     for v in VERDICTS:
         counts[v.replace(" ", "_")] = sum(r["verdict"] == v for r in overall)
     return counts
@@ -378,6 +399,27 @@ def _eval_flag(frame: pd.DataFrame, expr: str, name: str) -> np.ndarray:
         raise ConfigError(f"micro-conversion {name}", str(exc),
                           hint="column names with spaces go in backticks; the grammar is in "
                                "the README (micro-conversion expressions)") from None
+
+
+def _eval_stored_flag(frame: pd.DataFrame, expr: str, name: str, notes: list[str], *,
+                      empty_store: bool) -> np.ndarray:
+    """`_eval_flag` on the store's leads. A lead's attributes hold only the fields it has a value
+    for, so a column no stored lead has (an empty store, a field nobody filled in yet) is empty
+    for every lead, not a broken expression: the flag is false, and a store that has leads says
+    which column had no value (a misspelt name shows up there)."""
+    try:
+        wanted = parse_expression(expr).column_names()
+    except ExpressionError:
+        wanted = set()  # `_eval_flag` names the problem
+    absent = sorted(wanted - set(map(str, frame.columns)))
+    if absent:
+        frame = frame.assign(**dict.fromkeys(absent, pd.Series(np.nan, index=frame.index,
+                                                                 dtype=object)))
+        if not empty_store:
+            notes.append(f"micro-conversion {name}: no lead in the store has a value for "
+                         + ", ".join(f"'{c}'" for c in absent)
+                         + " (check the name against the CRM's fields); counted as absent")
+    return _eval_flag(frame, expr, name)
 
 
 # -- a CSV export ---------------------------------------------------------------------------

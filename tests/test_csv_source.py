@@ -142,6 +142,52 @@ def test_malformed_rows_are_rejected_with_their_line_number(tmp_path, make_setti
     assert one.attributes == {"plan": "pro", "demo_requested": "1"}  # PII and outcomes dropped
 
 
+def test_a_resync_of_the_same_export_keeps_each_rejected_record_once(
+        tmp_path, make_settings, engine):
+    """The daemon re-reads a CSV on every cycle: a malformed line or a flagged stage is kept
+    once, taken over by the last run that saw it; a new reason for a record is a new row."""
+    path = tmp_path / "export.csv"
+    rows = (HEADER
+            + "1,2026-01-02,a@example.com,,Ann,,2026-01-01T09:00:00,yes,,,pro\n"  # before created
+            + "2,2026-01-03,oops,too,many,fields,here,,,,,,\n"                   # line 3
+            + "3,yesterday,d@example.com,,Di,,,no,,,free\n")                      # line 4
+    path.write_text(rows, encoding="utf-8")
+    ctx = Context(settings=_settings_for(tmp_path, make_settings, path), engine=engine)
+    seen = []
+    for run in (1, 2):
+        ctx.job_run_id = run
+        seen.append(sync_source(ctx, build_source(ctx))["rejected"])
+    _, _, _, rejects = _counts(engine)
+    assert seen == [3, 3]  # each sync still says what it found...
+    assert len(rejects) == 3 and {r.job_run_id for r in rejects} == {2}  # ...kept once
+    assert sorted(r.record_ref for r in rejects) == ["line 2", "line 3", "line 4"]
+    first_seen = {r.record_ref: r.created_at for r in rejects}
+    path.write_text(rows.replace("3,yesterday", "3,someday"), encoding="utf-8")  # a new reason
+    ctx.job_run_id = 3
+    sync_source(ctx, build_source(ctx))
+    _, _, _, again = _counts(engine)
+    assert len(again) == 4 and sorted(r.job_run_id for r in again) == [2, 3, 3, 3]
+    kept = {r.id for r in rejects}
+    assert all(r.created_at == first_seen[r.record_ref] for r in again if r.id in kept)
+    assert [r.reason for r in again if r.id not in kept] == [
+        "lead 3: 'created' value 'someday' is not a date"]
+
+
+def test_two_records_with_one_key_stay_two_rejects_over_re_reads(engine) -> None:
+    """Two leads without an id in one page are two records: both kept, and no more on a re-read."""
+    from leadloop.rejects import keep_rejects
+
+    def page(run: int) -> list[RejectedRecord]:
+        return [RejectedRecord(job_run_id=run, source="hubspot", object_type="contacts",
+                               record_ref="?", reason="no id", payload={"n": i}) for i in (1, 2)]
+
+    for run in (1, 2, 3):
+        with session_scope(engine) as s:
+            keep_rejects(s, page(run))
+    _, _, _, rejects = _counts(engine)
+    assert len(rejects) == 2 and {r.job_run_id for r in rejects} == {3}
+
+
 def test_encoding_and_delimiter_are_detected(tmp_path, make_settings, sqlite_engine):
     path = tmp_path / "export.csv"
     text = HEADER.replace(",", ";") + "1;2026-01-02;;;Zoë Müller;;;no;;;Größe\n"

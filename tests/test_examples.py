@@ -9,6 +9,7 @@ must land under its own `example-output/<name>/` folder, and nothing in the repo
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,22 @@ def olist(checkout) -> tuple[dict[str, dict[str, Any]], Path]:
     return _run_once(checkout, "olist")
 
 
+def _card(checkout: Path, name: str) -> dict[str, Any]:
+    """`leadloop -c <example> model show --json`: the current model card."""
+    config = checkout / "repo" / "config" / "examples" / f"{name}.toml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(checkout / "cwd")
+        result = CliRunner().invoke(cli, ["-c", str(config), "model", "show", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _scored_by_a_real_model(jobs: dict[str, dict[str, Any]], leads: str) -> None:
+    score = jobs["score"]
+    assert score["status"] == "ok" and score["counts"]["fallback"] == "None", score
+    assert score["counts"]["scored"] == leads and score["counts"]["model_version"] != "None"
+
+
 def _holds(out: Path) -> dict[str, int]:
     with (out / "reports" / "upload_holds.csv").open() as f:
         return {r["hold_rule"]: int(r["n"]) for r in csv.DictReader(f)}
@@ -87,7 +104,13 @@ def test_x_education_runs_end_to_end_in_snapshot_mode(x_education):
     assert sync["status"] == "ok" and sync["notes"] == []
     assert sync["counts"]["leads"] == "9240" and sync["counts"]["stages"] == "3561"  # Converted
     assert sync["counts"]["rejected"] == "0" and sync["counts"]["time_mode"] == "snapshot"
-    assert jobs["validate"]["status"] == "ok" and int(jobs["validate"]["counts"]["tests"]) >= 3
+    _scored_by_a_real_model(jobs, "9240")
+    # snapshot: every lead is decided, for the validator as for the model
+    validate = jobs["validate"]
+    assert validate["status"] == "ok" and int(validate["counts"]["tests"]) >= 3
+    assert validate["counts"]["leads"] == "9240" and validate["counts"]["macro"] == "3561"
+    assert validate["counts"]["time_mode"] == "snapshot"
+    assert validate["counts"]["predictive"] == "1"  # engaged_visit (guide_download: negative)
     # No click id, e-mail or phone in the data: every Enrolled conversion is held, and said so.
     export = jobs["export"]
     assert export["status"] == "ok"
@@ -109,7 +132,9 @@ def test_olist_runs_end_to_end_and_flags_the_lead_won_before_its_first_contact(o
     assert sync["counts"]["rejected"] == "1"
     assert len(sync["notes"]) == 1 and "b91cf8812365f50ff4bda4bcd6206b05" in sync["notes"][0]
     assert "before the lead was created" in sync["notes"][0]
+    _scored_by_a_real_model(jobs, "8000")
     assert jobs["validate"]["status"] == "ok" and int(jobs["validate"]["counts"]["leads"]) > 7000
+    assert "time_mode" not in jobs["validate"]["counts"]
     export = jobs["export"]
     assert export["status"] == "ok" and export["counts"]["held"] == "842"
     assert export["notes"] and "google_import: nothing uploaded this run" in export["notes"][0]
@@ -139,3 +164,24 @@ def test_each_example_keeps_its_own_store_model_and_report(checkout, x_education
     for own in outputs.values():
         cards = list((own / "models").glob("*.json")) if (own / "models").is_dir() else []
         assert all(c.is_relative_to(own) for c in cards)
+
+
+@pytest.mark.parametrize(("name", "mode"), [("x_education", "snapshot"), ("olist", "landmark")])
+def test_model_show_json_prints_the_examples_card(checkout, x_education, olist, name, mode):
+    card = _card(checkout, name)
+    assert {"chosen", "fallback_reason", "metrics", "suspected_leakage", "mode"} <= set(card)
+    assert card["chosen"] and card["fallback_reason"] is None
+    assert card["mode"] == mode and card["mode_reason"]
+    assert isinstance(card["suspected_leakage"], list)
+    assert all({"feature", "reason"} <= set(s) for s in card["suspected_leakage"])
+    auc = card["metrics"]["roc_auc"]
+    if name == "x_education":  # data README: honest floors 0.87-0.91 on these columns
+        assert 0.87 <= auc <= 0.92 and card["counts"]["undecided"] == 0
+        assert card["split"].startswith("stratified") and card["landmark_days"] == []
+    else:
+        assert 0.6 <= auc <= 0.85 and card["landmark_days"][0] == 0
+        # at creation, the lead's own features only: the origin + landing page floor (0.70 on
+        # this split and label), below the figure that pools the landmark ages
+        at_creation = card["metrics_at_creation"]
+        assert 0.65 <= at_creation["roc_auc"] <= 0.75 and at_creation["roc_auc"] < auc
+        assert at_creation["n"] > card["counts"]["test"] * 0.9

@@ -99,9 +99,6 @@ def test_async_failed_for_the_account_sends_the_rows_again_after_the_fix(
     assert run_export(later)["sent"] == 1
 
 
-# The report warns on a store whose leads have no utm fields at all (report/data.py `aggregate`):
-# not what this test is about.
-@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 def test_partial_success_is_not_called_sent_by_the_report(sqlite_engine: Any, fakes: FakePlatforms,
                                                           tmp_path: Path) -> None:
     for i in range(4):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select, text, update
 
 from leadloop.export.engine import run_export
@@ -22,9 +21,6 @@ META_TOKEN = "EAAGm0PX4ZCpsBAMETAsecret77"
 GOOGLE_TOKEN = "ya29.a0AfH6SMBgoogleSecret42"
 
 
-# The report warns on a store whose leads have no utm fields at all (report/data.py `aggregate`
-# fills an all-NaN float column with a label): not what this test is about.
-@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 def test_a_token_echoed_in_an_error_body_is_never_stored_or_reported(
         sqlite_engine: Any, tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("LL_TEST_META_TOKEN", META_TOKEN)

@@ -86,7 +86,6 @@ def test_denied_consent_without_consent_required_is_not_counted_as_an_identity(
     assert "userIdentifiers" not in text and "SHA256_EMAIL" not in text
 
 
-@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # report: leads without utm
 @pytest.mark.parametrize("amount", ["-5", "Infinity", "1e308", "200000001"])
 def test_values_out_of_range_are_held_with_a_named_rule(
         sqlite_engine: Any, fakes: FakePlatforms, tmp_path: Path, amount: str) -> None:

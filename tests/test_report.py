@@ -9,7 +9,7 @@ import re
 import sys
 import types
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -273,3 +273,45 @@ def test_print_validation_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert "convert 4x" in out
     print_validation_rows(rows)
     assert "predictive" in capsys.readouterr().out
+
+
+def test_leads_with_no_attribution_at_all_are_one_none_row(
+        engine: Engine, report_ctx: Callable[..., Context]) -> None:
+    """No lead has a utm field or a landing page (a CSV with none mapped): each table is one
+    "(none)" row, and no pandas warning on the way (pytest turns warnings into errors)."""
+    from leadloop.tables import Lead
+
+    with session_scope(engine) as s:
+        s.add_all(Lead(source="csv", crm_id=str(i), created_at=datetime(2025, 1, 5 + i, tzinfo=UTC))
+                  for i in range(3))
+    data = build_report_data(report_ctx(engine))
+    for name in ("source", "medium", "campaign", "landing_page"):
+        table = data.by[name]
+        assert table[name].tolist() == ["(none)"] and table["leads"].tolist() == [3], name
+
+
+def test_validation_csv_bounds_an_underflowed_p_value_as_validate_json_does(
+        sqlite_engine: Engine, report_ctx: Callable[..., Context], tmp_path: Path) -> None:
+    from leadloop.tables import ValidationResult
+
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    with session_scope(sqlite_engine) as s:
+        s.add(ValidationResult(
+            job_run_id=1, computed_at=at, micro="engaged", segment="all", n=9240, n_with=2953,
+            n_without=6287, macro_with=2012, macro_without=1549, rate_with=0.681,
+            rate_without=0.246, lift=2.77, lift_ci_low=2.63, lift_ci_high=2.91, p_value=0.0,
+            q_value=0.0, phi=0.4, verdict="predictive", reason="r", role="primary goal"))
+        s.add(ValidationResult(
+            job_run_id=1, computed_at=at, micro="guide", segment="all", n=9240, n_with=2888,
+            n_without=6352, macro_with=1030, macro_without=2531, rate_with=0.357,
+            rate_without=0.398, lift=0.9, lift_ci_low=0.85, lift_ci_high=0.95, p_value=1.4e-4,
+            q_value=3e-4, phi=-0.04, verdict="negative", reason="r", role="retire"))
+    out = tmp_path / "out"
+    write_reports(report_ctx(sqlite_engine), out)
+    with (out / "validation.csv").open(newline="") as f:
+        rows = {r["micro"]: r for r in csv.DictReader(f)}
+    assert (rows["engaged"]["p_value"], rows["engaged"]["q_value"]) == ("< 1e-300", "< 1e-300")
+    assert float(rows["guide"]["p_value"]) == approx(1.4e-4)
+    doc = {r["micro"]: r for r in json.loads((out / "report.json").read_text())["tables"]["validation"]}
+    assert doc["engaged"]["q_value"] == "< 1e-300" and doc["guide"]["q_value"] == approx(3e-4)
+    assert "&lt; 1e-300" in (out / "report.html").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,118 @@ def test_p_values_that_underflow_print_as_an_upper_bound(tmp_path: Path) -> None
     row = json.loads(result.output)[0]
     assert row["p_value"] == "< 1e-300" and row["q_value"] == "< 1e-300"
     assert "q < 1e-300)" in row["reason"] and row["verdict"] == "predictive"
+
+
+@pytest.mark.skipif(not XED.is_file(), reason="shared datasets not present")
+def test_x_education_store_is_a_snapshot_every_lead_analysed_as_the_file_says(
+        sqlite_engine) -> None:
+    """No creation times: every lead is decided and a micro-conversion counts as the export holds
+    it, so the store gives what the file itself gives (`validate --csv`), not 0 leads."""
+    from leadloop.config import load_settings
+    from leadloop.context import Context
+    from leadloop.crm import build_source
+    from leadloop.crm.base import sync_source
+    from leadloop.validation import run_validation
+
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
+                             / "x_education.toml")
+    ctx = Context(settings=settings, engine=sqlite_engine)
+    sync_source(ctx, build_source(ctx))
+    counts = run_validation(ctx)
+    assert counts["leads"] == 9240 and counts["macro"] == 3561
+    assert counts["time_mode"] == "snapshot"
+    with Session(sqlite_engine) as s:
+        rows = {r.micro: r for r in s.exec(select(ValidationResult).where(
+            ValidationResult.segment == "all"))}
+    truth = {r["micro"]: r for r in validate_csv(XED, label="Converted", micros=[
+        'guide_download=`A free copy of Mastering The Interview` == "Yes"',
+        "engaged_visit=`Total Time Spent on Website` >= 600"])}
+    for name, t in truth.items():
+        r = rows[name]
+        assert (r.n, r.n_with, r.macro_with) == (9240, t["n_with"], t["macro_with"]), name
+        assert r.lift == pytest.approx(t["lift"]) and r.verdict == t["verdict"], name
+        assert r.details["mode"] == "snapshot" and r.median_days_to_macro is None
+    assert rows["engaged_visit"].verdict == "predictive" and rows["engaged_visit"].lift > 2.5
+    assert rows["guide_download"].verdict == "negative"  # guide takers convert less here
+    assert rows["newsletter_optin"].n_with == 0  # nobody opted in: not enough data
+    assert rows["newsletter_optin"].verdict == "not enough data"
+
+
+def test_conversions_stamped_at_creation_make_a_dated_export_a_snapshot(
+        sqlite_engine, tmp_path) -> None:
+    """A dated export whose label carries no time of its own (stamped at creation) records
+    whether, not when: the validator takes every lead, young ones too, as the model does."""
+    from leadloop.config import settings_from_dict
+    from leadloop.context import Context
+    from leadloop.crm import build_source
+    from leadloop.crm.base import sync_source
+    from leadloop.validation import run_validation
+
+    rng = np.random.default_rng(4)
+    n = 1200
+    engaged = rng.random(n) < 0.3
+    won = rng.random(n) < np.where(engaged, 0.5, 0.2)
+    created = pd.Timestamp("2026-11-25") - pd.to_timedelta(rng.integers(0, 20, n), unit="D")
+    pd.DataFrame({"id": range(n), "created": created.strftime("%Y-%m-%d"),
+                  "engaged": np.where(engaged, "yes", "no"), "won": won.astype(int)}
+                 ).to_csv(tmp_path / "leads.csv", index=False)
+    settings = settings_from_dict({
+        "database": {"url": f"sqlite:///{tmp_path / 'unused.db'}"},
+        "crm": {"kind": "csv", "lead_stage_property": "stage",
+                "csv": {"path": str(tmp_path / "leads.csv"), "id_column": "id",
+                        "created_column": "created", "created_format": "%Y-%m-%d",
+                        "label_column": "won", "positive_values": ["1"]}},
+        "micro_conversions": [{"name": "engaged", "property": "engaged"}],
+        "stages": [{"name": "Won", "crm_values": ["won"], "macro": True, "value": 10.0}],
+        "model": {"dir": str(tmp_path / "models")}}, base_dir=tmp_path)
+    assert not settings.snapshot_export
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    ctx = Context(settings=settings, engine=sqlite_engine, now=lambda: now)
+    sync_source(ctx, build_source(ctx))
+    counts = run_validation(ctx)
+    assert counts["leads"] == n and counts.get("time_mode") == "snapshot"
+    with Session(sqlite_engine) as s:
+        r = s.exec(select(ValidationResult).where(ValidationResult.segment == "all")).one()
+    assert r.lift_ci_low < 2.5 < r.lift_ci_high and r.verdict == "predictive"
+
+
+def _example_micro(name: str) -> str:
+    from leadloop.config import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
+                             / "x_education.toml")
+    return next(m.expr for m in settings.micro_conversions if m.name == name)
+
+
+@pytest.mark.skipif(not XED.is_file(), reason="shared datasets not present")
+def test_the_examples_backticked_expression_on_the_file_and_on_an_empty_store(
+        sqlite_engine) -> None:
+    """engaged_visit (`Total Time Spent on Website` >= 600, a column name with spaces) through
+    leadloop.expr: on the CSV it counts the leads the file says; on a store with no leads yet it
+    is an analysis of nobody, not a broken expression."""
+    from leadloop.config import load_settings
+    from leadloop.context import Context
+    from leadloop.validation import run_validation
+
+    expr = _example_micro("engaged_visit")
+    assert expr == "`Total Time Spent on Website` >= 600"
+    visits = pd.to_numeric(pd.read_csv(XED)["Total Time Spent on Website"], errors="coerce")
+    [row] = validate_csv(XED, label="Converted", micros=[f"engaged_visit={expr}"])
+    assert row["n_with"] == int((visits >= 600).sum()) == 2953
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
+                             / "x_education.toml")
+    counts = run_validation(Context(settings=settings, engine=sqlite_engine))
+    assert counts["leads"] == 0 and counts["not_enough_data"] == 3 and "notes" not in counts
+
+
+def test_a_column_no_stored_lead_has_is_absent_and_said_so(sqlite_engine, tmp_path) -> None:
+    from leadloop.validation import run_validation
+
+    ctx = demo_context(sqlite_engine, tmp_path, micro_conversions=[
+        {"name": "big_team", "expr": "`Team Size` >= 50"}])
+    load_funnel(ctx, 300, seed=2)
+    counts = run_validation(ctx)
+    assert counts["leads"] > 0 and counts["not_enough_data"] == 1
+    assert counts["notes"] == ["micro-conversion big_team: no lead in the store has a value for "
+                               "'Team Size' (check the name against the CRM's fields); counted "
+                               "as absent"]

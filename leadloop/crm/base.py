@@ -32,6 +32,7 @@ from leadloop.identity import hash_identity
 from leadloop.prefetch import prefetched
 from leadloop.progress import track
 from leadloop.redact import redact_text, scrub_payload
+from leadloop.rejects import keep_rejects
 from leadloop.store import (
     among,
     analyze_unanalyzed,
@@ -484,7 +485,7 @@ def apply_page(
 
     for r in page.rejects:
         reject(r.record_ref, r.reason, r.payload)
-    session.add_all(rejects)
+    keep_rejects(session, rejects)  # a re-read of the same export adds no copies
     counts["rejected"] = len(rejects)
     return counts
 
@@ -662,10 +663,10 @@ def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_
     refs += [(r.record_ref, "", r.reason) for r in page.rejects]
     refs += [(p.ref, p.kind, p.reason) for p in problems]
     with session_scope(ctx.engine) as session:
-        session.add_all(RejectedRecord(
+        keep_rejects(session, [RejectedRecord(
             job_run_id=ctx.job_run_id, source=source, object_type=f"{stream}{kind}",
             record_ref=clean_text(ref)[:200], flow_stage="ingest", reason=clean_text(why),
-            payload={}, created_at=ctx.now()) for ref, kind, why in refs)
+            payload={}, created_at=ctx.now()) for ref, kind, why in refs])
         _advance_stream(session, source, stream, page.cursor, started_at)
     log.warning("the store refused %d record(s) of %s/%s: %s", len(refs), source, stream, problem)
     return {"rejected": len(refs)}

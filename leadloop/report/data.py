@@ -144,7 +144,9 @@ def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
     ], times=["created_at"])
     # Computed once per distinct value, not once per lead: the same few pages and months.
     pages = {u: clean_landing_page(u) for u in df["landing_page"].dropna().unique()}
-    df["landing_page"] = df["landing_page"].map(pages)
+    # as objects: mapping a column no lead fills gives float NaN, which pandas 3 will not fill
+    # with a label (the tables' "(none)" row)
+    df["landing_page"] = df["landing_page"].map(pages).astype(object)
     year_month = df["created_at"].dt.year * 100 + df["created_at"].dt.month
     months = {v: f"{v // 100:04d}-{v % 100:02d}" for v in year_month.dropna().unique()}
     df["month"] = year_month.map(months)
@@ -281,6 +283,11 @@ def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | Non
         run = df[df["job_run_id"] == run_id.max()]
     run = run.assign(_overall=(run["segment"] != "all").astype(int))
     run = run.sort_values(["_overall", "segment", "lift"], ascending=[True, True, False])
+    from leadloop.validation import p_json  # scipy: only once there are rows to show
+
+    # as `validate --json` writes them: an underflowed p or q is "< 1e-300", not a certain 0
+    for col in ("p_value", "q_value"):
+        run[col] = run[col].astype(object).map(lambda v: v if pd.isna(v) else p_json(float(v)))
     info = {"computed_at": latest, "job_run_id": None if run_id.empty else int(run_id.max()),
             "rows": len(run)}
     return run[VALIDATION_COLUMNS].reset_index(drop=True), info
@@ -337,7 +344,7 @@ def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
 def aggregate(df: pd.DataFrame, column: str, key: str) -> pd.DataFrame:
     """Leads, micro-conversions, qualified/won with Wilson intervals, value and uploads per value
     of `column`, returned with that column named `key`."""
-    keyed = df.assign(_key=df[column].astype(object).fillna(NONE_LABEL).replace("", NONE_LABEL))
+    keyed = df.assign(_key=df[column].fillna(NONE_LABEL).replace("", NONE_LABEL))
     g = keyed.groupby("_key", sort=False)
     out = pd.DataFrame({"leads": g.size()})
     for c in [c for c in df.columns if c.startswith("micro:")]:

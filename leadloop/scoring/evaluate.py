@@ -175,6 +175,9 @@ class Evaluation:
     eval_index: pd.Index = field(default_factory=lambda: pd.Index([]))
     eval_y: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
     eval_p: np.ndarray = field(default_factory=lambda: np.array([]))
+    # the uncalibrated candidate fitted without the evaluation rows (time split: the training
+    # part), to measure it on other rows of the test period (the card's AUC at creation)
+    model: Any = None
 
 
 class _NoProgress:
@@ -353,6 +356,7 @@ def evaluate_frame(
         bands=value_bands(run.y, p), importance=imp, suspected_leakage=leaks,
         strongest_feature=strongest, fallback_reason=reason, n_test=len(run.y), best=run.chosen,
         eval_index=x.index[run.rows], eval_y=run.y, eval_p=p,
+        model=run.model if times is not None else None,
     )
 
 

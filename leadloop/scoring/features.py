@@ -118,6 +118,23 @@ def load_lead_data(engine: Engine, statuses: tuple[LeadStatus, ...] = (LeadStatu
     return LeadData(leads=leads, events=events)
 
 
+def snapshot_reason(settings: Settings, data: LeadData, macro_at: pd.Series) -> str | None:
+    """Why the store holds a snapshot export (its times are stand-ins), or None: the config says
+    so (`Settings.snapshot_export`), or the data do (most conversions stamped at the lead's
+    creation: the export records whether a lead converted, not when). Scoring and validation
+    both ask this, so a snapshot is decided the same way for the model and the validator."""
+    if settings.snapshot_export:
+        return ("the export has no creation time ([crm.csv] created_column is not set): every "
+                "lead carries the file's time, so no lead has an age or a conversion time")
+    converted = macro_at.reindex(data.leads.index).dropna()
+    if len(converted) >= 10:
+        share = float((converted == data.leads.loc[converted.index, "created_at"]).mean())
+        if share >= 0.5:
+            return (f"{share:.0%} of the conversions are stamped at the lead's creation time: the "
+                    "export records whether a lead converted, not when")
+    return None
+
+
 def _post_contact_names(settings: Settings) -> set[str]:
     crm = settings.crm
     stage_fields = {s.field for s in settings.stages if s.field}

@@ -55,6 +55,7 @@ from leadloop.scoring.features import (
     frame_for,
     load_lead_data,
     resolve_features,
+    snapshot_reason,
 )
 from leadloop.scoring.threads import limited_threads
 from leadloop.store import session_scope, upsert
@@ -71,21 +72,6 @@ BAD_ORDER = "reached the macro stage before its creation time"
 def landmarks(horizon_days: int) -> list[int]:
     """The landmark ages (days after creation) below the horizon."""
     return [a for a in LANDMARK_DAYS if a < horizon_days]
-
-
-def snapshot_reason(ctx: Context, data: LeadData, macro_at: pd.Series) -> str | None:
-    """Why the store holds a snapshot export (times are stand-ins), or None."""
-    crm = ctx.settings.crm
-    if crm.kind == "csv" and crm.csv is not None and not crm.csv.created_column:
-        return ("the export has no creation time ([crm.csv] created_column is not set): every "
-                "lead carries the file's time, so no lead has an age or a conversion time")
-    converted = macro_at.reindex(data.leads.index).dropna()
-    if len(converted) >= 10:
-        share = float((converted == data.leads.loc[converted.index, "created_at"]).mean())
-        if share >= 0.5:
-            return (f"{share:.0%} of the conversions are stamped at the lead's creation time: the "
-                    "export records whether a lead converted, not when")
-    return None
 
 
 def _days(a: list[int] | np.ndarray) -> pd.TimedeltaIndex:
@@ -165,6 +151,27 @@ def calibration_by_age(ages: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[d
     return out
 
 
+def auc_at_creation(data: LeadData, macro_at: pd.Series, features: list[Feature], model: Any, *,
+                    test_from: pd.Timestamp, now: pd.Timestamp, horizon_days: int
+                    ) -> dict[str, Any] | None:
+    """The candidate's ROC AUC on every decided lead of the test period, each taken at creation
+    (age 0, features known then): P(converts within the horizon) asked when the lead arrives, the
+    question a single-snapshot model or a published floor answers. The card's overall AUC pools
+    the landmark ages, and the age alone tells a lead still open at 30 days (rarely converts)
+    from a new one, which makes it higher than what the lead's own features give."""
+    created = data.leads["created_at"]
+    macro = macro_at.reindex(data.leads.index)
+    deadline = created + pd.Timedelta(days=horizon_days)
+    keep = ((created >= test_from) & (deadline <= now) & ~(macro.notna() & (macro < created)))
+    y = (macro.notna() & (macro <= deadline))[keep].astype(int).to_numpy()
+    if not 0 < y.sum() < len(y):
+        return None
+    x, _ = build_features(data, features, created[keep])
+    p = model.predict_proba(x)[:, 1]
+    return {"roc_auc": float(roc_auc_score(y, p)), "n": len(y), "positives": int(y.sum()),
+            "test_from": test_from.isoformat()}
+
+
 def training_inputs(ctx: Context) -> str:
     """What a training read: the model configuration, the store's lead changes, the day (which
     leads are decided moves with the calendar). A fallback card is re-examined when it moves."""
@@ -179,7 +186,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
     stage_rows = load_stage_rows(ctx.engine, settings)
     macro_at = macro_reached_at(settings, first_reached(stage_rows))
-    mode_reason = snapshot_reason(ctx, data, macro_at)
+    mode_reason = snapshot_reason(settings, data, macro_at)
     snapshot = mode_reason is not None
     features = resolve_features(settings, data, with_age=not snapshot)
     labelled, dropped, other = training_rows(
@@ -212,6 +219,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         "features": [f.as_dict() for f in features],
         "metrics": None, "baseline": None, "candidates": None, "split": None,
         "candidate_metrics": None, "calibration_method": None, "gate": None, "selection": None,
+        "metrics_at_creation": None,
         "calibration": [], "calibration_by_age": [], "lift_by_decile": [],
         "permutation_importance": [], "suspected_leakage": [], "strongest_feature": None,
         "value_bands": [],
@@ -260,6 +268,11 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         if not snapshot:
             card["calibration_by_age"] = calibration_by_age(
                 x.loc[ev.eval_index, AGE_FEATURE.name].to_numpy(), ev.eval_y, ev.eval_p)
+        if not snapshot and ev.model is not None and len(ev.eval_index):
+            card["metrics_at_creation"] = auc_at_creation(
+                data, macro_at, features, ev.model,
+                test_from=data.leads.loc[ev.eval_index, "created_at"].min(),
+                now=pd.Timestamp(now), horizon_days=cfg.horizon_days)
         card["counts"]["test"] = ev.n_test
         for leak in ev.suspected_leakage:
             log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",

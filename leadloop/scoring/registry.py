@@ -45,7 +45,9 @@ TRUSTED_TYPES = frozenset({
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-    "sklearn.model_selection._split.StratifiedKFold",  # the calibration's shuffled folds
+    # the calibrated model keeps its shuffled folds (`calibration.shipped_model`): a splitter
+    # holding three numbers, no callable
+    "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.utils.validation.check_array",
 })
 
@@ -252,6 +254,11 @@ def format_model_card(ctx: Context, version: str | None) -> str:
         for k in ("roc_auc", "pr_auc", "brier", "log_loss", "ece"):
             lines.append(f"  {k:<9}{_f(c['metrics'].get(k), 4):>9} {_f(cand.get(k), 4):>9} "
                          f"{_f(c['baseline'].get(k), 4):>9}")
+    if c.get("metrics_at_creation"):
+        a = c["metrics_at_creation"]
+        lines.append(f"  at creation (age 0, every decided lead of the test period): ROC AUC "
+                     f"{a['roc_auc']:.4f} on {a['n']} leads, {a['positives']} converted "
+                     "(the overall figure pools the landmark ages; the age alone separates some)")
     if c.get("calibration_method"):
         cm = c["calibration_method"]
         lines.append(f"calibrated: {cm['method']} ({cm['why']})")
