@@ -42,7 +42,7 @@ from urllib.parse import urlencode
 
 import psycopg
 import requests
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlmodel import SQLModel
 
 from leadloop.config import settings_from_dict
@@ -98,8 +98,10 @@ def _settings(base_url: str, db_url: str, out: Path) -> Any:
 
 
 def _reset_postgres() -> None:
-    engine = make_engine(PG_URL)
+    engine = make_engine(PG_URL, check_schema=False)
     SQLModel.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 

@@ -1,0 +1,4 @@
+"""Alembic migrations of the store (see leadloop/schema.py for how they are run).
+
+One file per revision in `versions/`; a revision never imports `leadloop.tables`, which
+describes the current schema only, so that an old revision keeps meaning what it did."""
