@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from leadloop import lease
 from leadloop.context import Context
-from leadloop.daemon import first_run_time, last_starts, scheduled_jobs
 from leadloop.jobs import JOBS, RUNNER_KEY, runner_gone
+from leadloop.schedule import first_run_time, last_starts, scheduled_jobs
 from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus, JobOutcome, JobRun
 

@@ -22,15 +22,9 @@ from sqlmodel import select
 
 from leadloop import jobs, lease
 from leadloop.context import Context
-from leadloop.daemon import (
-    Daemon,
-    build_trigger,
-    cron_day_of_week,
-    first_run_time,
-    run_daemon,
-    scheduled_jobs,
-)
+from leadloop.daemon import Daemon, run_daemon
 from leadloop.errors import ConfigError, LeaseHeldError, SourceError
+from leadloop.schedule import build_trigger, cron_day_of_week, first_run_time, scheduled_jobs
 from leadloop.store import session_scope
 from leadloop.tables import JobOutcome, JobRun
 from tests.daemon_helpers import gdm_stage, ingested_ids
