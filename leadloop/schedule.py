@@ -10,6 +10,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
+from sqlmodel import col
 
 from leadloop.config import Settings, parse_schedule
 from leadloop.context import Context
@@ -94,6 +95,6 @@ def last_starts(ctx: Context) -> dict[str, datetime]:
     """The last recorded start of each job, from `job_run`."""
     with session_scope(ctx.engine) as session:
         rows = session.execute(
-            select(JobRun.name, func.max(JobRun.started_at)).group_by(JobRun.name)
+            select(col(JobRun.name), func.max(col(JobRun.started_at))).group_by(col(JobRun.name))
         ).all()
-    return dict(rows)  # type: ignore[arg-type]
+    return dict(rows)
