@@ -74,13 +74,7 @@ def ensure_current(engine: Engine, where: str) -> None:
     """Create a new store at the newest revision; refuse one that is not at it.
 
     `where` names the store in the message (the URL without its password)."""
-    with engine.begin() as conn:
-        _lock(conn)
-        if _is_empty(conn):
-            SQLModel.metadata.create_all(conn)
-            command.stamp(_config(conn), "head", purge=True)
-            return
-        revision = stored_revision(conn)
+    revision = _create_if_empty(engine)
     if revision == head_revision():
         return
     if revision is not None and revision not in _known_revisions():
@@ -88,6 +82,26 @@ def ensure_current(engine: Engine, where: str) -> None:
                                  f"(schema revision {revision}); use that release or newer")
     raise StoreOutdatedError(f"the store {where} was made by an earlier leadloop release: run "
                              "`leadloop db upgrade` to bring it to this release's schema")
+
+
+def _create_if_empty(engine: Engine) -> str | None:
+    """The store's revision, after creating the schema of a new (empty) store at the newest.
+
+    Another process sees a new store whole or not at all, never tables without their revision:
+    the creation is one transaction (PostgreSQL and SQLite both have transactional DDL), taken
+    under PostgreSQL's advisory lock, or SQLite's write lock up front, so that two processes
+    starting on one new store create it once. Only an empty SQLite store takes the write lock:
+    a store in use would make the check wait for a writer."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite" and _is_empty(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        _lock(conn)
+        if _is_empty(conn):
+            SQLModel.metadata.create_all(conn)
+            command.stamp(_config(conn), "head", purge=True)
+        revision = stored_revision(conn)
+        conn.commit()
+    return revision
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:

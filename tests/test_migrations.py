@@ -7,6 +7,7 @@ generated from each commit's tables.py), then filled with rows through plain SQL
 from __future__ import annotations
 
 import re
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -188,6 +189,38 @@ def test_a_new_store_is_created_at_the_newest_revision(db_url):
             assert schema.stored_revision(conn) == schema.head_revision()
     finally:
         engine.dispose()
+
+
+def test_commands_starting_together_on_a_new_store_create_it_once(db_url):
+    """Nobody sees the tables before their revision (which would read as an outdated store).
+    Threads stand in for processes: each opens its own engine and connections."""
+    for _ in range(5):
+        assert _open_together(db_url, 6) == []
+        engine = make_engine(db_url, check_schema=False)
+        with engine.begin() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {schema.VERSION_TABLE}")).scalar() == 1
+            SQLModel.metadata.drop_all(conn)
+            conn.execute(text(f"DROP TABLE {schema.VERSION_TABLE}"))
+        engine.dispose()
+
+
+def _open_together(url: str, n: int) -> list[Exception]:
+    errors: list[Exception] = []
+    barrier = threading.Barrier(n)
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            make_engine(url).dispose()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return errors
 
 
 def test_a_store_upgraded_by_a_newer_release_is_refused(db_url, tmp_path):
