@@ -105,10 +105,11 @@ def _create_if_empty(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Migrate the store to the newest revision; returns (revision before, revision after).
-
-    A store made before migrations has no revision: the baseline revision adopts it."""
-    with engine.begin() as conn:
+    """Migrate the store to the newest revision, in one transaction; returns (revision before,
+    revision after). A store made before migrations has no revision: the baseline adopts it."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # else its DDL would run outside it
         _lock(conn)
         before = stored_revision(conn)
         if before is not None and before not in _known_revisions():
@@ -116,6 +117,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                                      "leadloop release knows; use that release or newer")
         command.upgrade(_config(conn), "head")
         after = stored_revision(conn)
+        conn.commit()
     assert after is not None
     return before, after
 

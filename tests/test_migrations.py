@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from alembic import op
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from click.testing import CliRunner
@@ -169,6 +170,25 @@ def test_a_store_from_before_the_previous_release_loses_its_retired_indexes(db_u
                           "ix_lead_event_lead_id", "ix_score_lead_id"}
     assert {"ix_lead_erased", "ix_conversion_hold", "ix_conversion_job_run_id",
             "ix_score_scored_at"} <= indexes
+
+
+def test_a_migration_that_fails_leaves_the_store_as_it_was(db_url, monkeypatch):
+    _build_old_store(db_url, FOUNDATION)
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(op, "drop_index", fail)  # the baseline's last step
+    engine = make_engine(db_url, check_schema=False)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            schema.upgrade(engine)
+        indexes = {ix["name"] for ix in inspect(engine).get_indexes("conversion")}
+        with engine.connect() as conn:
+            assert schema.stored_revision(conn) is None
+    finally:
+        engine.dispose()
+    assert "ix_conversion_hold" not in indexes  # created before the failure, rolled back
 
 
 def test_migrations_build_what_tables_py_describes(db_url):
