@@ -42,7 +42,7 @@ from urllib.parse import urlencode
 
 import psycopg
 import requests
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlmodel import SQLModel
 
 from leadloop.config import settings_from_dict
@@ -101,7 +101,7 @@ def _reset_postgres() -> None:
     engine = make_engine(PG_URL, check_schema=False)
     SQLModel.metadata.drop_all(engine)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     engine.dispose()
 
 
