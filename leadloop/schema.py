@@ -2,23 +2,28 @@
 refused until `leadloop db upgrade` has migrated it (Alembic, scripts in leadloop/migrations).
 
 A revision is added whenever `tables.py` changes the schema (tests/test_migrations.py fails
-until the migrations produce what `tables.py` describes)."""
+until the migrations produce what `tables.py` describes).
+
+Alembic (about 0.1 s to import) is imported only to create, migrate or judge a store that is
+not at `migrations.HEAD`: opening a current store, what every command does, needs none of it."""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import SQLModel
 
 from leadloop import tables  # noqa: F401  (its models fill SQLModel.metadata)
 from leadloop.errors import LeadloopError
+from leadloop.migrations import HEAD
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "alembic_version"
@@ -35,6 +40,8 @@ class StoreOutdatedError(LeadloopError):
 
 
 def _config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -42,15 +49,19 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config())
 
 
-@lru_cache(maxsize=1)
 def head_revision() -> str:
     """The newest revision this release knows."""
-    head = _scripts().get_current_head()
-    assert head is not None
-    return head
+    return HEAD
+
+
+def scripts_head() -> str | None:
+    """The newest revision in leadloop/migrations/versions (what `HEAD` must say)."""
+    return _scripts().get_current_head()
 
 
 def _known_revisions() -> set[str]:
@@ -97,6 +108,8 @@ def _create_if_empty(engine: Engine) -> str | None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         _lock(conn)
         if _is_empty(conn):
+            from alembic import command
+
             SQLModel.metadata.create_all(conn)
             command.stamp(_config(conn), "head", purge=True)
         revision = stored_revision(conn)
@@ -115,6 +128,8 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         if before is not None and before not in _known_revisions():
             raise StoreOutdatedError(f"the store's schema revision {before} is newer than this "
                                      "leadloop release knows; use that release or newer")
+        from alembic import command
+
         command.upgrade(_config(conn), "head")
         after = stored_revision(conn)
         conn.commit()

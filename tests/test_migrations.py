@@ -202,6 +202,10 @@ def test_migrations_build_what_tables_py_describes(db_url):
         engine.dispose()
 
 
+def test_head_names_the_newest_migration_script():
+    assert schema.scripts_head() == schema.head_revision()
+
+
 def test_a_new_store_is_created_at_the_newest_revision(db_url):
     engine = make_engine(db_url)
     try:
