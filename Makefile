@@ -27,10 +27,12 @@ demo: $(VENV)/.installed
 ## make test: set up with the test extras and run the test suite
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check leadloop tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check leadloop tests bench
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) demo-output example-output .pytest_cache
+	rm -rf $(VENV) demo-output example-output .pytest_cache .mypy_cache

@@ -98,8 +98,10 @@ def _settings(base_url: str, db_url: str, out: Path) -> Any:
 
 
 def _reset_postgres() -> None:
-    engine = make_engine(PG_URL)
+    engine = make_engine(PG_URL, check_schema=False)
     SQLModel.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     engine.dispose()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,6 @@ import pandas as pd
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from threadpoolctl import threadpool_limits
-from x_education import LABEL, not_pre_contact
 
 from leadloop.config import settings_from_dict
 from leadloop.sandbox.simulator import lead_in, simulate
@@ -40,6 +40,9 @@ from leadloop.scoring.csvframe import frame_from_csv
 from leadloop.scoring.evaluate import binary_metrics, evaluate_frame, fit_final, make_candidates
 from leadloop.scoring.features import Feature, LeadData, build_features, frame_for, resolve_features
 from leadloop.scoring.model import evaluate_csv, landmarks, training_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests/ helpers
+from tests.x_education import LABEL, not_pre_contact
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 XED = DATA / "x_education_leads" / "Leads.csv"

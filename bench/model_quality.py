@@ -12,19 +12,22 @@ evaluation with candidate choice and calibration, final fit, scoring), timed at 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from x_education import LABEL, not_pre_contact
 
 from leadloop.config import settings_from_dict
 from leadloop.sandbox.simulator import lead_in, simulate
 from leadloop.scoring.evaluate import evaluate_frame, fit_final
 from leadloop.scoring.features import Feature, LeadData, build_features, frame_for, resolve_features
 from leadloop.scoring.model import evaluate_csv, landmarks, scoring_moments, training_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests/ helpers
+from tests.x_education import LABEL, not_pre_contact
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -369,6 +369,40 @@ def demo(out: str | None, leads: int, seed: int) -> None:
 
 
 @cli.group()
+def db() -> None:
+    """The store's schema: upgrade a store made by an earlier release."""
+
+
+@db.command("upgrade")
+@click.pass_context
+@handle_errors
+def db_upgrade(click_ctx: click.Context) -> None:
+    """Migrate the store to this release's schema (a new store needs nothing: it is created
+    current). Data is kept; other commands refuse an outdated store until this has run.
+
+    Example: leadloop -c leadloop.toml db upgrade
+    """
+    from leadloop import schema
+    from leadloop.config import load_settings
+    from leadloop.store import make_engine
+
+    path = click_ctx.find_root().params.get("config")
+    if not path:
+        raise click.UsageError("this command needs --config FILE (see config/leadloop.example.toml)")
+    settings = load_settings(path)
+    engine = make_engine(settings.database.url, echo=settings.database.echo, check_schema=False)
+    try:
+        before, after = schema.upgrade(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        click.echo(f"the store is current (schema revision {after})")
+    else:
+        click.echo(f"the store was upgraded from schema revision {before or 'none (before migrations)'}"
+                   f" to {after}")
+
+
+@cli.group()
 def model() -> None:
     """Trained lead-value models: list, show a model card, train now, evaluate on a CSV export."""
 

@@ -45,9 +45,9 @@ def _write_workbench_config(out: Path) -> Path:
     import tomlkit
 
     doc = tomlkit.parse(DEMO_CONFIG.read_text())
-    doc["database"]["url"] = f"sqlite:///{(out / 'leadloop.db').resolve()}"  # type: ignore[index]
-    doc["model"]["dir"] = str((out / "models").resolve())  # type: ignore[index]
-    doc["report"]["out_dir"] = str(out.resolve())  # type: ignore[index]
+    doc["database"]["url"] = f"sqlite:///{(out / 'leadloop.db').resolve()}"
+    doc["model"]["dir"] = str((out / "models").resolve())
+    doc["report"]["out_dir"] = str(out.resolve())
     head = ("# Written by `leadloop demo` so that `leadloop -c <this file> serve` opens the workbench\n"
             "# on the demo's store. The sandbox's servers stopped with the demo: sync and export\n"
             "# from this file have nothing to connect to.\n")

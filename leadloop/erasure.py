@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from leadloop.context import Context
 from leadloop.errors import LeadloopError
@@ -65,21 +65,20 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
         except IdentityError as exc:
             raise LeadloopError(f"--email: {exc}") from None
         selector = f"email:{audit_hash(plain)}"
-        match = or_(Lead.email_sha256 == plain, Lead.email_google_sha256 == google)  # type: ignore[arg-type]
+        match = or_(col(Lead.email_sha256) == plain, col(Lead.email_google_sha256) == google)
         who = f"e-mail sha256 {plain[:12]}…"
         traces |= {plain, google, email.strip(), email.strip().lower()}
     else:
         selector = f"crm_id:{source}:{audit_hash(str(crm_id))}"
-        match = (Lead.source == source) & (Lead.crm_id == crm_id)  # type: ignore[arg-type]
+        match = (col(Lead.source) == source) & (col(Lead.crm_id) == crm_id)
         who = f"{source} record {crm_id}"
     now = ctx.now()
     with session_scope(ctx.engine) as session:
-        found = session.execute(select(Lead.id, Lead.source, Lead.crm_id).where(match)).all()
+        who_rows = select(col(Lead.id), col(Lead.source), col(Lead.crm_id))
+        found = list(session.execute(who_rows.where(match)).all())
         ids = [row.id for row in found]
         if ids:  # leads merged into this person are the same person
-            merged = session.execute(
-                select(Lead.id, Lead.source, Lead.crm_id).where(Lead.merged_into_id.in_(ids))  # type: ignore[union-attr]
-            ).all()
+            merged = session.execute(who_rows.where(col(Lead.merged_into_id).in_(ids))).all()
             found += [m for m in merged if m.id not in ids]
             ids = [row.id for row in found]
         if ids:
@@ -87,14 +86,14 @@ def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str
         counts = {"leads": len(ids), "events": 0, "scores": 0, "conversions_deleted": 0,
                   "conversions_sent_kept": 0, "rejected_records": 0}
         if ids:
-            counts["events"] = _delete(session, delete(LeadEvent).where(LeadEvent.lead_id.in_(ids)))  # type: ignore[attr-defined]
-            counts["scores"] = _delete(session, delete(Score).where(Score.lead_id.in_(ids)))  # type: ignore[attr-defined]
+            counts["events"] = _delete(session, delete(LeadEvent).where(col(LeadEvent.lead_id).in_(ids)))
+            counts["scores"] = _delete(session, delete(Score).where(col(Score.lead_id).in_(ids)))
             counts["conversions_deleted"] = _delete(session, delete(Conversion).where(
-                Conversion.lead_id.in_(ids),  # type: ignore[attr-defined]
-                Conversion.status != ConversionStatus.sent,
+                col(Conversion.lead_id).in_(ids),
+                col(Conversion.status) != ConversionStatus.sent,
             ))
             counts["conversions_sent_kept"] = len(session.execute(
-                select(Conversion.id).where(Conversion.lead_id.in_(ids))  # type: ignore[attr-defined]
+                select(col(Conversion.id)).where(col(Conversion.lead_id).in_(ids))
             ).all())
             for src in {row.source for row in found}:
                 refs = [row.crm_id for row in found if row.source == src]
@@ -157,7 +156,7 @@ def output_dirs(ctx: Context, session: Session) -> list[Path]:
                                                 for folder in d.file_dirs())]
     if ctx.out_dir:
         dirs.append(Path(ctx.out_dir))
-    for counts in session.execute(select(JobRun.counts)).scalars():
+    for counts in session.execute(select(col(JobRun.counts))).scalars():
         if isinstance(counts, dict) and counts.get(OUT_DIR_KEY):
             dirs.append(Path(counts[OUT_DIR_KEY]))
     unique = {d.resolve(): None for d in dirs if d.is_dir()}
@@ -274,8 +273,8 @@ def erased_crm_ids(session: Session, source: str, crm_ids: Iterable[str]) -> set
     ids = list(set(crm_ids))
     out: set[str] = set()
     for i in range(0, len(ids), 5000):
-        out.update(session.execute(select(Lead.crm_id).where(
-            Lead.source == source, Lead.status == LeadStatus.erased,
+        out.update(session.execute(select(col(Lead.crm_id)).where(
+            col(Lead.source) == source, col(Lead.status) == LeadStatus.erased,
             among(session, Lead.crm_id, ids[i : i + 5000]),
         )).scalars())
     return out
@@ -284,7 +283,8 @@ def erased_crm_ids(session: Session, source: str, crm_ids: Iterable[str]) -> set
 def drop_erased(session: Session, source: str, page: Page) -> Page:
     """The page without the records of erased people: an erasure outlives the CRM record, so a
     later sync must not bring the person's identity, events or stages back."""
-    refs = {x.crm_id for x in (*page.leads, *page.stages, *page.events)}
+    refs = ({x.crm_id for x in page.leads} | {x.crm_id for x in page.stages}
+            | {x.crm_id for x in page.events})
     erased = erased_crm_ids(session, source, refs) if refs else set()
     if not erased:
         return page

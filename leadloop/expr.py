@@ -191,13 +191,13 @@ class _Checker:
                 self.check(right)
             case ast.Compare(left=left, ops=ops, comparators=comparators):
                 self.check(left)
-                for op, right in zip(ops, comparators, strict=True):
-                    if isinstance(op, ast.In | ast.NotIn):
+                for cmp, right in zip(ops, comparators, strict=True):
+                    if isinstance(cmp, ast.In | ast.NotIn):
                         self.check_list(right)
-                    elif type(op) in _COMPARE:
+                    elif type(cmp) in _COMPARE:
                         self.check(right)
                     else:
-                        self.refuse(_OP_TEXT.get(type(op), type(op).__name__),
+                        self.refuse(_OP_TEXT.get(type(cmp), type(cmp).__name__),
                                     "use isna()/notna() to test for missing values")
             case ast.Call():
                 self.check_call(node)

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from leadloop.tables import Conversion, JobOutcome, JobRun, Lead, Score, ValidationResult
 
@@ -44,7 +45,8 @@ def last_ok_inputs(engine: Engine, job: str) -> str | None:
     """The `inputs` fingerprint of the last successful (not interrupted) run of `job`."""
     with engine.connect() as conn:
         counts = conn.execute(
-            select(JobRun.counts).where(JobRun.name == job, JobRun.outcome == JobOutcome.ok)
-            .order_by(JobRun.id.desc()).limit(1)  # type: ignore[union-attr]
+            select(col(JobRun.counts)).where(col(JobRun.name) == job,
+                                          col(JobRun.outcome) == JobOutcome.ok)
+            .order_by(col(JobRun.id).desc()).limit(1)
         ).scalar_one_or_none()
     return (counts or {}).get("inputs")

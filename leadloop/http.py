@@ -56,9 +56,9 @@ class _CappedRetry(Retry):
         except Exception:  # an unparsable header: fall back to our own backoff
             return 0.0
 
-    def new(self, **kw: Any) -> Retry:
+    def new(self, **kw: Any) -> _CappedRetry:
         new = super().new(**kw)
-        new.max_retry_after = self.max_retry_after  # type: ignore[attr-defined]
+        new.max_retry_after = self.max_retry_after
         return new
 
 
@@ -67,7 +67,10 @@ class _TimeoutSession(requests.Session):
         super().__init__()
         self._timeout = timeout
 
-    def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:
+    # Takes requests' keyword arguments as **kwargs (typeshed spells each one out).
+    def request(  # type: ignore[override]
+        self, method: str, url: str | bytes, **kwargs: Any
+    ) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
         started = time.monotonic()
         response = super().request(method, url, **kwargs)

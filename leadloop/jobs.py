@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlmodel import select
 
@@ -209,7 +209,8 @@ def _export(ctx: Context) -> dict[str, Any]:
         return {"skipped": f"no destination to export to: {why} (see config/leadloop.example.toml; "
                            "kind = \"csv_files\" writes manual-import files)"}
     counts = run_export(ctx)
-    notes = [_nothing_sent_note(name, per) for name, per in counts.get("destinations", {}).items()
+    per_destination = cast(dict[str, dict[str, Any]], counts.get("destinations", {}))
+    notes = [_nothing_sent_note(name, per) for name, per in per_destination.items()
              if not per.get("sent") and per.get("held") and "error" not in per]
     return _with_notes(counts, "export", notes)
 

@@ -88,7 +88,7 @@ def renew(engine: Engine, owner: str, ttl: timedelta, now: datetime) -> bool:
     while we stalled and another daemon took it over): the caller must stop."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     with session_scope(engine) as session:
-        result = session.execute(
+        result = session.connection().execute(  # a CursorResult: it has the rowcount
             update(table)
             .where(table.c.name == LEASE_NAME, table.c.owner == owner)
             .values(heartbeat_at=now, expires_at=now + ttl)
@@ -100,7 +100,7 @@ def release(engine: Engine, owner: str) -> bool:
     """Give the lease up (only if it is ours), so the next daemon can start at once."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     with session_scope(engine) as session:
-        result = session.execute(
+        result = session.connection().execute(
             delete(table).where(table.c.name == LEASE_NAME, table.c.owner == owner)
         )
         return (result.rowcount or 0) == 1

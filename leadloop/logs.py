@@ -47,8 +47,10 @@ class JsonFormatter(logging.Formatter):
         for key in ("job", "counts", "destination", "source"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
-        if record.exc_info or record.exc_text:
-            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        elif record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
         # the extras (counts, ...) are redacted too: the whole line goes through the filter
         return redact_text(json.dumps(entry, default=str))
 

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
 from leadloop.store import session_scope
 from leadloop.tables import Conversion
@@ -52,7 +53,7 @@ class _OutboxCollector(Collector):
         try:
             with session_scope(self.engine) as session:
                 rows = session.execute(
-                    select(Conversion.destination, Conversion.status, func.count())
+                    select(col(Conversion.destination), col(Conversion.status), func.count())
                     .group_by(Conversion.destination, Conversion.status)
                 ).all()
         except Exception as exc:  # a scrape must not crash on a database hiccup

@@ -69,7 +69,7 @@ def track(description: str, total: int | None = None, *, every: float = 10.0) ->
         )
         with Progress(*columns, transient=True) as progress:
             task = progress.add_task(description, total=total)
-            yield _RichTracker(progress, task)  # type: ignore[arg-type]
+            yield _RichTracker(progress, task)
     else:
         tracker = _LogTracker(description, total, every)
         yield tracker

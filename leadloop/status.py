@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlmodel import col
 
 from leadloop import lease
 from leadloop.context import Context
-from leadloop.daemon import first_run_time, last_starts, scheduled_jobs
 from leadloop.jobs import JOBS, RUNNER_KEY, runner_gone
+from leadloop.schedule import first_run_time, last_starts, scheduled_jobs
 from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus, JobOutcome, JobRun
 
@@ -37,7 +38,7 @@ def _conversions(ctx: Context) -> dict[str, dict[str, int]]:
     out = {name: dict.fromkeys(STATUSES, 0) for name in ctx.settings.destinations}
     with session_scope(ctx.engine) as session:
         rows = session.execute(
-            select(Conversion.destination, Conversion.status, func.count())
+            select(col(Conversion.destination), col(Conversion.status), func.count())
             .group_by(Conversion.destination, Conversion.status)
         ).all()
     for destination, status, n in rows:

@@ -20,21 +20,12 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
-from leadloop import tables
+from leadloop import schema, tables
 from leadloop.config import check_database_url
 from leadloop.errors import ConfigError, LeadloopError
 
 # SQLite limits bound parameters per statement; PostgreSQL allows 65,535. Chunk to stay under.
 _MAX_PARAMS = 30_000
-
-# Indexes older stores have and this version drops: each one cost every sync write and served
-# no query. Those on `lead_id` and `source` alone duplicated the first column of a unique
-# index; and while a new PostgreSQL store had no statistics, the planner read every lead
-# through `ix_lead_source` for each page's CRM-id lookup. No query filters on an event's name
-# or a lead's utm_source alone.
-_RETIRED_INDEXES = ("ix_lead_source", "ix_lead_utm_source", "ix_lead_event_lead_id",
-                    "ix_lead_event_name", "ix_stage_change_lead_id", "ix_score_lead_id")
-
 
 def normalise_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here (SQLAlchemy's default would be psycopg2)."""
@@ -45,9 +36,9 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """Create the engine and the schema (no migrations yet: `create_all` is idempotent, and
-    indexes added since a store was created are created on it).
+def make_engine(url: str, *, echo: bool = False, check_schema: bool = True) -> Engine:
+    """Create the engine; create a new store's schema, and refuse a store made by an earlier
+    release until `leadloop db upgrade` has migrated it (`check_schema=False`: that command).
 
     A URL that cannot work is a `ConfigError` naming `database.url` (exit 2); a PostgreSQL
     server that cannot be reached is one `LeadloopError` line (exit 1). A new SQLite file is
@@ -86,16 +77,16 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     else:
         raise ConfigError("database.url", "must start with sqlite:/// or postgresql://")
     try:
-        SQLModel.metadata.create_all(engine)
-        with engine.begin() as conn:
-            for table in SQLModel.metadata.sorted_tables:
-                for index in table.indexes:
-                    index.create(conn, checkfirst=True)
-            for name in _RETIRED_INDEXES:
-                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+        if check_schema:
+            schema.ensure_current(engine, parsed.render_as_string(hide_password=True))
+        else:
+            engine.connect().close()
     except (OperationalError, InterfaceError) as exc:
         engine.dispose()
         raise _connection_error(parsed, exc) from None
+    except LeadloopError:
+        engine.dispose()
+        raise
     return engine
 
 

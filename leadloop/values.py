@@ -217,6 +217,8 @@ def suggest_stage_values(engine: Engine, settings: Settings, now: datetime
     won_ids = set(reached.index[reached[won_name].notna()]) if won_name in reached else set()
     values = won_values(settings, stage_rows).dropna()
     mean_won = float(values.mean()) if len(values) else None
+    won_low: float | None
+    won_high: float | None
     if mean_won is not None and len(values) > 1:
         half = 1.96 * float(values.std(ddof=1)) / math.sqrt(len(values))
         won_low, won_high = max(0.0, mean_won - half), mean_won + half

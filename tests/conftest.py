@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
@@ -45,12 +46,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'leadloop.db'}"
         return
     url = _postgres_or_skip()
-    engine = make_engine(url)
-    SQLModel.metadata.drop_all(engine)
-    engine.dispose()
+    _empty_postgres(url)
     yield url
-    engine = make_engine(url)
+    _empty_postgres(url)
+
+
+def _empty_postgres(url: str) -> None:
+    """Drop leadloop's tables and the schema revision, whatever state a test left them in."""
+    engine = make_engine(url, check_schema=False)
     SQLModel.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 

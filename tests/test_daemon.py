@@ -1,8 +1,12 @@
 """The daemon in-process, with fake job bodies: scheduling, ordering, failures, the lease,
-graceful stop, health and metrics. (The real daemon as a subprocess: test_daemon_process.py.)"""
+graceful stop, health and metrics. (The real daemon as a subprocess: test_daemon_process.py.)
+
+Schedules run on a fake clock (tests/fake_clock.py): a test moves it on and the jobs due run,
+instead of sleeping through real one-second schedules."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -18,18 +22,13 @@ from sqlmodel import select
 
 from leadloop import jobs, lease
 from leadloop.context import Context
-from leadloop.daemon import (
-    Daemon,
-    build_trigger,
-    cron_day_of_week,
-    first_run_time,
-    run_daemon,
-    scheduled_jobs,
-)
+from leadloop.daemon import Daemon, run_daemon
 from leadloop.errors import ConfigError, LeaseHeldError, SourceError
+from leadloop.schedule import build_trigger, cron_day_of_week, first_run_time, scheduled_jobs
 from leadloop.store import session_scope
 from leadloop.tables import JobOutcome, JobRun
 from tests.daemon_helpers import gdm_stage, ingested_ids
+from tests.fake_clock import FakeClock, wait_until
 
 FAST = {"sync": "1s", "export": "1s", "score": "1s", "validate": None, "retrain": None,
         "report": None, "lease_seconds": 3, "stop_timeout_seconds": 10}
@@ -68,17 +67,26 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     return rec
 
 
-def start_in_thread(ctx: Context, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+def start_in_thread(ctx: Context, clock: FakeClock | None = None, **kwargs: Any
+                    ) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run the daemon in a thread; with `clock`, its scheduler runs on that clock, and this
+    returns once the jobs due at the start have run."""
     out: dict[str, Any] = {}
+    daemon = Daemon(ctx)
+    if clock is not None:
+        clock.watch(daemon.scheduler)
 
     def target() -> None:
         try:
-            out["code"] = run_daemon(ctx, **kwargs)
+            out["code"] = daemon.run(**kwargs)
         except BaseException as exc:
             out["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    if clock is not None:
+        wait_until(lambda: daemon.scheduler.running or "error" in out, what="the scheduler")
+        clock.advance(0)
     return thread, out
 
 
@@ -94,18 +102,31 @@ def job_runs(engine: Engine) -> list[JobRun]:
 
 
 @pytest.fixture
-def fast_ctx(make_context: Callable[..., Context], engine: Engine) -> Context:
-    return make_context(engine, schedule=FAST)
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(datetime.now(UTC).replace(microsecond=0))
+    fake.install(monkeypatch)
+    return fake
+
+
+@pytest.fixture
+def fast_ctx(make_context: Callable[..., Context], engine: Engine, clock: FakeClock) -> Context:
+    ctx = make_context(engine, schedule=FAST)
+    ctx.now = clock.now
+    return ctx
 
 
 def test_jobs_run_on_schedule_and_export_follows_each_sync(
-    fast_ctx: Context, recorder: Recorder, engine: Engine
+    fast_ctx: Context, recorder: Recorder, engine: Engine, clock: FakeClock
 ) -> None:
-    thread, out = start_in_thread(fast_ctx, wait=False)
-    time.sleep(3.5)
+    thread, out = start_in_thread(fast_ctx, clock, wait=False)
+    assert (recorder.starts("sync"), recorder.starts("score")) == (1, 1)  # due at start
+    clock.advance(0.5)
+    assert recorder.starts("sync") == 1  # not yet due
+    for _ in range(2):
+        clock.advance(1)
     stop(fast_ctx, thread)
     assert out == {"code": 0}
-    assert recorder.starts("sync") >= 3 and recorder.starts("score") >= 3
+    assert recorder.starts("sync") == 3 and recorder.starts("score") == 3
     # sync and export never overlap, and every sync is directly followed by an export
     pipeline = [(n, k) for n, k, _ in recorder.events if n in ("sync", "export")]
     for i in range(0, len(pipeline), 2):
@@ -121,15 +142,15 @@ def test_jobs_run_on_schedule_and_export_follows_each_sync(
 
 def test_failing_and_crashing_jobs_are_recorded_and_the_schedule_goes_on(
     fast_ctx: Context, recorder: Recorder, engine: Engine, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, clock: FakeClock,
 ) -> None:
     monkeypatch.setitem(jobs.JOBS, "sync", recorder.body("sync", fail=SourceError("CRM down")))
     monkeypatch.setitem(jobs.JOBS, "score", recorder.body("score", fail=RuntimeError("bug")))
-    thread, out = start_in_thread(fast_ctx, wait=False)
-    time.sleep(2.6)
+    thread, out = start_in_thread(fast_ctx, clock, wait=False)
+    clock.advance(1)
     stop(fast_ctx, thread)
     assert out == {"code": 0}
-    assert recorder.starts("sync") >= 2 and recorder.starts("score") >= 2
+    assert recorder.starts("sync") == 2 and recorder.starts("score") == 2
     runs = job_runs(engine)
     syncs = [r for r in runs if r.name == "sync"]
     scores = [r for r in runs if r.name == "score"]
@@ -151,16 +172,23 @@ def test_second_daemon_is_refused_with_the_holders_name(
 
 
 def test_wait_takes_over_when_the_holder_lets_go(
-    fast_ctx: Context, recorder: Recorder, engine: Engine
+    fast_ctx: Context, recorder: Recorder, engine: Engine, clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    assert lease.acquire(engine, "other", timedelta(seconds=60), datetime.now(UTC))
-    thread, out = start_in_thread(fast_ctx, wait=True)
-    time.sleep(1.5)
+    caplog.set_level(logging.INFO, "leadloop.daemon")
+    assert lease.acquire(engine, "other", timedelta(seconds=60), clock.now())
+    daemon = Daemon(fast_ctx)
+    clock.watch(daemon.scheduler)
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(code=daemon.run(wait=True)), daemon=True)
+    thread.start()
+    wait_until(lambda: "waiting for the lease" in caplog.text, what="the daemon to wait")
     assert recorder.events == [] and thread.is_alive()
     lease.release(engine, "other")
-    time.sleep(2.0)
-    assert lease.holder(engine).owner != "other"  # type: ignore[union-attr]
-    assert recorder.starts("sync") >= 1
+    wait_until(lambda: daemon.scheduler.running, what="the lease to be taken")  # polls it 1/s
+    clock.advance(0)
+    assert lease.holder(engine).owner == daemon.owner  # type: ignore[union-attr]
+    assert recorder.starts("sync") == 1
     stop(fast_ctx, thread)
     assert out == {"code": 0}
 
@@ -184,7 +212,7 @@ def test_stop_lets_the_batch_in_flight_commit_then_exits(
     for name in jobs.JOBS:
         monkeypatch.setitem(jobs.JOBS, name, lambda ctx: {})
     monkeypatch.setitem(jobs.JOBS, "export", batched_export)
-    thread, out = start_in_thread(fast_ctx, wait=False)
+    thread, out = start_in_thread(fast_ctx, wait=False)  # the export runs at start
     assert batch_started.wait(10)
     time.sleep(0.4)
     began = time.monotonic()
@@ -198,15 +226,15 @@ def test_stop_lets_the_batch_in_flight_commit_then_exits(
 
 
 def test_lost_lease_stops_the_daemon_with_exit_code_1(
-    fast_ctx: Context, recorder: Recorder, engine: Engine
+    fast_ctx: Context, recorder: Recorder, engine: Engine, clock: FakeClock
 ) -> None:
-    thread, out = start_in_thread(fast_ctx, wait=False)
-    time.sleep(0.8)
+    thread, out = start_in_thread(fast_ctx, clock, wait=False)
     holder = lease.holder(engine)
     assert holder is not None
     # another daemon took the lease over (as if ours had expired while we stalled)
     lease.release(engine, holder.owner)
-    assert lease.acquire(engine, "usurper", timedelta(seconds=60), datetime.now(UTC))
+    assert lease.acquire(engine, "usurper", timedelta(seconds=60), clock.now())
+    clock.advance(1)  # the next heartbeat (every lease_seconds / 3) finds it gone
     thread.join(10)
     assert not thread.is_alive()
     assert out == {"code": 1}
@@ -228,12 +256,12 @@ def fetch(url: str) -> tuple[int, str]:
 
 
 def test_health_and_metrics_endpoint(
-    make_context: Callable[..., Context], engine: Engine, recorder: Recorder
+    make_context: Callable[..., Context], engine: Engine, recorder: Recorder, clock: FakeClock
 ) -> None:
     port = free_port()
     ctx = make_context(engine, schedule=FAST, health={"port": port})
-    thread, out = start_in_thread(ctx, wait=False)
-    time.sleep(1.8)
+    ctx.now = clock.now
+    thread, out = start_in_thread(ctx, clock, wait=False)
     status, body = fetch(f"http://127.0.0.1:{port}/healthz")
     assert status == 200 and body.startswith("ok: scheduler running, lease held by ")
     status, body = fetch(f"http://127.0.0.1:{port}/metrics")

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from sqlmodel import Session, func, select
 
-from bench.x_education import not_pre_contact
 from leadloop.crm.base import EventIn, Page, apply_page
 from leadloop.errors import LeakageError, ModelError
 from leadloop.scoring import registry
@@ -29,6 +28,7 @@ from leadloop.store import session_scope
 from leadloop.tables import Lead, Score
 from tests.conftest import SHARED_DATA
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
+from tests.x_education import not_pre_contact
 
 XED = SHARED_DATA / "x_education_leads" / "Leads.csv"
 OLIST = SHARED_DATA / "olist_marketing_funnel"

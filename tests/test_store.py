@@ -4,14 +4,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import text
 from sqlmodel import select
 
 from leadloop.store import (
     analyze_unanalyzed,
     insert_ignore,
     lead_ids,
-    make_engine,
     session_scope,
     upsert,
 )
@@ -133,17 +132,6 @@ def test_a_failed_batch_rolls_back_and_the_next_transaction_starts_clean(engine)
         upsert(s, Lead, [_lead("3")], conflict=("source", "crm_id"))
     with session_scope(engine) as s:
         assert s.exec(select(Lead.crm_id)).all() == ["3"]
-
-
-def test_make_engine_drops_the_retired_source_index(db_url):
-    engine = make_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE INDEX ix_lead_source ON lead (source)"))
-    engine.dispose()
-    engine = make_engine(db_url)
-    assert "ix_lead_source" not in {i["name"] for i in inspect(engine).get_indexes("lead")}
-    assert "ix_lead_erased" in {i["name"] for i in inspect(engine).get_indexes("lead")}
-    engine.dispose()
 
 
 def test_tables_never_analysed_get_statistics_once(engine):

@@ -376,7 +376,7 @@ class FakePlatforms:
         request_id = str(uuid.uuid4())
         if body.get("validateOnly"):
             return Reply(200, {"requestId": request_id})
-        ledger, errors = self.ledgers["google_data_manager"], defaultdict(int)
+        ledger, errors = self.ledgers["google_data_manager"], defaultdict[str, int](int)
         accepted = 0
         for ev in body["events"]:
             tid = ev.get("transactionId", "")
@@ -448,7 +448,8 @@ class FakePlatforms:
         if bad:
             return bad
         ledger = self.ledgers["google_ads"]
-        errors, results = [], []
+        errors: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
         for i, c in enumerate(body["conversions"]):
             code = self._ads_row_problem(c)
             oid = c.get("orderId", "")
@@ -496,7 +497,8 @@ class FakePlatforms:
         bad = self._ads_request_problem(req, body, "conversionAdjustments")
         if bad:
             return bad
-        errors, results = [], []
+        errors: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
         for i, a in enumerate(body["conversionAdjustments"]):
             code = self._row_errors["google_ads"].get(a.get("orderId", ""))
             original = self.ledgers["google_ads"].get(a.get("orderId", ""))

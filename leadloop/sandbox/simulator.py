@@ -655,5 +655,6 @@ def funnel_pages(funnel: Funnel, *, source: str = "hubspot", page_size: int = 50
             for name, at in lead.micro_events:
                 page.events.append(EventIn(lead.crm_id, name, at))
         last = page.leads[-1]
-        page.cursor = Cursor(max(lead.updated_at for lead in page.leads), last.crm_id)
+        page.cursor = Cursor(max(lead.updated_at or lead.created_at for lead in page.leads),
+                             last.crm_id)
         yield page

@@ -216,7 +216,7 @@ async def uploads(request: Request) -> Response:
 def _retry(wb: Workbench, destination: str) -> int:
     conv = Conversion.__table__  # type: ignore[attr-defined]
     with session_scope(wb.context().engine) as session:
-        n = session.execute(
+        n = session.connection().execute(  # a CursorResult: it has the rowcount
             update(conv).where(conv.c.destination == destination,
                                conv.c.status == ConversionStatus.dead.value)
             .values(status=ConversionStatus.pending.value, attempts=0, next_attempt_at=None)

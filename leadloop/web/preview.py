@@ -72,7 +72,8 @@ def _effects(ctx: Context, settings: Settings, stages: list[str], data: ReportDa
             before = {r.id: r.value for r in session.execute(
                 select(conv.c.id, conv.c.value).where(conv.c.stage.in_(stages),
                                                      conv.c.status.in_(DUE)))}
-            build_outbox(session, scoped, dests, ctx.now())
+            takes: dict[str, bool | frozenset[str]] = dict(dests)  # build_outbox's parameter type
+            build_outbox(session, scoped, takes, ctx.now())
             for stage in scoped.stages:
                 for dest in stage.destinations:
                     if dest not in dests:

@@ -1,5 +1,6 @@
-"""The X Education leads file's pre-contact columns, shared by bench/model_quality.py and
-tests/test_scoring.py so that the benchmark and the floor test measure the same feature set.
+"""The X Education leads file's pre-contact columns, shared by tests/test_scoring.py and
+bench/model_quality.py, model_honesty.py so that the floor test and the benchmarks measure the
+same feature set (the tests own it: they must not import bench/).
 
 The tiers come from shared/data/README.md: these columns are known before any sales contact;
 the rest (the activity snapshots and the sales-filled columns) leak the outcome. The example
