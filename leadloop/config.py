@@ -13,7 +13,7 @@ import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,9 @@ from leadloop.envnames import EnvName
 from leadloop.envnames import check_env_name as _check_env_name
 from leadloop.errors import ConfigError, ConfigErrors, MissingSecretError
 from leadloop.export.registry import DESTINATIONS
+
+if TYPE_CHECKING:
+    from leadloop.export.base import DestinationSettings
 from leadloop.expr import parse as parse_expression
 from leadloop.redact import register_secret
 
@@ -242,10 +245,13 @@ class MicroConversionConfig(_Model):
 # One `[destinations.<name>]` section: the config model of its `kind`'s destination class (each
 # declares its own keys, see leadloop/export/base.py `DestinationSettings`). `kind` defaults to
 # the section name (`Settings._kind_from_name`).
-DestinationConfig = Annotated[
-    Union[tuple(cls.config_model for cls in DESTINATIONS.values())],  # type: ignore[valid-type]  # noqa: UP007
-    Field(discriminator="kind"),
-]
+if TYPE_CHECKING:  # the union is built from the registry at run time; every member is one
+    DestinationConfig = DestinationSettings
+else:
+    DestinationConfig = Annotated[
+        Union[tuple(cls.config_model for cls in DESTINATIONS.values())],  # noqa: UP007
+        Field(discriminator="kind"),
+    ]
 
 
 def parse_schedule(value: str) -> timedelta | str:
