@@ -29,11 +29,11 @@ from leadloop.envnames import EnvName
 from leadloop.envnames import check_env_name as _check_env_name
 from leadloop.errors import ConfigError, ConfigErrors, MissingSecretError
 from leadloop.export.registry import DESTINATIONS
+from leadloop.expr import parse as parse_expression
+from leadloop.redact import register_secret
 
 if TYPE_CHECKING:
     from leadloop.export.base import DestinationSettings
-from leadloop.expr import parse as parse_expression
-from leadloop.redact import register_secret
 
 CrmKind = Literal["hubspot", "salesforce", "pipedrive", "csv"]
 ValueRule = float | Literal["deal_amount", "predicted"]
