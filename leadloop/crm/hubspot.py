@@ -493,6 +493,10 @@ class HubSpotSource:
 
     def _deal_page(self, results: Sequence[dict]) -> Page:
         page = Page()
+        usable = [r for r in results if isinstance(r, dict) and record_key(r, "id")]
+        page.rejects += [RecordRejected(f"deal:{record_id(r)}", "deal record has no usable id")
+                         for r in results if not (isinstance(r, dict) and record_key(r, "id"))]
+        results = usable
         stages = self.deal_stages()
         stage_prop = self.crm.deal_stage_property
         contacts = self.associated("deals", "contacts", [str(r["id"]) for r in results])

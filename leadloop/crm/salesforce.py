@@ -305,6 +305,9 @@ class SalesforceSource:
     def _fetch_leads(self, since: Cursor | None) -> Iterator[Page]:
         for batch, total in self._incremental("Lead", self._lead_fields(), since):
             page = Page(total=total)
+            page.rejects += [RecordRejected(f"Lead:{record_id(r, 'Id')}", "record has no usable Id")
+                             for r in batch if not (isinstance(r, dict) and record_key(r, "Id"))]
+            batch = [r for r in batch if isinstance(r, dict) and record_key(r, "Id")]
             live = [r for r in batch if not r.get("IsDeleted")]
             merged = [r for r in batch if r.get("IsDeleted") and r.get("MasterRecordId")]
             page.deleted_crm_ids = [str(r["Id"]) for r in batch
@@ -403,6 +406,10 @@ class SalesforceSource:
         stage_meta = self._stage_metadata()
         for batch, total in self._incremental("Opportunity", _OPP_FIELDS, since):
             page = Page(total=total)
+            page.rejects += [RecordRejected(f"Opportunity:{record_id(r, 'Id')}", "record has no "
+                                            "usable Id") for r in batch
+                             if not (isinstance(r, dict) and record_key(r, "Id"))]
+            batch = [r for r in batch if isinstance(r, dict) and record_key(r, "Id")]
             live = [r for r in batch if not r.get("IsDeleted")]
             opp_ids = [str(r["Id"]) for r in live]
             owners = self._converted_leads(opp_ids)
