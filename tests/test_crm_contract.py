@@ -13,10 +13,10 @@ from sqlmodel import select
 
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.errors import QuotaExhaustedError
 from leadloop.jobs import run_job
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import JobRun, Lead, StageChange, SyncState
 from tests.crm_harnesses import HARNESSES, Faults, Harness, load_harness
 

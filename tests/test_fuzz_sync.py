@@ -20,8 +20,9 @@ from sqlmodel import select
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import MALFORMED, Cursor, Page, as_reject, record_id, sync_source
+from leadloop.crm.base import MALFORMED, Cursor, Page, as_reject, record_id
 from leadloop.store import make_engine, session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, RejectedRecord
 from tests.conftest import BASE_CONFIG
 

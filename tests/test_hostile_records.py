@@ -12,9 +12,10 @@ import pytest
 from sqlmodel import select
 
 from leadloop.crm import build_source
-from leadloop.crm.base import Cursor, EventIn, LeadIn, Page, StageIn, sync_source
+from leadloop.crm.base import Cursor, EventIn, LeadIn, Page, StageIn
 from leadloop.identity import sha256_hex
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, LeadEvent, RejectedRecord, StageChange
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
