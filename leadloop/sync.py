@@ -409,8 +409,12 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, Any]:
         # The next page is read while this one is written: reading waits on the CRM, writing
         # on the database, and the two overlap.
         # Pages are screened in the reader thread too, while the previous one is written.
-        pages = prefetched(_screened(ctx, source.fetch(stream, since, started_at=started_at)),
-                           name=f"sync-{source.name}-{stream}")
+        # The connector reads in its own thread and never touches the store: what it needs to
+        # know of the store is read here and handed over.
+        stored = _stored_crm_ids(ctx, source.name) if stream in source.needs_stored_ids else (
+            frozenset())
+        fetched = source.fetch(stream, since, started_at=started_at, stored_ids=stored)
+        pages = prefetched(_screened(ctx, fetched), name=f"sync-{source.name}-{stream}")
         seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
         with track(f"sync {source.name} {stream}") as progress, closing(pages):
             for page, problems, found_pii in pages:
@@ -437,6 +441,12 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, Any]:
                 state.last_success_at = utcnow()
                 session.add(state)
     return _with_pii_summary(totals, pii)
+
+
+def _stored_crm_ids(ctx: Context, source: str) -> frozenset[str]:
+    """The CRM ids of every lead stored for `source`."""
+    with session_scope(ctx.engine) as session:
+        return frozenset(session.execute(select(Lead.crm_id).where(Lead.source == source)).scalars())
 
 
 def _with_pii_summary(totals: dict[str, Any], pii: PiiActions) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import csv
 import io
 import tempfile
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -198,10 +199,13 @@ class _Pages:
     def __init__(self, page: Page) -> None:
         self.page = page
 
+    needs_stored_ids = ()
+
     def streams(self) -> list[str]:
         return ["contacts"]
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         yield self.page
 
 

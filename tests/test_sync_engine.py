@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -30,10 +31,13 @@ class ScriptedSource:
         self.pages = pages
         self.asked: list[Cursor | None] = []
 
+    needs_stored_ids = ()
+
     def streams(self) -> list[str]:
         return ["contacts"]
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         self.asked.append(since)
         yield from self.pages
 

@@ -8,7 +8,8 @@ CRMs is `leadloop.crm.rest`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -123,13 +124,19 @@ class CrmSource(Protocol):
     """A CRM connector. Implementations live in `leadloop/crm/<kind>.py`."""
 
     name: str  # the source name stored on each lead
+    # Streams whose records refer to leads an earlier sync may have stored (HubSpot deals name
+    # contacts): for these the engine passes the stored leads' CRM ids to `fetch`.
+    needs_stored_ids: Collection[str]
 
     def streams(self) -> Sequence[str]:
         """Stream names in the order they must be synced (leads before what refers to them)."""
         ...
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
-        """Yield pages of records modified at or after `since` (None: backfill everything)."""
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+        """Yield pages of records modified at or after `since` (None: backfill everything).
+        `stored_ids`: the CRM ids of this source's stored leads, for `needs_stored_ids` streams
+        (empty for the others)."""
         ...
 
 

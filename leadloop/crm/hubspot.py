@@ -16,8 +16,8 @@ Streams, in order:
   (metadata strings `isClosed`/`probability`: closed at 0.0 = lost), stage times from
   `hs_v2_date_entered_<stage id>`; each deal's stages are attributed to its associated contacts
   (v4 associations batch read, ≤ 1,000 ids, following each deal's own `paging.next.after` past
-  500 contacts). Contacts the store does not know yet are batch-read
-  into the same page, so no stage is rejected for a missing lead.
+  500 contacts). Contacts the store does not hold yet (the engine passes the ids it holds)
+  are batch-read into the same page, so no stage is rejected for a missing lead.
 - `contacts_archived`: archived contacts never appear in search and do not bump their modified
   date, so the list endpoint with `archived=true` is read in full each run → `deleted_crm_ids`.
 - `deals_archived`: the same for deals → `deleted_deal_ids`; the engine drops their stages, so
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -56,7 +57,6 @@ from leadloop.crm.base import (
 )
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
 from leadloop.http import RateLimiter, describe_response, retry_after_seconds
-from leadloop.store import lead_ids, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,12 @@ class HubSpotSource:
         self._oauth: Any = None
         self._token: str | None = None
         self._stages: dict[str, DealStage] | None = None
+        self._stored: set[str] = set()  # contacts the store holds (given by the engine) or will
         self.requests = 0
 
     # -- streams -------------------------------------------------------------------------------
+
+    needs_stored_ids = ("deals",)  # a deal's contacts not yet stored are read with its page
 
     def streams(self) -> Sequence[str]:
         out = [o for o in ("contacts", "deals") if o in self.crm.objects]
@@ -144,10 +147,12 @@ class HubSpotSource:
             out.append("deals_archived")
         return out
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "contacts":
             yield from self._search_pages("contacts", "lastmodifieddate", since, self._contact_page)
         elif stream == "deals":
+            self._stored = set(stored_ids)
             yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
         elif stream == "contacts_archived":
             yield from self._archived_pages()
@@ -501,15 +506,14 @@ class HubSpotSource:
         stage_prop = self.crm.deal_stage_property
         contacts = self.associated("deals", "contacts", [str(r["id"]) for r in results])
         needed = sorted({c for ids in contacts.values() for c in ids}, key=int)
-        with session_scope(self.ctx.engine) as session:
-            known = lead_ids(session, self.name, needed)
-        missing = [c for c in needed if c not in known]
+        missing = [c for c in needed if c not in self._stored]
         for lo in range(0, len(missing), BATCH_READ_MAX):
             data = self._call("POST", self._path("objects", "contacts/batch/read"), body={
                 "inputs": [{"id": c} for c in missing[lo:lo + BATCH_READ_MAX]],
                 "properties": self.contact_properties()})
             for r in data.get("results", []):
                 self._add_contact(page, r)
+        self._stored |= {lead.crm_id for lead in page.leads}  # stored with this page
         latest: tuple[datetime, int] | None = None
         for r in results:
             did = str(r["id"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -108,6 +109,8 @@ class PipedriveSource:
         self.extra = list(crm.extra_properties)
         self._stages: dict[int, dict[str, Any]] | None = None
 
+    needs_stored_ids = ()
+
     def streams(self) -> Sequence[str]:
         return ("persons", "deals", "deals_archived")
 
@@ -184,7 +187,8 @@ class PipedriveSource:
 
     # -- streams ----------------------------------------------------------------------------
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "persons":
             for data, cursor in self._list("/persons", since):
                 page = Page(cursor=cursor)

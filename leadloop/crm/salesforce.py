@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -245,6 +246,8 @@ class SalesforceSource:
         self._lead_history = True  # off after INVALID_TYPE (history tracking not enabled)
         self.skipped_opportunities = 0
 
+    needs_stored_ids = ()
+
     def streams(self) -> Sequence[str]:
         return ("Lead", "Opportunity")
 
@@ -286,7 +289,8 @@ class SalesforceSource:
                 log.warning("Salesforce query locator expired; restarting %s from %s",
                             sobject, soql_datetime(start))
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "Lead":
             yield from self._fetch_leads(since)
         elif stream == "Opportunity":
