@@ -55,8 +55,10 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
+from leadloop.crm.rest import Auth, OAuthAuth, RestApi, TokenAuth, json_body
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
-from leadloop.http import RateLimiter, describe_response, retry_after_seconds
+from leadloop.http import RateLimiter, retry_after_seconds
+from leadloop.oauth import OAuthTokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,52 @@ def _bool(value: Any) -> bool | None:
     return True if s in _TRUE else False if s in _FALSE else None
 
 
+class HubSpotApi(RestApi):
+    """HubSpot's REST API: a private-app token or an OAuth refresh token; a 429 of the DAILY
+    policy is the quota."""
+
+    vendor = "HubSpot"
+    auth_hint = ("check that the token is valid and has the crm.objects.contacts.read and "
+                 "crm.objects.deals.read scopes")
+    ok_statuses = frozenset({200, 207})
+
+    def __init__(self, ctx: Context, limiter: RateLimiter) -> None:
+        crm = ctx.settings.crm
+        self.ctx = ctx
+        timeout = (min(10.0, crm.timeout_seconds), crm.timeout_seconds)
+        super().__init__(ctx.http(timeout=timeout), crm.base_url or DEFAULT_BASE_URL,
+                         self._credentials, limiter)
+
+    def _credentials(self) -> Auth:
+        s, crm = self.ctx.settings, self.ctx.settings.crm
+        if crm.auth_flow != "refresh_token":
+            return TokenAuth(s, "crm.token_env", crm.token_env)
+        provider = OAuthTokenProvider(
+            self.session, crm.token_url or f"{self.base_url}/oauth/v1/token",
+            s.secret("crm.client_id_env", crm.client_id_env).get_secret_value(),
+            s.secret("crm.client_secret_env", crm.client_secret_env).get_secret_value(),
+            s.secret("crm.refresh_token_env", crm.refresh_token_env).get_secret_value(),
+        )
+        return OAuthAuth(provider, f"the OAuth app in {crm.client_id_env}/{crm.refresh_token_env}")
+
+    def error_code(self, response: requests.Response) -> str:
+        body = json_body(response)
+        return str(body.get("category") or "") if isinstance(body, dict) else ""
+
+    def quota_error(self, response: requests.Response) -> QuotaExhaustedError | None:
+        body = json_body(response)
+        if response.status_code != 429 or not (isinstance(body, dict)
+                                                and body.get("policyName") == "DAILY"):
+            return None
+        wait = retry_after_seconds(response)
+        when = (f"at {(self.ctx.now() + timedelta(seconds=wait)).isoformat(timespec='minutes')}"
+                if wait else "at midnight in the HubSpot account's time zone")
+        return QuotaExhaustedError(
+            f"HubSpot daily API limit reached (X-HubSpot-RateLimit-Daily="
+            f"{response.headers.get('X-HubSpot-RateLimit-Daily', '?')}); it resets {when}",
+            hint="the next sync resumes from the stored cursor")
+
+
 class HubSpotSource:
     """`CrmSource` for HubSpot (see the module doc)."""
 
@@ -120,20 +168,14 @@ class HubSpotSource:
         crm = ctx.settings.crm
         self.crm = crm
         self.name = crm.source_name
-        self.base_url = (crm.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.version = crm.api_version or "v3"
-        timeout = (min(10.0, crm.timeout_seconds), crm.timeout_seconds)
-        self.session = ctx.http(timeout=timeout)
         allowed = crm.requests_per_10s or 100.0
         # burst + rate * window must stay under the plan's window limit: 95 % of it, burst 2 %
-        self.limiter = RateLimiter(0.95 * allowed, rate_window_seconds, burst=max(1.0, 0.02 * allowed))
+        limiter = RateLimiter(0.95 * allowed, rate_window_seconds, burst=max(1.0, 0.02 * allowed))
         self.search_limiter = RateLimiter(0.95 * search_per_second, 1.0, burst=1.0)
-        self._token_key = "crm.token_env"
-        self._oauth: Any = None
-        self._token: str | None = None
+        self.api = HubSpotApi(ctx, limiter)
         self._stages: dict[str, DealStage] | None = None
         self._stored: set[str] = set()  # contacts the store holds (given by the engine) or will
-        self.requests = 0
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -163,6 +205,10 @@ class HubSpotSource:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    @property
+    def requests(self) -> int:
+        return self.api.requests
+
     def _path(self, kind: str, rest: str) -> str:
         """`kind` is objects | pipelines | associations; handles v3/v4 vs date versions."""
         if self.version.startswith("v"):
@@ -171,68 +217,10 @@ class HubSpotSource:
             return f"/crm/{self.version}/{kind}/{rest}"
         return f"/crm/{kind}/{self.version}/{rest}"
 
-    def _auth_header(self) -> str:
-        if self.crm.auth_flow == "refresh_token":
-            if self._oauth is None:
-                from leadloop.oauth import OAuthTokenProvider
-
-                s = self.ctx.settings
-                self._oauth = OAuthTokenProvider(
-                    self.session, self.crm.token_url or f"{self.base_url}/oauth/v1/token",
-                    s.secret("crm.client_id_env", self.crm.client_id_env).get_secret_value(),
-                    s.secret("crm.client_secret_env", self.crm.client_secret_env).get_secret_value(),
-                    s.secret("crm.refresh_token_env", self.crm.refresh_token_env).get_secret_value(),
-                )
-            return f"Bearer {self._oauth.token()}"
-        if self._token is None:
-            self._token = self.ctx.settings.secret(self._token_key, self.crm.token_env).get_secret_value()
-        return f"Bearer {self._token}"
-
     def _call(self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
               search: bool = False) -> dict[str, Any]:
-        for attempt in range(2):
-            (self.search_limiter if search else self.limiter).acquire()
-            auth = self._auth_header()
-            self.requests += 1
-            try:
-                response = self.session.request(method, self.base_url + path, params=params, json=body,
-                                                headers={"Authorization": auth,
-                                                         "Accept": "application/json"})
-            except requests.RequestException as exc:
-                raise RetriableSourceError(
-                    f"HubSpot {method} {path} failed after retries: {type(exc).__name__}") from None
-            if response.status_code == 401 and self._oauth is not None and attempt == 0:
-                self._oauth.invalidate(auth.removeprefix("Bearer "))  # expired early: refresh once
-                continue
-            return self._check(response, method, path)
-        raise AssertionError("unreachable")
-
-    def _check(self, response: requests.Response, method: str, path: str) -> dict[str, Any]:
-        status = response.status_code
-        if status in (200, 207):
-            return response.json()
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if status == 401:
-            where = (f"the OAuth app in {self.crm.client_id_env}/{self.crm.refresh_token_env}"
-                     if self._oauth is not None else f"environment variable {self.crm.token_env}")
-            raise FatalSourceError(
-                f"HubSpot refused the credentials from {where} (401 {body.get('category', '')})",
-                hint="check that the token is valid and has the crm.objects.contacts.read and "
-                     "crm.objects.deals.read scopes")
-        if status == 429 and body.get("policyName") == "DAILY":
-            wait = retry_after_seconds(response)
-            when = (f"at {(self.ctx.now() + timedelta(seconds=wait)).isoformat(timespec='minutes')}"
-                    if wait else "at midnight in the HubSpot account's time zone")
-            raise QuotaExhaustedError(
-                f"HubSpot daily API limit reached (X-HubSpot-RateLimit-Daily="
-                f"{response.headers.get('X-HubSpot-RateLimit-Daily', '?')}); it resets {when}",
-                hint="the next sync resumes from the stored cursor")
-        if status == 429 or status >= 500:
-            raise RetriableSourceError(f"HubSpot kept failing: {describe_response(response)}")
-        raise FatalSourceError(f"HubSpot refused a request: {describe_response(response)}")
+        return self.api.request(method, path, params=params, body=body,
+                                limiter=self.search_limiter if search else None)
 
     # -- pipelines and associations ------------------------------------------------------------
 
