@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
@@ -40,13 +39,9 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.errors import (
-    FatalSourceError,
-    QuotaExhaustedError,
-    RecordRejected,
-    RetriableSourceError,
-)
-from leadloop.http import RateLimiter, describe_response, retry_after_seconds
+from leadloop.crm.rest import RestApi, TokenAuth
+from leadloop.errors import QuotaExhaustedError, RecordRejected, RetriableSourceError
+from leadloop.http import RateLimiter, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +77,54 @@ def _primary(items: Any) -> str | None:
     return str(value) if value else None
 
 
+class PipedriveApi(RestApi):
+    """Pipedrive's API v2: the token in the `x-api-token` header (never in the URL); a short 429
+    is waited out here, a 429 for the daily token budget is the quota."""
+
+    vendor = "Pipedrive"
+    auth_hint = "check that the API token is valid and its user is active"
+    auth_statuses = frozenset({401, 403})
+    max_throttled = _MAX_429_RETRIES
+
+    def __init__(self, ctx: Context, limiter: RateLimiter) -> None:
+        crm = ctx.settings.crm
+        self.ctx = ctx
+        credentials = TokenAuth(ctx.settings, "crm.token_env", crm.token_env,
+                                header="x-api-token", scheme="")
+        # 429s are handled here (short waits vs. the daily budget); 5xx by the session.
+        session = ctx.http(timeout=(10.0, crm.timeout_seconds),
+                           statuses=frozenset({500, 502, 503, 504}))
+        super().__init__(session, f"{(crm.base_url or DEFAULT_BASE_URL).rstrip('/')}/api/v2",
+                         lambda: credentials, limiter)
+
+    def observe(self, response: requests.Response) -> None:
+        """When the burst window is used up, wait for its reset instead of drawing a 429."""
+        if response.status_code != 200:
+            return
+        remaining = _header_float(response, "x-ratelimit-remaining")
+        if remaining is not None and remaining <= 0:
+            self.sleep(_header_float(response, "x-ratelimit-reset") or 2.0)
+
+    def throttle_wait(self, response: requests.Response) -> float | None:
+        if response.status_code != 429:
+            return None
+        wait = _retry_wait(response)
+        return wait if wait is not None else 2.0
+
+    def quota_error(self, response: requests.Response) -> QuotaExhaustedError | None:
+        if response.status_code != 429:
+            return None
+        wait = _retry_wait(response)
+        daily = response.headers.get("x-daily-ratelimit-token-remaining") == "0"
+        if not (daily or (wait is not None and wait > _MAX_SHORT_WAIT)):
+            return None
+        resume = self.ctx.now() + timedelta(seconds=wait or 0)
+        return QuotaExhaustedError(
+            "Pipedrive daily API token budget is exhausted",
+            hint=f"the budget resets daily; the sync can resume after "
+                 f"{resume.strftime('%Y-%m-%d %H:%M UTC')}")
+
+
 class PipedriveSource:
     """`CrmSource` for Pipedrive (see module docstring)."""
 
@@ -89,19 +132,11 @@ class PipedriveSource:
         crm = ctx.settings.crm
         self.ctx = ctx
         self.name = crm.source_name
-        self.base_url = (crm.base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.token = ctx.settings.secret("crm.token_env", crm.token_env).get_secret_value()
-        # 429s are handled here (short waits vs. the daily budget); 5xx by the session.
-        self.session = ctx.http(timeout=(10.0, crm.timeout_seconds),
-                                statuses=frozenset({500, 502, 503, 504}))
-        self.page_size = min(crm.page_size or MAX_LIMIT, MAX_LIMIT)
         rate = crm.requests_per_10s or DEFAULT_REQUESTS_PER_10S
         # Bursts are counted per 2-s window: a bucket of capacity B at rate r sends up to
         # B + 2r in a window, so keep B at a tenth of the window's allowance.
-        self.limiter = RateLimiter(rate, 10.0, burst=max(1.0, rate / 5 * 0.1))
-        self.sleep = time.sleep
-        self.requests = 0
-        self.throttled = 0
+        self.api = PipedriveApi(ctx, RateLimiter(rate, 10.0, burst=max(1.0, rate / 5 * 0.1)))
+        self.page_size = min(crm.page_size or MAX_LIMIT, MAX_LIMIT)
         set_props = crm.properties.model_fields_set
         self.properties = {k: getattr(crm.properties, k) for k in set_props
                            if k in (*ATTRIBUTION_FIELDS, "email", "phone")
@@ -116,47 +151,12 @@ class PipedriveSource:
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}/api/v2{path}"
-        for _ in range(_MAX_429_RETRIES + 1):
-            self.limiter.acquire()
-            try:
-                response = self.session.get(url, params=params,
-                                            headers={"x-api-token": self.token,
-                                                     "Accept": "application/json"})
-            except requests.RequestException as exc:
-                raise RetriableSourceError(
-                    f"Pipedrive unreachable after retries: {type(exc).__name__}") from None
-            self.requests += 1
-            if response.status_code == 200:
-                self._pace(response)
-                return response.json()
-            if response.status_code == 429:
-                wait = retry_after_seconds(response) or _header_float(response, "x-ratelimit-reset")
-                daily = response.headers.get("x-daily-ratelimit-token-remaining") == "0"
-                if daily or (wait is not None and wait > _MAX_SHORT_WAIT):
-                    resume = self.ctx.now() + timedelta(seconds=wait or 0)
-                    raise QuotaExhaustedError(
-                        "Pipedrive daily API token budget is exhausted",
-                        hint=f"the budget resets daily; the sync can resume after "
-                             f"{resume.strftime('%Y-%m-%d %H:%M UTC')}")
-                self.throttled += 1
-                self.sleep(wait if wait is not None else 2.0)
-                continue
-            if response.status_code in (401, 403):
-                raise FatalSourceError(
-                    f"Pipedrive refused the API token ({response.status_code})",
-                    hint=f"check the environment variable {self.ctx.settings.crm.token_env}")
-            if response.status_code >= 500:
-                raise RetriableSourceError(describe_response(response))
-            raise FatalSourceError(describe_response(response))
-        raise RetriableSourceError(f"Pipedrive kept answering 429 for {path}")
+    @property
+    def requests(self) -> int:
+        return self.api.requests
 
-    def _pace(self, response: requests.Response) -> None:
-        """When the burst window is used up, wait for its reset instead of drawing a 429."""
-        remaining = _header_float(response, "x-ratelimit-remaining")
-        if remaining is not None and remaining <= 0:
-            self.sleep(_header_float(response, "x-ratelimit-reset") or 2.0)
+    def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self.api.request("GET", path, params=params)
 
     def _list(self, path: str, since: Cursor | None) -> Iterator[tuple[list[dict], Cursor | None]]:
         params: dict[str, Any] = {"limit": self.page_size, "sort_by": "update_time",
@@ -289,6 +289,10 @@ class PipedriveSource:
         if raw.get("status") == "lost" and lost:
             fact(STATUS_FIELD, "lost", lost, is_lost=True)
         return list(out.values())
+
+
+def _retry_wait(response: requests.Response) -> float | None:
+    return retry_after_seconds(response) or _header_float(response, "x-ratelimit-reset")
 
 
 def _header_float(response: requests.Response, name: str) -> float | None:

@@ -135,7 +135,7 @@ class RestApi:
                 log.info("%s refused the access token (%s); refreshing it once", self.vendor, status)
                 refreshed = True
                 continue
-            wait = self.throttle_wait(response)
+            wait = None if self.quota_error(response) else self.throttle_wait(response)
             if wait is not None and throttled < self.max_throttled:
                 throttled += 1
                 self.throttled += 1
