@@ -333,3 +333,6 @@ def _stages_before_creation(lead: LeadIn, stages: list[StageIn], line: int) -> l
 def _public(row: dict[str, str]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k.strip().lower() not in _PII_COLUMNS}
 
+
+
+SOURCE = CsvSource

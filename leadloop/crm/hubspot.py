@@ -536,3 +536,6 @@ class HubSpotSource:
         if latest is not None:
             page.cursor = Cursor(latest[0], str(latest[1]))
         return page
+
+
+SOURCE = HubSpotSource

@@ -302,3 +302,6 @@ def _header_float(response: requests.Response, name: str) -> float | None:
         return None
 
 
+
+
+SOURCE = PipedriveSource

@@ -495,3 +495,6 @@ def _batch_cursor(batch: list[dict]) -> Cursor | None:
         return None
     stamp = parse_sf_datetime(batch[-1].get("SystemModstamp"))
     return Cursor(stamp, str(batch[-1]["Id"])) if stamp is not None else None
+
+
+SOURCE = SalesforceSource
