@@ -258,7 +258,7 @@ def _pipedrive_page(source: Any, raws: list[Any]) -> Page:
 @FUZZ
 def test_fuzzed_hubspot_pages(recs, monkeypatch) -> None:
     monkeypatch.setenv("LEADLOOP_TEST_TOKEN", "fuzz-token")
-    _check("hubspot", recs, lambda source, raws: source._contact_page(raws))
+    _check("hubspot", recs, lambda source, raws: source.contact_page(raws))
 
 
 @given(recs=records(_salesforce_good, _salesforce_bad))

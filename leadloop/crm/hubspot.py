@@ -192,7 +192,7 @@ class HubSpotSource:
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
               stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "contacts":
-            yield from self._search_pages("contacts", "lastmodifieddate", since, self._contact_page)
+            yield from self._search_pages("contacts", "lastmodifieddate", since, self.contact_page)
         elif stream == "deals":
             self._stored = set(stored_ids)
             yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
@@ -412,7 +412,9 @@ class HubSpotSource:
 
     # -- conversion ----------------------------------------------------------------------------
 
-    def _contact_page(self, results: Iterable[dict]) -> Page:
+    def contact_page(self, results: Iterable[dict]) -> Page:
+        """Search or batch-read results -> a page of leads, stage times and micro-conversions;
+        a malformed record costs only itself (kept as a reject). Pure."""
         page = Page()
         for r in results:
             try:
