@@ -55,7 +55,15 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.crm.rest import Auth, OAuthAuth, RestApi, TokenAuth, json_body
+from leadloop.crm.rest import (
+    MAX_REPEATS,
+    Auth,
+    OAuthAuth,
+    RestApi,
+    TokenAuth,
+    follow_pages,
+    json_body,
+)
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
 from leadloop.http import RateLimiter, retry_after_seconds
 from leadloop.oauth import OAuthTokenProvider
@@ -72,7 +80,6 @@ LIFECYCLE_VALUES = ("subscriber", "lead", "marketingqualifiedlead", "salesqualif
                     "opportunity", "customer", "evangelist", "other")
 _TRUE = {"true", "yes", "1", "y", "on"}
 _FALSE = {"false", "no", "0", "n", "off", ""}
-_MAX_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,13 @@ def _bool(value: Any) -> bool | None:
         return None
     s = str(value).strip().lower()
     return True if s in _TRUE else False if s in _FALSE else None
+
+
+def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """HubSpot's paging: `paging.next.after`, a page known again by its records' ids."""
+    return follow_pages(fetch, lambda data: (data.get("paging") or {}).get("next", {}).get("after"),
+                        vendor="HubSpot", what=what,
+                        same_records=lambda data: [r["id"] for r in data.get("results", [])])
 
 
 class HubSpotApi(RestApi):
@@ -261,7 +275,7 @@ class HubSpotSource:
                 nxt = ((r.get("paging") or {}).get("next") or {}).get("after")
                 if nxt and nxt == sent_after.get(fid):
                     repeats += 1
-                    if repeats > _MAX_REPEATS:
+                    if repeats > MAX_REPEATS:
                         raise RetriableSourceError(
                             f"HubSpot kept repeating the {from_type}→{to_type} associations of {fid}")
                     log.warning("HubSpot repeated an associations page of %s %s", from_type, fid)
@@ -362,7 +376,7 @@ class HubSpotSource:
             body = dict(request, after=after) if after else request
             return self._call("POST", path, body=body, search=True)
 
-        for data, nxt in self._paged(fetch, "search"):
+        for data, nxt in _paged(fetch, "search"):
             yield data.get("results", []), int(data.get("total") or 0)
             if nxt and int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                 return
@@ -373,32 +387,8 @@ class HubSpotSource:
         def fetch(after: str | None) -> dict[str, Any]:
             return self._call("GET", path, params={**params, **({"after": after} if after else {})})
 
-        for data, _ in self._paged(fetch, "list"):
+        for data, _ in _paged(fetch, "list"):
             yield data.get("results", [])
-
-    @staticmethod
-    def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
-        """Follow `paging.next.after`. A page the server sends twice (same cursor back, or the same
-        ids again) is read again, not stored twice; repeated more than _MAX_REPEATS times, the
-        sync fails as retriable."""
-        after: str | None = None
-        previous_ids: list[str] | None = None
-        repeats = 0
-        while True:
-            data = fetch(after)
-            nxt = (data.get("paging") or {}).get("next", {}).get("after")
-            ids = [r["id"] for r in data.get("results", [])]
-            if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
-                repeats += 1
-                if repeats > _MAX_REPEATS:
-                    raise RetriableSourceError(f"HubSpot kept repeating the {what} page after {after}")
-                log.warning("HubSpot repeated a %s page (after=%s); reading it again", what, after)
-                continue
-            repeats, previous_ids = 0, ids
-            yield data, nxt
-            if not nxt:
-                return
-            after = nxt
 
     def _archived_pages(self) -> Iterator[Page]:
         params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}

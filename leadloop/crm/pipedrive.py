@@ -39,8 +39,8 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.crm.rest import RestApi, TokenAuth
-from leadloop.errors import QuotaExhaustedError, RecordRejected, RetriableSourceError
+from leadloop.crm.rest import RestApi, TokenAuth, follow_pages
+from leadloop.errors import QuotaExhaustedError, RecordRejected
 from leadloop.http import RateLimiter, retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ MAX_LIMIT = 500
 DEFAULT_REQUESTS_PER_10S = 100.0
 _MAX_SHORT_WAIT = 60.0  # a 429 asking for longer than this is the daily budget
 _MAX_429_RETRIES = 5
-_MAX_REPEATS = 3  # the same next_cursor this often means the server loops
 STAGE_FIELD = "stage"
 STATUS_FIELD = "status"
 
@@ -165,9 +164,7 @@ class PipedriveSource:
             params["updated_since"] = rfc3339(since.updated_at)
         if path == "/deals":
             params["status"] = "open,won,lost"
-        seen: dict[str, int] = {}
-        while True:
-            body = self._get(path, params)
+        for body, _ in self._pages(path, params):
             data = body.get("data") or []
             cursor = None
             for rec in reversed(data):
@@ -176,14 +173,13 @@ class PipedriveSource:
                     cursor = Cursor(stamp, str(rec.get("id")))
                     break
             yield data, cursor
-            nxt = (body.get("additional_data") or {}).get("next_cursor")
-            if not nxt:
-                return
-            # A replayed page is harmless (upserts dedupe); a server loop must not become ours.
-            seen[nxt] = seen.get(nxt, 0) + 1
-            if seen[nxt] > _MAX_REPEATS:
-                raise RetriableSourceError(f"Pipedrive keeps returning the same cursor for {path}")
-            params["cursor"] = nxt
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[tuple[dict, str | None]]:
+        """Cursor paging (`additional_data.next_cursor`); a replayed page is read again."""
+        return follow_pages(
+            lambda cursor: self._get(path, {**params, **({"cursor": cursor} if cursor else {})}),
+            lambda body: (body.get("additional_data") or {}).get("next_cursor"),
+            vendor="Pipedrive", what=path)
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -218,14 +214,8 @@ class PipedriveSource:
         """Stage id -> stage, with `first` = the first stage of its pipeline."""
         if self._stages is None:
             rows: list[dict] = []
-            params: dict[str, Any] = {"limit": MAX_LIMIT}
-            while True:
-                body = self._get("/stages", params)
+            for body, _ in self._pages("/stages", {"limit": MAX_LIMIT}):
                 rows.extend(body.get("data") or [])
-                nxt = (body.get("additional_data") or {}).get("next_cursor")
-                if not nxt:
-                    break
-                params["cursor"] = nxt
             first: dict[Any, dict] = {}
             for s in sorted(rows, key=lambda s: (s.get("pipeline_id"), s.get("order_nr", 0))):
                 first.setdefault(s.get("pipeline_id"), s)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
 
 import requests
 
@@ -33,6 +33,9 @@ from leadloop.http import RateLimiter, describe_response
 from leadloop.oauth import OAuthTokenProvider
 
 log = logging.getLogger(__name__)
+
+Token = TypeVar("Token")
+MAX_REPEATS = 3  # a page sent again this often in a row means the server loops
 
 
 class TokenAuth:
@@ -193,3 +196,30 @@ def json_body(response: requests.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def follow_pages(fetch: Callable[[Token | None], Any], next_token: Callable[[Any], Token | None],
+                 *, vendor: str, what: str, same_records: Callable[[Any], Any] | None = None
+                 ) -> Iterator[tuple[Any, Token | None]]:
+    """Yield (answer, next token) for each page: `fetch(None)` first, then `fetch(token)` until
+    `next_token` gives None. A page the server sends again (its own token back, or the same
+    records as the page before, by `same_records`) is read again, never yielded twice; sent
+    again more than MAX_REPEATS times in a row, the sync fails as retriable."""
+    token: Token | None = None
+    previous: Any = None
+    repeats = 0
+    while True:
+        data = fetch(token)
+        nxt = next_token(data)
+        records = same_records(data) if same_records is not None else None
+        if (token is not None and nxt == token) or (previous and records == previous):
+            repeats += 1
+            if repeats > MAX_REPEATS:
+                raise RetriableSourceError(f"{vendor} kept repeating the {what} page after {token}")
+            log.warning("%s repeated a %s page (after=%s); reading it again", vendor, what, token)
+            continue
+        repeats, previous = 0, records
+        yield data, nxt
+        if not nxt:
+            return
+        token = nxt

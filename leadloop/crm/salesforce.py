@@ -42,7 +42,7 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.crm.rest import Auth, OAuthAuth, RestApi, TokenAuth
+from leadloop.crm.rest import Auth, OAuthAuth, RestApi, TokenAuth, follow_pages
 from leadloop.errors import ConfigError, FatalSourceError, QuotaExhaustedError, RecordRejected
 from leadloop.http import describe_response
 from leadloop.oauth import OAuthTokenProvider
@@ -238,13 +238,12 @@ class SalesforceSource:
 
     def _records(self, soql: str, *, all_rows: bool = False) -> Iterator[tuple[list[dict], int]]:
         """Yield (records, totalSize) per batch, following nextRecordsUrl."""
-        body = self.client.get(self.client.query_path(soql, all_rows=all_rows))
-        while True:
+        first = self.client.query_path(soql, all_rows=all_rows)
+        for body, _ in follow_pages(
+                lambda next_url: self.client.get(next_url or first),
+                lambda body: None if body.get("done", True) else body.get("nextRecordsUrl"),
+                vendor="Salesforce", what="query"):
             yield body.get("records", []), int(body.get("totalSize", 0))
-            next_url = body.get("nextRecordsUrl")
-            if body.get("done", True) or not next_url:
-                return
-            body = self.client.get(next_url)
 
     def _query_all(self, soql: str) -> list[dict]:
         return [r for batch, _ in self._records(soql) for r in batch]
