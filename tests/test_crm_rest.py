@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from leadloop.config import settings_from_dict
-from leadloop.crm.rest import OAuthAuth, RestApi, TokenAuth
+from leadloop.crm.rest import MAX_REPEATS, OAuthAuth, RestApi, TokenAuth, follow_pages
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RetriableSourceError
 from leadloop.http import make_session
 from leadloop.sandbox.server import LocalServer, Reply
@@ -126,3 +126,38 @@ def test_the_token_is_sent_and_an_oauth_token_refused_early_is_renewed_once(serv
     with pytest.raises(FatalSourceError, match=r"the OAuth app in CID/REFRESH.*even after a "
                                                r"token refresh"):
         api.request("GET", "/things")
+
+
+def _server_pages(answers: list[tuple[list[int], str | None]]):
+    """fetch(token) answering from `answers` in order; records which tokens were asked."""
+    asked: list[str | None] = []
+
+    def fetch(token: str | None) -> dict:
+        asked.append(token)
+        ids, nxt = answers.pop(0)
+        return {"ids": ids, "next": nxt}
+
+    return fetch, asked
+
+
+@pytest.mark.parametrize(("answers", "yielded", "asked"), [
+    # plain paging
+    ([([1, 2], "a"), ([3], None)], [[1, 2], [3]], [None, "a"]),
+    # the server sends its own token back: the page is read again, not yielded twice
+    ([([1, 2], "a"), ([1, 2], "a"), ([3], None)], [[1, 2], [3]], [None, "a", "a"]),
+    # the same records under a new token: read again with the token that was sent
+    ([([1, 2], "a"), ([1, 2], "b"), ([3], None)], [[1, 2], [3]], [None, "a", "a"]),
+])
+def test_follow_pages_reads_a_repeated_page_again(answers, yielded, asked) -> None:
+    fetch, tokens = _server_pages(answers)
+    pages = follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list",
+                         same_records=lambda d: d["ids"])
+    assert [d["ids"] for d, _ in pages] == yielded
+    assert tokens == asked
+
+
+def test_follow_pages_gives_up_on_a_server_that_loops() -> None:
+    fetch, tokens = _server_pages([([1], "a")] + [([2], "a")] * (MAX_REPEATS + 1))
+    with pytest.raises(RetriableSourceError, match="kept repeating the list page after a"):
+        list(follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list"))
+    assert tokens == [None] + ["a"] * (MAX_REPEATS + 1)
