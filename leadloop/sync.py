@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -386,61 +387,90 @@ def sync_source(ctx: Context, source: CrmSource) -> dict[str, Any]:
 
     Stops between pages when the context's stop event is set (graceful shutdown).
     """
-    totals: dict[str, Any] = {"pages": 0}
-    pii = PiiActions()
-    analyzed = False
-    started_at = ctx.now()
-    lookback = timedelta(minutes=ctx.settings.crm.lookback_minutes)
+    run = _Run(ctx, source, ctx.now())
     for stream in source.streams():
-        with session_scope(ctx.engine) as session:
-            state = session.get(SyncState, (source.name, stream)) or SyncState(
-                source=source.name, object_type=stream
-            )
-            state.last_started_at = started_at
-            state.last_job_run_id = ctx.job_run_id
+        since = _begin_stream(ctx, source.name, stream, run.started_at)
+        if not _sync_stream(run, stream, since):
+            break
+        _finish_stream(ctx, source.name, stream)
+    return _with_pii_summary(run.totals, run.pii)
+
+
+@dataclass
+class _Run:
+    """One sync of a source: what it has counted so far."""
+
+    ctx: Context
+    source: CrmSource
+    started_at: datetime
+    totals: dict[str, Any] = field(default_factory=lambda: {"pages": 0})
+    pii: PiiActions = field(default_factory=PiiActions)
+    analyzed: bool = False  # statistics of new tables taken (once a backfill is under way)
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.totals["pages"] += 1
+        for key, n in counts.items():
+            self.totals[key] = self.totals.get(key, 0) + n
+        if not self.analyzed and self.totals.get("leads", 0) >= _ANALYZE_AFTER_LEADS:
+            self.analyzed = True
+            if fresh := analyze_unanalyzed(self.ctx.engine, (Lead, StageChange, LeadEvent)):
+                log.info("took statistics of the new tables %s", ", ".join(fresh))
+
+
+def _begin_stream(ctx: Context, source: str, stream: str, started_at: datetime) -> Cursor | None:
+    """Record the stream's start; returns where to read from (None: backfill)."""
+    lookback = timedelta(minutes=ctx.settings.crm.lookback_minutes)
+    with session_scope(ctx.engine) as session:
+        state = session.get(SyncState, (source, stream)) or SyncState(
+            source=source, object_type=stream
+        )
+        state.last_started_at = started_at
+        state.last_job_run_id = ctx.job_run_id
+        session.add(state)
+        since = (
+            Cursor(state.cursor_updated_at - lookback, "")
+            if state.cursor_updated_at is not None
+            else None
+        )
+    log.info("sync %s/%s from %s", source, stream,
+             since.updated_at.isoformat() if since else "the beginning (backfill)")
+    return since
+
+
+def _sync_stream(run: _Run, stream: str, since: Cursor | None) -> bool:
+    """Read and store one stream page by page; False when a stop was requested."""
+    ctx, source = run.ctx, run.source
+    # The next page is read while this one is written: reading waits on the CRM, writing
+    # on the database, and the two overlap.
+    # Pages are screened in the reader thread too, while the previous one is written.
+    # The connector reads in its own thread and never touches the store: what it needs to
+    # know of the store is read here and handed over.
+    stored = _stored_crm_ids(ctx, source.name) if stream in source.needs_stored_ids else (
+        frozenset())
+    fetched = source.fetch(stream, since, started_at=run.started_at, stored_ids=stored)
+    pages = prefetched(_screened(ctx, fetched), name=f"sync-{source.name}-{stream}")
+    seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
+    with track(f"sync {source.name} {stream}") as progress, closing(pages):
+        for page, problems, found_pii in pages:
+            run.pii.merge(found_pii)
+            repeated = duplicate_ids(page.leads, seen) if page.cursor is None else []
+            run.add(_store_page(ctx, source.name, stream, page, run.started_at, repeated,
+                                problems))
+            if page.total is not None:
+                progress.set_total(page.total)
+            progress.advance(len(page.leads) or page.size)
+            if ctx.stopping:
+                log.info("stop requested: sync ends after a committed page")
+                return False
+    return True
+
+
+def _finish_stream(ctx: Context, source: str, stream: str) -> None:
+    with session_scope(ctx.engine) as session:
+        state = session.get(SyncState, (source, stream))
+        if state is not None:
+            state.last_success_at = utcnow()
             session.add(state)
-            since = (
-                Cursor(state.cursor_updated_at - lookback, "")
-                if state.cursor_updated_at is not None
-                else None
-            )
-        log.info("sync %s/%s from %s", source.name, stream,
-                 since.updated_at.isoformat() if since else "the beginning (backfill)")
-        # The next page is read while this one is written: reading waits on the CRM, writing
-        # on the database, and the two overlap.
-        # Pages are screened in the reader thread too, while the previous one is written.
-        # The connector reads in its own thread and never touches the store: what it needs to
-        # know of the store is read here and handed over.
-        stored = _stored_crm_ids(ctx, source.name) if stream in source.needs_stored_ids else (
-            frozenset())
-        fetched = source.fetch(stream, since, started_at=started_at, stored_ids=stored)
-        pages = prefetched(_screened(ctx, fetched), name=f"sync-{source.name}-{stream}")
-        seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
-        with track(f"sync {source.name} {stream}") as progress, closing(pages):
-            for page, problems, found_pii in pages:
-                pii.merge(found_pii)
-                repeated = duplicate_ids(page.leads, seen) if page.cursor is None else []
-                counts = _store_page(ctx, source.name, stream, page, started_at, repeated,
-                                     problems)
-                totals["pages"] += 1
-                for key, n in counts.items():
-                    totals[key] = totals.get(key, 0) + n
-                if not analyzed and totals.get("leads", 0) >= _ANALYZE_AFTER_LEADS:
-                    analyzed = True
-                    if fresh := analyze_unanalyzed(ctx.engine, (Lead, StageChange, LeadEvent)):
-                        log.info("took statistics of the new tables %s", ", ".join(fresh))
-                if page.total is not None:
-                    progress.set_total(page.total)
-                progress.advance(len(page.leads) or page.size)
-                if ctx.stopping:
-                    log.info("stop requested: sync ends after a committed page")
-                    return _with_pii_summary(totals, pii)
-        with session_scope(ctx.engine) as session:
-            state = session.get(SyncState, (source.name, stream))
-            if state is not None:
-                state.last_success_at = utcnow()
-                session.add(state)
-    return _with_pii_summary(totals, pii)
 
 
 def _stored_crm_ids(ctx: Context, source: str) -> frozenset[str]:
