@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from leadloop.config import settings_from_dict
-from leadloop.crm.rest import MAX_REPEATS, OAuthAuth, RestApi, TokenAuth, follow_pages
+from leadloop.crm.rest import MAX_REPEATS, Auth, OAuthAuth, RestApi, TokenAuth, follow_pages
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RetriableSourceError
 from leadloop.http import make_session
 from leadloop.sandbox.server import LocalServer, Reply
@@ -66,7 +66,7 @@ def _api(srv: LocalServer, monkeypatch: pytest.MonkeyPatch, auth: str = "token")
     settings = settings_from_dict({**BASE_CONFIG, "crm": {"kind": "hubspot", "token_env": ENV}})
     slept: list[float] = []
 
-    def credentials() -> TokenAuth | OAuthAuth:
+    def credentials() -> Auth:
         if auth == "oauth":
             return OAuthAuth(StubProvider(), "the OAuth app in CID/REFRESH")  # type: ignore[arg-type]
         return TokenAuth(settings, "crm.token_env", ENV)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import requests
 
@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 
 Token = TypeVar("Token")
 MAX_REPEATS = 3  # a page sent again this often in a row means the server loops
+
+
+class Auth(Protocol):
+    """How a connector authenticates its requests."""
+
+    source: str  # where the credentials come from, for messages: "environment variable X"
+
+    def headers(self) -> dict[str, str]:
+        """The headers that carry the credentials (read or renewed as needed)."""
+        ...
+
+    def refresh(self, sent: dict[str, str]) -> bool:
+        """The API refused `sent`: renew the credentials; False when they cannot be."""
+        ...
 
 
 class TokenAuth:
@@ -71,8 +85,6 @@ class OAuthAuth:
         self.provider.invalidate(sent["Authorization"].removeprefix("Bearer "))
         return True
 
-
-Auth = TokenAuth | OAuthAuth
 
 
 class RestApi:
