@@ -129,8 +129,9 @@ class RestApi:
         refreshed = False
         throttled = 0
         while True:
-            if (limiter or self.limiter) is not None:
-                (limiter or self.limiter).acquire()  # type: ignore[union-attr]
+            bucket = limiter or self.limiter
+            if bucket is not None:
+                bucket.acquire()
             credentials = self.auth.headers()
             try:
                 response = self.session.request(
