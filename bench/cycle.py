@@ -47,10 +47,10 @@ from sqlmodel import SQLModel
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.crm.base import sync_source
 from leadloop.crm.hubspot import HubSpotSource
 from leadloop.jobs import record_run, run_job
 from leadloop.store import make_engine
+from leadloop.sync import sync_source
 from leadloop.tables import Conversion, ConversionStatus
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,9 +43,9 @@ def demo_settings(db: Path, out: Path) -> Any:
 def load_store(n: int, db: Path, out: Path, seed: int = 7) -> float:
     """Write `n` simulated leads into the store at `db`; return the seconds it took."""
     from leadloop.context import Context
-    from leadloop.crm.base import apply_page
     from leadloop.sandbox.simulator import funnel_pages, simulate
     from leadloop.store import make_engine, session_scope
+    from leadloop.sync import apply_page
 
     settings = demo_settings(db, out)
     engine = make_engine(settings.database.url)

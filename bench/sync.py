@@ -25,11 +25,11 @@ import requests
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.crm.base import sync_source
 from leadloop.crm.hubspot import HubSpotSource
 from leadloop.sandbox.fake_hubspot import FakeHubSpot
 from leadloop.sandbox.simulator import simulate
 from leadloop.store import make_engine
+from leadloop.sync import sync_source
 
 TOKEN = "pat-bench-token-000"
 

@@ -24,9 +24,9 @@ from sqlmodel import Session, select
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.crm.base import apply_page
 from leadloop.sandbox.simulator import funnel_pages, simulate
 from leadloop.store import make_engine, session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import ValidationResult
 from leadloop.validation import add_q_values_and_verdicts, analyse, p_text, run_validation
 from leadloop.values import load_stage_rows, macro_value, suggest_stage_values

@@ -7,7 +7,7 @@ A run whose fingerprint equals that of the job's last successful run is skipped.
 
 The marks are cheap (indexed maxima) and move on every write the jobs care about:
 - `lead.updated_at` moves when the sync writes a lead that changed, adds or changes its stages or
-  events, deletes, merges or erases it (`crm/base.py`, `erasure.py`);
+  events, deletes, merges or erases it (`sync.py`, `erasure.py`);
 - `score.scored_at` when a lead is (re)scored;
 - `conversion.job_run_id` when the export writes an outbox row (every outbox write stamps its run);
 - `validation_result.id` when a validation run stores its rows.

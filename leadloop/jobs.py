@@ -118,8 +118,8 @@ def _finish(ctx: Context, run_id: int | None, outcome: JobOutcome, counts: dict,
 
 def _sync(ctx: Context) -> dict[str, Any]:
     from leadloop.crm import build_source
-    from leadloop.crm.base import sync_source
     from leadloop.crm.stage_check import unmatched_crm_values
+    from leadloop.sync import sync_source
 
     counts: dict[str, Any] = dict(sync_source(ctx, build_source(ctx)))
     if ctx.settings.snapshot_export:

@@ -172,7 +172,7 @@ class Score(SQLModel, table=True):
 
 
 class SyncState(SQLModel, table=True):
-    """Incremental cursor per source and object type (see crm/base.py for the rules)."""
+    """Incremental cursor per source and object type (see leadloop/sync.py for the rules)."""
 
     __tablename__ = "sync_state"
 

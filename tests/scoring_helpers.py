@@ -11,9 +11,9 @@ from sqlalchemy.engine import Engine
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.crm.base import apply_page
 from leadloop.sandbox.simulator import funnel_pages, simulate
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 SIM_END = datetime(2026, 10, 1, tzinfo=UTC)

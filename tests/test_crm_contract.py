@@ -6,17 +6,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from importlib import import_module
+from typing import get_args
 
 import pytest
 from sqlalchemy import func
 from sqlmodel import select
 
+from leadloop.config import CrmKind
 from leadloop.context import Context
-from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
+from leadloop.crm import CRM_KINDS, build_source
 from leadloop.errors import QuotaExhaustedError
 from leadloop.jobs import run_job
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import JobRun, Lead, StageChange, SyncState
 from tests.crm_harnesses import HARNESSES, Faults, Harness, load_harness
 
@@ -34,6 +37,16 @@ def harness(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture
 def ctx(harness: Harness, engine, make_settings) -> Context:
     return harness.make_context(engine, make_settings)
+
+
+def test_every_crm_module_is_a_config_kind_with_a_source_and_a_harness() -> None:
+    """A CRM is its module: the registry finds it, and the config and this suite must know it."""
+    assert tuple(sorted(get_args(CrmKind))) == CRM_KINDS
+    assert HARNESSES == CRM_KINDS  # every connector runs this suite
+    for kind in CRM_KINDS:
+        source = import_module(f"leadloop.crm.{kind}").SOURCE
+        assert callable(source.fetch) and callable(source.streams), kind
+        assert isinstance(source.needs_stored_ids, tuple | frozenset | set), kind
 
 
 def _needs(harness: Harness, feature: str) -> None:

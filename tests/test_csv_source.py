@@ -17,10 +17,10 @@ import leadloop.crm.csv as csv_source
 from leadloop.config import load_settings
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.errors import ConfigError
 from leadloop.identity import sha256_hex
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, LeadEvent, RejectedRecord, StageChange
 from tests.conftest import SHARED_DATA
 

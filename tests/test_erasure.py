@@ -13,11 +13,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from leadloop.context import Context
-from leadloop.crm.base import EventIn, LeadIn, Page, StageIn, apply_page
+from leadloop.crm.base import EventIn, LeadIn, Page, StageIn
 from leadloop.erasure import forget_person
 from leadloop.errors import LeadloopError
 from leadloop.identity import hash_identity
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import (
     Conversion,
     ConversionStatus,

@@ -6,11 +6,12 @@ from datetime import timedelta
 
 from sqlmodel import Session, func, select
 
-from leadloop.crm.base import Page, StageIn, apply_page
+from leadloop.crm.base import Page, StageIn
 from leadloop.export.engine import run_export
 from leadloop.export.outbox import build_outbox
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import Conversion, Lead
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 

@@ -29,7 +29,6 @@ from sqlmodel import select
 from leadloop.config import load_settings, settings_from_dict
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.crm.hubspot import HubSpotSource
 from leadloop.errors import LeadloopError
 from leadloop.http import make_session
@@ -37,6 +36,7 @@ from leadloop.sandbox.fake_hubspot import FakeHubSpot
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.sandbox.simulator import simulate
 from leadloop.store import make_engine, session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Conversion, ConversionStatus, Lead, LeadEvent, RejectedRecord, StageChange
 from tests.daemon_helpers import gdm_stage, ingested_ids
 from tests.export_helpers import add_lead

@@ -9,6 +9,7 @@ import csv
 import io
 import tempfile
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from sqlmodel import select
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import MALFORMED, Cursor, Page, as_reject, record_id, sync_source
+from leadloop.crm.base import MALFORMED, Cursor, Page, as_reject, record_id
 from leadloop.store import make_engine, session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, RejectedRecord
 from tests.conftest import BASE_CONFIG
 
@@ -197,10 +199,13 @@ class _Pages:
     def __init__(self, page: Page) -> None:
         self.page = page
 
+    needs_stored_ids = ()
+
     def streams(self) -> list[str]:
         return ["contacts"]
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         yield self.page
 
 
@@ -253,7 +258,7 @@ def _pipedrive_page(source: Any, raws: list[Any]) -> Page:
 @FUZZ
 def test_fuzzed_hubspot_pages(recs, monkeypatch) -> None:
     monkeypatch.setenv("LEADLOOP_TEST_TOKEN", "fuzz-token")
-    _check("hubspot", recs, lambda source, raws: source._contact_page(raws))
+    _check("hubspot", recs, lambda source, raws: source.contact_page(raws))
 
 
 @given(recs=records(_salesforce_good, _salesforce_bad))

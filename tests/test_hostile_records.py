@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,9 +13,10 @@ import pytest
 from sqlmodel import select
 
 from leadloop.crm import build_source
-from leadloop.crm.base import Cursor, EventIn, LeadIn, Page, StageIn, sync_source
+from leadloop.crm.base import Cursor, EventIn, LeadIn, Page, StageIn
 from leadloop.identity import sha256_hex
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, LeadEvent, RejectedRecord, StageChange
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -27,10 +29,13 @@ class Scripted:
     def __init__(self, pages: list[Page]) -> None:
         self.pages = pages
 
+    needs_stored_ids = ()
+
     def streams(self) -> list[str]:
         return ["contacts"]
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         yield from self.pages
 
 

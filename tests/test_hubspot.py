@@ -11,13 +11,13 @@ import pytest
 from sqlmodel import func, select
 
 from leadloop.context import Context
-from leadloop.crm.base import sync_source
 from leadloop.crm.hubspot import HubSpotSource
 from leadloop.errors import FatalSourceError, QuotaExhaustedError
 from leadloop.http import make_session
 from leadloop.sandbox.fake_hubspot import FakeHubSpot, micro_property
 from leadloop.sandbox.simulator import MICRO_CONVERSIONS, simulate
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, LeadEvent, LeadStatus, RejectedRecord, StageChange, SyncState
 
 TOKEN = "pat-na1-test-secret-0123456789"

@@ -7,11 +7,12 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from leadloop.crm.base import EventIn, Page, apply_page
+from leadloop.crm.base import EventIn, Page
 from leadloop.export.outbox import bulk_update
 from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import Conversion, JobOutcome, JobRun, Lead
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 

@@ -7,8 +7,8 @@ import pytest
 from sqlmodel import select
 
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, StageChange
 from tests.crm_harnesses.pipedrive import PipedriveHarness
 

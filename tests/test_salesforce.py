@@ -9,10 +9,10 @@ import pytest
 from sqlmodel import select
 
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.crm.salesforce import SalesforceApiError, soql_datetime
 from leadloop.errors import FatalSourceError
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, StageChange
 from tests.crm_harnesses.salesforce import SalesforceHarness
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sqlmodel import Session, func, select
 
-from leadloop.crm.base import EventIn, Page, apply_page
+from leadloop.crm.base import EventIn, Page
 from leadloop.errors import LeakageError, ModelError
 from leadloop.scoring import registry
 from leadloop.scoring.evaluate import evaluate_frame, fit_final
@@ -25,6 +25,7 @@ from leadloop.scoring.features import (
 )
 from leadloop.scoring.model import evaluate_csv, score_leads, train_and_register
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import Lead, Score
 from tests.conftest import SHARED_DATA
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel

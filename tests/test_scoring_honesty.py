@@ -22,7 +22,6 @@ from leadloop.cli import cli
 from leadloop.config import load_settings
 from leadloop.context import Context
 from leadloop.crm import build_source
-from leadloop.crm.base import sync_source
 from leadloop.scoring import calibration, registry
 from leadloop.scoring.evaluate import evaluate_frame, make_candidates
 from leadloop.scoring.features import Feature, LeadData, build_features
@@ -37,6 +36,7 @@ from leadloop.scoring.model import (
     training_rows,
 )
 from leadloop.scoring.threads import limited_threads
+from leadloop.sync import sync_source
 from tests.conftest import SHARED_DATA
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 

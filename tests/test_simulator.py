@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sqlmodel import func, select
 
-from leadloop.crm.base import apply_page
 from leadloop.sandbox.simulator import MACRO_STAGE, SPREAD_MICRO_DAYS, funnel_pages, simulate
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import Lead, LeadEvent, StageChange
 
 

@@ -18,9 +18,10 @@ from scipy.stats import chi2
 from sqlmodel import Session, select
 
 from leadloop.context import Context
-from leadloop.crm.base import EventIn, LeadIn, Page, StageIn, apply_page
+from leadloop.crm.base import EventIn, LeadIn, Page, StageIn
 from leadloop.sandbox.simulator import simulate
 from leadloop.store import make_engine, session_scope
+from leadloop.sync import apply_page
 from leadloop.tables import ValidationResult
 from leadloop.validation import add_q_values_and_verdicts, analyse, run_validation
 from leadloop.validation import two_by_two as _two_by_two_raw

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import text
 from sqlmodel import select
 
-from leadloop.crm.base import Cursor, LeadIn, Page, StageIn, sync_source
+from leadloop.crm.base import Cursor, LeadIn, Page, StageIn
 from leadloop.errors import RecordRejected
 from leadloop.identity import sha256_hex
 from leadloop.store import session_scope
+from leadloop.sync import sync_source
 from leadloop.tables import Lead, LeadStatus, RejectedRecord, StageChange, SyncState
 
 from .conftest import BASE_CONFIG
@@ -29,10 +31,13 @@ class ScriptedSource:
         self.pages = pages
         self.asked: list[Cursor | None] = []
 
+    needs_stored_ids = ()
+
     def streams(self) -> list[str]:
         return ["contacts"]
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         self.asked.append(since)
         yield from self.pages
 
@@ -137,7 +142,7 @@ def test_a_backfill_into_a_new_store_takes_statistics_of_its_tables_once(engine,
                                                                          monkeypatch):
     """Without statistics PostgreSQL mis-planned every page's CRM-id lookup (see
     store.analyze_unanalyzed); the sync takes them once it has written a few thousand leads."""
-    import leadloop.crm.base as engine_module
+    import leadloop.sync as engine_module
 
     monkeypatch.setattr(engine_module, "_ANALYZE_AFTER_LEADS", 100)
     calls: list[list[str]] = []

@@ -9,9 +9,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from leadloop.cli import cli
-from leadloop.crm.base import LeadIn, Page, StageIn, apply_page
+from leadloop.crm.base import LeadIn, Page, StageIn
 from leadloop.crm.stage_check import unmatched_crm_values
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 

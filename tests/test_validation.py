@@ -212,7 +212,7 @@ def test_x_education_store_is_a_snapshot_every_lead_analysed_as_the_file_says(
     from leadloop.config import load_settings
     from leadloop.context import Context
     from leadloop.crm import build_source
-    from leadloop.crm.base import sync_source
+    from leadloop.sync import sync_source
     from leadloop.validation import run_validation
 
     settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
@@ -246,7 +246,7 @@ def test_conversions_stamped_at_creation_make_a_dated_export_a_snapshot(
     from leadloop.config import settings_from_dict
     from leadloop.context import Context
     from leadloop.crm import build_source
-    from leadloop.crm.base import sync_source
+    from leadloop.sync import sync_source
     from leadloop.validation import run_validation
 
     rng = np.random.default_rng(4)

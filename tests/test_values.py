@@ -11,8 +11,9 @@ import pytest
 
 from leadloop.config import settings_from_dict
 from leadloop.context import Context
-from leadloop.crm.base import LeadIn, Page, StageIn, apply_page
+from leadloop.crm.base import LeadIn, Page, StageIn
 from leadloop.store import session_scope
+from leadloop.sync import apply_page
 from leadloop.values import (
     RAW_STAGE_COLUMNS,
     load_stage_rows,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -73,6 +74,8 @@ class CsvSource:
         self.explicit_props = crm.properties.model_fields_set
         self.properties = crm.properties
         self.joined = self._read_join()
+
+    needs_stored_ids = ()
 
     def streams(self) -> Sequence[str]:
         return ("rows",)
@@ -146,7 +149,8 @@ class CsvSource:
                     continue
                 yield reader.line_num, dict(zip(header, fields, strict=True)), None
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream != "rows":
             raise ValueError(f"unknown CSV stream {stream!r}")
         file_time = datetime.fromtimestamp(self.path.stat().st_mtime, UTC)
@@ -329,3 +333,6 @@ def _stages_before_creation(lead: LeadIn, stages: list[StageIn], line: int) -> l
 def _public(row: dict[str, str]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k.strip().lower() not in _PII_COLUMNS}
 
+
+
+SOURCE = CsvSource

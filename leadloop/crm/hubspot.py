@@ -16,8 +16,8 @@ Streams, in order:
   (metadata strings `isClosed`/`probability`: closed at 0.0 = lost), stage times from
   `hs_v2_date_entered_<stage id>`; each deal's stages are attributed to its associated contacts
   (v4 associations batch read, ≤ 1,000 ids, following each deal's own `paging.next.after` past
-  500 contacts). Contacts the store does not know yet are batch-read
-  into the same page, so no stage is rejected for a missing lead.
+  500 contacts). Contacts the store does not hold yet (the engine passes the ids it holds)
+  are batch-read into the same page, so no stage is rejected for a missing lead.
 - `contacts_archived`: archived contacts never appear in search and do not bump their modified
   date, so the list endpoint with `archived=true` is read in full each run → `deleted_crm_ids`.
 - `deals_archived`: the same for deals → `deleted_deal_ids`; the engine drops their stages, so
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -54,9 +55,18 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
+from leadloop.crm.rest import (
+    MAX_REPEATS,
+    Auth,
+    OAuthAuth,
+    RestApi,
+    TokenAuth,
+    follow_pages,
+    json_body,
+)
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RecordRejected, RetriableSourceError
-from leadloop.http import RateLimiter, describe_response, retry_after_seconds
-from leadloop.store import lead_ids, session_scope
+from leadloop.http import RateLimiter, retry_after_seconds
+from leadloop.oauth import OAuthTokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +80,6 @@ LIFECYCLE_VALUES = ("subscriber", "lead", "marketingqualifiedlead", "salesqualif
                     "opportunity", "customer", "evangelist", "other")
 _TRUE = {"true", "yes", "1", "y", "on"}
 _FALSE = {"false", "no", "0", "n", "off", ""}
-_MAX_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,59 @@ def _bool(value: Any) -> bool | None:
     return True if s in _TRUE else False if s in _FALSE else None
 
 
+def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """HubSpot's paging: `paging.next.after`, a page known again by its records' ids."""
+    return follow_pages(fetch, lambda data: (data.get("paging") or {}).get("next", {}).get("after"),
+                        vendor="HubSpot", what=what,
+                        same_records=lambda data: [r["id"] for r in data.get("results", [])])
+
+
+class HubSpotApi(RestApi):
+    """HubSpot's REST API: a private-app token or an OAuth refresh token; a 429 of the DAILY
+    policy is the quota."""
+
+    vendor = "HubSpot"
+    auth_hint = ("check that the token is valid and has the crm.objects.contacts.read and "
+                 "crm.objects.deals.read scopes")
+    ok_statuses = frozenset({200, 207})
+
+    def __init__(self, ctx: Context, limiter: RateLimiter) -> None:
+        crm = ctx.settings.crm
+        self.ctx = ctx
+        timeout = (min(10.0, crm.timeout_seconds), crm.timeout_seconds)
+        super().__init__(ctx.http(timeout=timeout), crm.base_url or DEFAULT_BASE_URL,
+                         self._credentials, limiter)
+
+    def _credentials(self) -> Auth:
+        s, crm = self.ctx.settings, self.ctx.settings.crm
+        if crm.auth_flow != "refresh_token":
+            return TokenAuth(s, "crm.token_env", crm.token_env)
+        provider = OAuthTokenProvider(
+            self.session, crm.token_url or f"{self.base_url}/oauth/v1/token",
+            s.secret("crm.client_id_env", crm.client_id_env).get_secret_value(),
+            s.secret("crm.client_secret_env", crm.client_secret_env).get_secret_value(),
+            s.secret("crm.refresh_token_env", crm.refresh_token_env).get_secret_value(),
+        )
+        return OAuthAuth(provider, f"the OAuth app in {crm.client_id_env}/{crm.refresh_token_env}")
+
+    def error_code(self, response: requests.Response) -> str:
+        body = json_body(response)
+        return str(body.get("category") or "") if isinstance(body, dict) else ""
+
+    def quota_error(self, response: requests.Response) -> QuotaExhaustedError | None:
+        body = json_body(response)
+        if response.status_code != 429 or not (isinstance(body, dict)
+                                                and body.get("policyName") == "DAILY"):
+            return None
+        wait = retry_after_seconds(response)
+        when = (f"at {(self.ctx.now() + timedelta(seconds=wait)).isoformat(timespec='minutes')}"
+                if wait else "at midnight in the HubSpot account's time zone")
+        return QuotaExhaustedError(
+            f"HubSpot daily API limit reached (X-HubSpot-RateLimit-Daily="
+            f"{response.headers.get('X-HubSpot-RateLimit-Daily', '?')}); it resets {when}",
+            hint="the next sync resumes from the stored cursor")
+
+
 class HubSpotSource:
     """`CrmSource` for HubSpot (see the module doc)."""
 
@@ -120,21 +182,18 @@ class HubSpotSource:
         crm = ctx.settings.crm
         self.crm = crm
         self.name = crm.source_name
-        self.base_url = (crm.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.version = crm.api_version or "v3"
-        timeout = (min(10.0, crm.timeout_seconds), crm.timeout_seconds)
-        self.session = ctx.http(timeout=timeout)
         allowed = crm.requests_per_10s or 100.0
         # burst + rate * window must stay under the plan's window limit: 95 % of it, burst 2 %
-        self.limiter = RateLimiter(0.95 * allowed, rate_window_seconds, burst=max(1.0, 0.02 * allowed))
+        limiter = RateLimiter(0.95 * allowed, rate_window_seconds, burst=max(1.0, 0.02 * allowed))
         self.search_limiter = RateLimiter(0.95 * search_per_second, 1.0, burst=1.0)
-        self._token_key = "crm.token_env"
-        self._oauth: Any = None
-        self._token: str | None = None
+        self.api = HubSpotApi(ctx, limiter)
         self._stages: dict[str, DealStage] | None = None
-        self.requests = 0
+        self._stored: set[str] = set()  # contacts the store holds (given by the engine) or will
 
     # -- streams -------------------------------------------------------------------------------
+
+    needs_stored_ids = ("deals",)  # a deal's contacts not yet stored are read with its page
 
     def streams(self) -> Sequence[str]:
         out = [o for o in ("contacts", "deals") if o in self.crm.objects]
@@ -144,10 +203,12 @@ class HubSpotSource:
             out.append("deals_archived")
         return out
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "contacts":
-            yield from self._search_pages("contacts", "lastmodifieddate", since, self._contact_page)
+            yield from self._search_pages("contacts", "lastmodifieddate", since, self.contact_page)
         elif stream == "deals":
+            self._stored = set(stored_ids)
             yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
         elif stream == "contacts_archived":
             yield from self._archived_pages()
@@ -158,6 +219,10 @@ class HubSpotSource:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    @property
+    def requests(self) -> int:
+        return self.api.requests
+
     def _path(self, kind: str, rest: str) -> str:
         """`kind` is objects | pipelines | associations; handles v3/v4 vs date versions."""
         if self.version.startswith("v"):
@@ -166,68 +231,10 @@ class HubSpotSource:
             return f"/crm/{self.version}/{kind}/{rest}"
         return f"/crm/{kind}/{self.version}/{rest}"
 
-    def _auth_header(self) -> str:
-        if self.crm.auth_flow == "refresh_token":
-            if self._oauth is None:
-                from leadloop.oauth import OAuthTokenProvider
-
-                s = self.ctx.settings
-                self._oauth = OAuthTokenProvider(
-                    self.session, self.crm.token_url or f"{self.base_url}/oauth/v1/token",
-                    s.secret("crm.client_id_env", self.crm.client_id_env).get_secret_value(),
-                    s.secret("crm.client_secret_env", self.crm.client_secret_env).get_secret_value(),
-                    s.secret("crm.refresh_token_env", self.crm.refresh_token_env).get_secret_value(),
-                )
-            return f"Bearer {self._oauth.token()}"
-        if self._token is None:
-            self._token = self.ctx.settings.secret(self._token_key, self.crm.token_env).get_secret_value()
-        return f"Bearer {self._token}"
-
     def _call(self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
               search: bool = False) -> dict[str, Any]:
-        for attempt in range(2):
-            (self.search_limiter if search else self.limiter).acquire()
-            auth = self._auth_header()
-            self.requests += 1
-            try:
-                response = self.session.request(method, self.base_url + path, params=params, json=body,
-                                                headers={"Authorization": auth,
-                                                         "Accept": "application/json"})
-            except requests.RequestException as exc:
-                raise RetriableSourceError(
-                    f"HubSpot {method} {path} failed after retries: {type(exc).__name__}") from None
-            if response.status_code == 401 and self._oauth is not None and attempt == 0:
-                self._oauth.invalidate(auth.removeprefix("Bearer "))  # expired early: refresh once
-                continue
-            return self._check(response, method, path)
-        raise AssertionError("unreachable")
-
-    def _check(self, response: requests.Response, method: str, path: str) -> dict[str, Any]:
-        status = response.status_code
-        if status in (200, 207):
-            return response.json()
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if status == 401:
-            where = (f"the OAuth app in {self.crm.client_id_env}/{self.crm.refresh_token_env}"
-                     if self._oauth is not None else f"environment variable {self.crm.token_env}")
-            raise FatalSourceError(
-                f"HubSpot refused the credentials from {where} (401 {body.get('category', '')})",
-                hint="check that the token is valid and has the crm.objects.contacts.read and "
-                     "crm.objects.deals.read scopes")
-        if status == 429 and body.get("policyName") == "DAILY":
-            wait = retry_after_seconds(response)
-            when = (f"at {(self.ctx.now() + timedelta(seconds=wait)).isoformat(timespec='minutes')}"
-                    if wait else "at midnight in the HubSpot account's time zone")
-            raise QuotaExhaustedError(
-                f"HubSpot daily API limit reached (X-HubSpot-RateLimit-Daily="
-                f"{response.headers.get('X-HubSpot-RateLimit-Daily', '?')}); it resets {when}",
-                hint="the next sync resumes from the stored cursor")
-        if status == 429 or status >= 500:
-            raise RetriableSourceError(f"HubSpot kept failing: {describe_response(response)}")
-        raise FatalSourceError(f"HubSpot refused a request: {describe_response(response)}")
+        return self.api.request(method, path, params=params, body=body,
+                                limiter=self.search_limiter if search else None)
 
     # -- pipelines and associations ------------------------------------------------------------
 
@@ -268,7 +275,7 @@ class HubSpotSource:
                 nxt = ((r.get("paging") or {}).get("next") or {}).get("after")
                 if nxt and nxt == sent_after.get(fid):
                     repeats += 1
-                    if repeats > _MAX_REPEATS:
+                    if repeats > MAX_REPEATS:
                         raise RetriableSourceError(
                             f"HubSpot kept repeating the {from_type}→{to_type} associations of {fid}")
                     log.warning("HubSpot repeated an associations page of %s %s", from_type, fid)
@@ -369,7 +376,7 @@ class HubSpotSource:
             body = dict(request, after=after) if after else request
             return self._call("POST", path, body=body, search=True)
 
-        for data, nxt in self._paged(fetch, "search"):
+        for data, nxt in _paged(fetch, "search"):
             yield data.get("results", []), int(data.get("total") or 0)
             if nxt and int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                 return
@@ -380,32 +387,8 @@ class HubSpotSource:
         def fetch(after: str | None) -> dict[str, Any]:
             return self._call("GET", path, params={**params, **({"after": after} if after else {})})
 
-        for data, _ in self._paged(fetch, "list"):
+        for data, _ in _paged(fetch, "list"):
             yield data.get("results", [])
-
-    @staticmethod
-    def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
-        """Follow `paging.next.after`. A page the server sends twice (same cursor back, or the same
-        ids again) is read again, not stored twice; repeated more than _MAX_REPEATS times, the
-        sync fails as retriable."""
-        after: str | None = None
-        previous_ids: list[str] | None = None
-        repeats = 0
-        while True:
-            data = fetch(after)
-            nxt = (data.get("paging") or {}).get("next", {}).get("after")
-            ids = [r["id"] for r in data.get("results", [])]
-            if (after is not None and nxt == after) or (previous_ids and ids == previous_ids):
-                repeats += 1
-                if repeats > _MAX_REPEATS:
-                    raise RetriableSourceError(f"HubSpot kept repeating the {what} page after {after}")
-                log.warning("HubSpot repeated a %s page (after=%s); reading it again", what, after)
-                continue
-            repeats, previous_ids = 0, ids
-            yield data, nxt
-            if not nxt:
-                return
-            after = nxt
 
     def _archived_pages(self) -> Iterator[Page]:
         params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}
@@ -419,7 +402,9 @@ class HubSpotSource:
 
     # -- conversion ----------------------------------------------------------------------------
 
-    def _contact_page(self, results: Iterable[dict]) -> Page:
+    def contact_page(self, results: Iterable[dict]) -> Page:
+        """Search or batch-read results -> a page of leads, stage times and micro-conversions;
+        a malformed record costs only itself (kept as a reject). Pure."""
         page = Page()
         for r in results:
             try:
@@ -501,15 +486,14 @@ class HubSpotSource:
         stage_prop = self.crm.deal_stage_property
         contacts = self.associated("deals", "contacts", [str(r["id"]) for r in results])
         needed = sorted({c for ids in contacts.values() for c in ids}, key=int)
-        with session_scope(self.ctx.engine) as session:
-            known = lead_ids(session, self.name, needed)
-        missing = [c for c in needed if c not in known]
+        missing = [c for c in needed if c not in self._stored]
         for lo in range(0, len(missing), BATCH_READ_MAX):
             data = self._call("POST", self._path("objects", "contacts/batch/read"), body={
                 "inputs": [{"id": c} for c in missing[lo:lo + BATCH_READ_MAX]],
                 "properties": self.contact_properties()})
             for r in data.get("results", []):
                 self._add_contact(page, r)
+        self._stored |= {lead.crm_id for lead in page.leads}  # stored with this page
         latest: tuple[datetime, int] | None = None
         for r in results:
             did = str(r["id"])
@@ -544,3 +528,6 @@ class HubSpotSource:
         if latest is not None:
             page.cursor = Cursor(latest[0], str(latest[1]))
         return page
+
+
+SOURCE = HubSpotSource

@@ -19,8 +19,8 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,13 +39,9 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.errors import (
-    FatalSourceError,
-    QuotaExhaustedError,
-    RecordRejected,
-    RetriableSourceError,
-)
-from leadloop.http import RateLimiter, describe_response, retry_after_seconds
+from leadloop.crm.rest import RestApi, TokenAuth, follow_pages
+from leadloop.errors import QuotaExhaustedError, RecordRejected
+from leadloop.http import RateLimiter, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +51,6 @@ MAX_LIMIT = 500
 DEFAULT_REQUESTS_PER_10S = 100.0
 _MAX_SHORT_WAIT = 60.0  # a 429 asking for longer than this is the daily budget
 _MAX_429_RETRIES = 5
-_MAX_REPEATS = 3  # the same next_cursor this often means the server loops
 STAGE_FIELD = "stage"
 STATUS_FIELD = "status"
 
@@ -81,6 +76,54 @@ def _primary(items: Any) -> str | None:
     return str(value) if value else None
 
 
+class PipedriveApi(RestApi):
+    """Pipedrive's API v2: the token in the `x-api-token` header (never in the URL); a short 429
+    is waited out here, a 429 for the daily token budget is the quota."""
+
+    vendor = "Pipedrive"
+    auth_hint = "check that the API token is valid and its user is active"
+    auth_statuses = frozenset({401, 403})
+    max_throttled = _MAX_429_RETRIES
+
+    def __init__(self, ctx: Context, limiter: RateLimiter) -> None:
+        crm = ctx.settings.crm
+        self.ctx = ctx
+        credentials = TokenAuth(ctx.settings, "crm.token_env", crm.token_env,
+                                header="x-api-token", scheme="")
+        # 429s are handled here (short waits vs. the daily budget); 5xx by the session.
+        session = ctx.http(timeout=(10.0, crm.timeout_seconds),
+                           statuses=frozenset({500, 502, 503, 504}))
+        super().__init__(session, f"{(crm.base_url or DEFAULT_BASE_URL).rstrip('/')}/api/v2",
+                         lambda: credentials, limiter)
+
+    def observe(self, response: requests.Response) -> None:
+        """When the burst window is used up, wait for its reset instead of drawing a 429."""
+        if response.status_code != 200:
+            return
+        remaining = _header_float(response, "x-ratelimit-remaining")
+        if remaining is not None and remaining <= 0:
+            self.sleep(_header_float(response, "x-ratelimit-reset") or 2.0)
+
+    def throttle_wait(self, response: requests.Response) -> float | None:
+        if response.status_code != 429:
+            return None
+        wait = _retry_wait(response)
+        return wait if wait is not None else 2.0
+
+    def quota_error(self, response: requests.Response) -> QuotaExhaustedError | None:
+        if response.status_code != 429:
+            return None
+        wait = _retry_wait(response)
+        daily = response.headers.get("x-daily-ratelimit-token-remaining") == "0"
+        if not (daily or (wait is not None and wait > _MAX_SHORT_WAIT)):
+            return None
+        resume = self.ctx.now() + timedelta(seconds=wait or 0)
+        return QuotaExhaustedError(
+            "Pipedrive daily API token budget is exhausted",
+            hint=f"the budget resets daily; the sync can resume after "
+                 f"{resume.strftime('%Y-%m-%d %H:%M UTC')}")
+
+
 class PipedriveSource:
     """`CrmSource` for Pipedrive (see module docstring)."""
 
@@ -88,19 +131,11 @@ class PipedriveSource:
         crm = ctx.settings.crm
         self.ctx = ctx
         self.name = crm.source_name
-        self.base_url = (crm.base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.token = ctx.settings.secret("crm.token_env", crm.token_env).get_secret_value()
-        # 429s are handled here (short waits vs. the daily budget); 5xx by the session.
-        self.session = ctx.http(timeout=(10.0, crm.timeout_seconds),
-                                statuses=frozenset({500, 502, 503, 504}))
-        self.page_size = min(crm.page_size or MAX_LIMIT, MAX_LIMIT)
         rate = crm.requests_per_10s or DEFAULT_REQUESTS_PER_10S
         # Bursts are counted per 2-s window: a bucket of capacity B at rate r sends up to
         # B + 2r in a window, so keep B at a tenth of the window's allowance.
-        self.limiter = RateLimiter(rate, 10.0, burst=max(1.0, rate / 5 * 0.1))
-        self.sleep = time.sleep
-        self.requests = 0
-        self.throttled = 0
+        self.api = PipedriveApi(ctx, RateLimiter(rate, 10.0, burst=max(1.0, rate / 5 * 0.1)))
+        self.page_size = min(crm.page_size or MAX_LIMIT, MAX_LIMIT)
         set_props = crm.properties.model_fields_set
         self.properties = {k: getattr(crm.properties, k) for k in set_props
                            if k in (*ATTRIBUTION_FIELDS, "email", "phone")
@@ -108,52 +143,19 @@ class PipedriveSource:
         self.extra = list(crm.extra_properties)
         self._stages: dict[int, dict[str, Any]] | None = None
 
+    needs_stored_ids = ()
+
     def streams(self) -> Sequence[str]:
         return ("persons", "deals", "deals_archived")
 
     # -- HTTP -------------------------------------------------------------------------------
 
-    def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}/api/v2{path}"
-        for _ in range(_MAX_429_RETRIES + 1):
-            self.limiter.acquire()
-            try:
-                response = self.session.get(url, params=params,
-                                            headers={"x-api-token": self.token,
-                                                     "Accept": "application/json"})
-            except requests.RequestException as exc:
-                raise RetriableSourceError(
-                    f"Pipedrive unreachable after retries: {type(exc).__name__}") from None
-            self.requests += 1
-            if response.status_code == 200:
-                self._pace(response)
-                return response.json()
-            if response.status_code == 429:
-                wait = retry_after_seconds(response) or _header_float(response, "x-ratelimit-reset")
-                daily = response.headers.get("x-daily-ratelimit-token-remaining") == "0"
-                if daily or (wait is not None and wait > _MAX_SHORT_WAIT):
-                    resume = self.ctx.now() + timedelta(seconds=wait or 0)
-                    raise QuotaExhaustedError(
-                        "Pipedrive daily API token budget is exhausted",
-                        hint=f"the budget resets daily; the sync can resume after "
-                             f"{resume.strftime('%Y-%m-%d %H:%M UTC')}")
-                self.throttled += 1
-                self.sleep(wait if wait is not None else 2.0)
-                continue
-            if response.status_code in (401, 403):
-                raise FatalSourceError(
-                    f"Pipedrive refused the API token ({response.status_code})",
-                    hint=f"check the environment variable {self.ctx.settings.crm.token_env}")
-            if response.status_code >= 500:
-                raise RetriableSourceError(describe_response(response))
-            raise FatalSourceError(describe_response(response))
-        raise RetriableSourceError(f"Pipedrive kept answering 429 for {path}")
+    @property
+    def requests(self) -> int:
+        return self.api.requests
 
-    def _pace(self, response: requests.Response) -> None:
-        """When the burst window is used up, wait for its reset instead of drawing a 429."""
-        remaining = _header_float(response, "x-ratelimit-remaining")
-        if remaining is not None and remaining <= 0:
-            self.sleep(_header_float(response, "x-ratelimit-reset") or 2.0)
+    def _get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self.api.request("GET", path, params=params)
 
     def _list(self, path: str, since: Cursor | None) -> Iterator[tuple[list[dict], Cursor | None]]:
         params: dict[str, Any] = {"limit": self.page_size, "sort_by": "update_time",
@@ -162,9 +164,7 @@ class PipedriveSource:
             params["updated_since"] = rfc3339(since.updated_at)
         if path == "/deals":
             params["status"] = "open,won,lost"
-        seen: dict[str, int] = {}
-        while True:
-            body = self._get(path, params)
+        for body, _ in self._pages(path, params):
             data = body.get("data") or []
             cursor = None
             for rec in reversed(data):
@@ -173,18 +173,18 @@ class PipedriveSource:
                     cursor = Cursor(stamp, str(rec.get("id")))
                     break
             yield data, cursor
-            nxt = (body.get("additional_data") or {}).get("next_cursor")
-            if not nxt:
-                return
-            # A replayed page is harmless (upserts dedupe); a server loop must not become ours.
-            seen[nxt] = seen.get(nxt, 0) + 1
-            if seen[nxt] > _MAX_REPEATS:
-                raise RetriableSourceError(f"Pipedrive keeps returning the same cursor for {path}")
-            params["cursor"] = nxt
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[tuple[dict, str | None]]:
+        """Cursor paging (`additional_data.next_cursor`); a replayed page is read again."""
+        return follow_pages(
+            lambda cursor: self._get(path, {**params, **({"cursor": cursor} if cursor else {})}),
+            lambda body: (body.get("additional_data") or {}).get("next_cursor"),
+            vendor="Pipedrive", what=path)
 
     # -- streams ----------------------------------------------------------------------------
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "persons":
             for data, cursor in self._list("/persons", since):
                 page = Page(cursor=cursor)
@@ -214,14 +214,8 @@ class PipedriveSource:
         """Stage id -> stage, with `first` = the first stage of its pipeline."""
         if self._stages is None:
             rows: list[dict] = []
-            params: dict[str, Any] = {"limit": MAX_LIMIT}
-            while True:
-                body = self._get("/stages", params)
+            for body, _ in self._pages("/stages", {"limit": MAX_LIMIT}):
                 rows.extend(body.get("data") or [])
-                nxt = (body.get("additional_data") or {}).get("next_cursor")
-                if not nxt:
-                    break
-                params["cursor"] = nxt
             first: dict[Any, dict] = {}
             for s in sorted(rows, key=lambda s: (s.get("pipeline_id"), s.get("order_nr", 0))):
                 first.setdefault(s.get("pipeline_id"), s)
@@ -287,6 +281,10 @@ class PipedriveSource:
         return list(out.values())
 
 
+def _retry_wait(response: requests.Response) -> float | None:
+    return retry_after_seconds(response) or _header_float(response, "x-ratelimit-reset")
+
+
 def _header_float(response: requests.Response, name: str) -> float | None:
     try:
         return float(response.headers[name])
@@ -294,3 +292,6 @@ def _header_float(response: requests.Response, name: str) -> float | None:
         return None
 
 
+
+
+SOURCE = PipedriveSource

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -41,13 +42,8 @@ from leadloop.crm.base import (
     record_id,
     record_key,
 )
-from leadloop.errors import (
-    ConfigError,
-    FatalSourceError,
-    QuotaExhaustedError,
-    RecordRejected,
-    RetriableSourceError,
-)
+from leadloop.crm.rest import Auth, OAuthAuth, RestApi, TokenAuth, follow_pages
+from leadloop.errors import ConfigError, FatalSourceError, QuotaExhaustedError, RecordRejected
 from leadloop.http import describe_response
 from leadloop.oauth import OAuthTokenProvider
 
@@ -95,54 +91,57 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[st
         yield items[i : i + size]
 
 
-class _SalesforceClient:
-    """Authenticated REST calls with Salesforce's error classification."""
+class SalesforceApi(RestApi):
+    """Salesforce's REST API: a static token or OAuth (refresh token or client credentials,
+    whose token response names the instance URL); REQUEST_LIMIT_EXCEEDED is the quota, other
+    4xx carry an error code (`SalesforceApiError`)."""
+
+    vendor = "Salesforce"
+    auth_hint = "check the credentials, the connected app's policies, and the IP restrictions"
 
     def __init__(self, ctx: Context) -> None:
         crm = ctx.settings.crm
-        self.settings = ctx.settings
-        self.session = ctx.http(timeout=(10.0, crm.timeout_seconds))
         self.api_version = crm.api_version or DEFAULT_API_VERSION
         self.page_size = crm.page_size
         self.api_usage: str | None = None
         self._base_override = crm.base_url.rstrip("/") if crm.base_url else None
-        self._static_token: str | None = None
         self.oauth: OAuthTokenProvider | None = None
+        session = ctx.http(timeout=(10.0, crm.timeout_seconds))
+        credentials = self._credentials(ctx, session)
+        super().__init__(session, self._base_override or "", lambda: credentials)
+
+    def _credentials(self, ctx: Context, session: requests.Session) -> Auth:
+        crm = ctx.settings.crm
         if crm.auth_flow == "token":
             if not self._base_override:
                 raise ConfigError("crm.base_url", "is required with auth_flow = 'token' "
                                   "(the org's instance URL, e.g. https://acme.my.salesforce.com)")
-            self._static_token = ctx.settings.secret("crm.token_env", crm.token_env).get_secret_value()
-        else:
-            client_id = ctx.settings.secret("crm.client_id_env", crm.client_id_env)
-            client_secret = ctx.settings.secret("crm.client_secret_env", crm.client_secret_env)
-            refresh = None
-            if crm.auth_flow == "refresh_token":
-                refresh = ctx.settings.secret("crm.refresh_token_env", crm.refresh_token_env)
-            elif not crm.token_url:
-                raise ConfigError("crm.token_url", "is required with auth_flow = "
-                                  "'client_credentials' (the org's My Domain token URL)")
-            self.oauth = OAuthTokenProvider(
-                self.session, crm.token_url or DEFAULT_TOKEN_URL,
-                client_id.get_secret_value(), client_secret.get_secret_value(),
-                refresh.get_secret_value() if refresh else None, grant=crm.auth_flow,
-                secret_envs={"crm.client_id_env": str(crm.client_id_env),
-                             "crm.client_secret_env": str(crm.client_secret_env),
-                             **({"crm.refresh_token_env": str(crm.refresh_token_env)}
-                                if refresh else {})})
-
-    def _token(self) -> str:
-        if self.oauth is not None:
-            return self.oauth.token()
-        assert self._static_token is not None
-        return self._static_token
+            return TokenAuth(ctx.settings, "crm.token_env", crm.token_env)
+        client_id = ctx.settings.secret("crm.client_id_env", crm.client_id_env)
+        client_secret = ctx.settings.secret("crm.client_secret_env", crm.client_secret_env)
+        refresh = None
+        if crm.auth_flow == "refresh_token":
+            refresh = ctx.settings.secret("crm.refresh_token_env", crm.refresh_token_env)
+        elif not crm.token_url:
+            raise ConfigError("crm.token_url", "is required with auth_flow = "
+                              "'client_credentials' (the org's My Domain token URL)")
+        self.oauth = OAuthTokenProvider(
+            session, crm.token_url or DEFAULT_TOKEN_URL,
+            client_id.get_secret_value(), client_secret.get_secret_value(),
+            refresh.get_secret_value() if refresh else None, grant=crm.auth_flow,
+            secret_envs={"crm.client_id_env": str(crm.client_id_env),
+                         "crm.client_secret_env": str(crm.client_secret_env),
+                         **({"crm.refresh_token_env": str(crm.refresh_token_env)}
+                            if refresh else {})})
+        return OAuthAuth(self.oauth, f"the OAuth app in {crm.client_id_env}/"
+                                     f"{crm.refresh_token_env or crm.client_secret_env}")
 
     @property
     def base_url(self) -> str:
         if self._base_override:
             return self._base_override
         assert self.oauth is not None
-        self._token()  # the instance URL arrives with the first token
+        self.oauth.token()  # the instance URL arrives with the first token
         instance = self.oauth.extra.get("instance_url")
         if not instance:
             raise FatalSourceError("the Salesforce token response had no instance_url",
@@ -151,46 +150,31 @@ class _SalesforceClient:
 
     def get(self, path: str) -> dict[str, Any]:
         """GET `path` (absolute path on the instance); one token refresh on INVALID_SESSION_ID."""
-        for attempt in (1, 2):
-            token = self._token()
-            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-            if self.page_size:
-                headers["Sforce-Query-Options"] = f"batchSize={max(200, self.page_size)}"
-            try:
-                response = self.session.get(self.base_url + path, headers=headers)
-            except requests.RequestException as exc:
-                raise RetriableSourceError(
-                    f"Salesforce unreachable after retries: {type(exc).__name__}") from None
-            self.api_usage = response.headers.get("Sforce-Limit-Info", self.api_usage)
-            if response.status_code == 200:
-                return response.json()
-            code = _error_code(response)
-            if response.status_code == 401 and attempt == 1 and self.oauth is not None:
-                log.info("Salesforce answered %s; refreshing the access token once", code)
-                self.oauth.invalidate(token)
-                continue
-            raise self._classify(response, code)
-        raise AssertionError("unreachable")
+        return self.request("GET", path)
 
-    def _classify(self, response: requests.Response, code: str) -> Exception:
-        if code == "REQUEST_LIMIT_EXCEEDED":
-            usage = self.api_usage or "unknown"
-            return QuotaExhaustedError(
-                f"Salesforce API request limit exceeded ({usage}): the org's rolling 24-hour "
-                "allocation is used up",
-                hint="the sync can resume as calls age out of the 24-hour window; "
-                "`GET /services/data/<v>/limits` shows DailyApiRequests.Remaining",
-            )
-        if response.status_code == 401:
-            env = self.settings.crm.token_env if self.oauth is None else (
-                self.settings.crm.refresh_token_env or self.settings.crm.client_secret_env)
-            return FatalSourceError(
-                f"Salesforce rejected the session ({code or 401}) even after a token refresh",
-                hint=f"check {env}, the connected app's policies, and the IP restrictions",
-            )
-        if response.status_code >= 500 or response.status_code == 429:
-            return RetriableSourceError(describe_response(response))
-        return SalesforceApiError(code, describe_response(response))
+    def request_headers(self) -> dict[str, str]:
+        if self.page_size:
+            return {"Sforce-Query-Options": f"batchSize={max(200, self.page_size)}"}
+        return {}
+
+    def observe(self, response: requests.Response) -> None:
+        self.api_usage = response.headers.get("Sforce-Limit-Info", self.api_usage)
+
+    def error_code(self, response: requests.Response) -> str:
+        return _error_code(response)
+
+    def quota_error(self, response: requests.Response) -> QuotaExhaustedError | None:
+        if _error_code(response) != "REQUEST_LIMIT_EXCEEDED":
+            return None
+        return QuotaExhaustedError(
+            f"Salesforce API request limit exceeded ({self.api_usage or 'unknown'}): the org's "
+            "rolling 24-hour allocation is used up",
+            hint="the sync can resume as calls age out of the 24-hour window; "
+            "`GET /services/data/<v>/limits` shows DailyApiRequests.Remaining",
+        )
+
+    def fatal_error(self, response: requests.Response) -> Exception:
+        return SalesforceApiError(_error_code(response), describe_response(response))
 
     def query_path(self, soql: str, *, all_rows: bool = False) -> str:
         resource = "queryAll" if all_rows else "query"
@@ -229,7 +213,7 @@ class SalesforceSource:
         crm = ctx.settings.crm
         self.ctx = ctx
         self.name = crm.source_name
-        self.client = _SalesforceClient(ctx)
+        self.client = SalesforceApi(ctx)
         set_fields = crm.properties.model_fields_set
         self.fields: dict[str, str] = {}
         for key in ("email", "phone", "created_at", *ATTRIBUTION_FIELDS,
@@ -245,6 +229,8 @@ class SalesforceSource:
         self._lead_history = True  # off after INVALID_TYPE (history tracking not enabled)
         self.skipped_opportunities = 0
 
+    needs_stored_ids = ()
+
     def streams(self) -> Sequence[str]:
         return ("Lead", "Opportunity")
 
@@ -252,13 +238,12 @@ class SalesforceSource:
 
     def _records(self, soql: str, *, all_rows: bool = False) -> Iterator[tuple[list[dict], int]]:
         """Yield (records, totalSize) per batch, following nextRecordsUrl."""
-        body = self.client.get(self.client.query_path(soql, all_rows=all_rows))
-        while True:
+        first = self.client.query_path(soql, all_rows=all_rows)
+        for body, _ in follow_pages(
+                lambda next_url: self.client.get(next_url or first),
+                lambda body: None if body.get("done", True) else body.get("nextRecordsUrl"),
+                vendor="Salesforce", what="query"):
             yield body.get("records", []), int(body.get("totalSize", 0))
-            next_url = body.get("nextRecordsUrl")
-            if body.get("done", True) or not next_url:
-                return
-            body = self.client.get(next_url)
 
     def _query_all(self, soql: str) -> list[dict]:
         return [r for batch, _ in self._records(soql) for r in batch]
@@ -286,7 +271,8 @@ class SalesforceSource:
                 log.warning("Salesforce query locator expired; restarting %s from %s",
                             sobject, soql_datetime(start))
 
-    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime) -> Iterator[Page]:
+    def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
+              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
         if stream == "Lead":
             yield from self._fetch_leads(since)
         elif stream == "Opportunity":
@@ -508,3 +494,6 @@ def _batch_cursor(batch: list[dict]) -> Cursor | None:
         return None
     stamp = parse_sf_datetime(batch[-1].get("SystemModstamp"))
     return Cursor(stamp, str(batch[-1]["Id"])) if stamp is not None else None
+
+
+SOURCE = SalesforceSource

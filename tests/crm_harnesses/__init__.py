@@ -7,7 +7,7 @@ server on 127.0.0.1, or a file for CSV) and a `FakeClock` shared by the fake and
 `Context`, so "modified since" and the sync's look-back are deterministic.
 
 To add a connector: write `tests/crm_harnesses/<kind>.py` with a class that subclasses
-`Harness`, and add a `"<kind>": "tests.crm_harnesses.<kind>:<Class>"` entry to `HARNESSES`.
+`Harness`, named `HARNESS` at the end of the module.
 
 Conventions every harness follows:
 
@@ -25,6 +25,7 @@ Conventions every harness follows:
 from __future__ import annotations
 
 import abc
+import pkgutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import import_module
@@ -156,15 +157,11 @@ class Harness(abc.ABC):
         return 0
 
 
-# kind -> "module:Class"; imported lazily so one fake's imports never break another's tests.
-HARNESSES: dict[str, str] = {
-    "salesforce": "tests.crm_harnesses.salesforce:SalesforceHarness",
-    "pipedrive": "tests.crm_harnesses.pipedrive:PipedriveHarness",
-    "hubspot": "tests.crm_harnesses.hubspot:HubSpotHarness",
-    "csv": "tests.crm_harnesses.csv:CsvHarness",
-}
+# One harness module per CRM kind (`tests/crm_harnesses/<kind>.py`, its class named `HARNESS`),
+# imported lazily so one fake's imports never break another's tests.
+HARNESSES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
 
 
 def load_harness(kind: str) -> Harness:
-    module, cls = HARNESSES[kind].split(":")
-    return getattr(import_module(module), cls)()
+    harness: Harness = import_module(f"{__name__}.{kind}").HARNESS()
+    return harness

@@ -120,3 +120,6 @@ class CsvHarness(Harness):
     def inject_faults(self, faults: Faults) -> None:
         if faults != Faults():
             raise NotImplementedError("a CSV file has no HTTP faults or quota")
+
+
+HARNESS = CsvHarness

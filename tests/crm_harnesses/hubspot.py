@@ -100,3 +100,6 @@ class HubSpotHarness(Harness):
     def records_served(self) -> int:
         n, self.fake.records_returned = self.fake.records_returned, 0
         return n
+
+
+HARNESS = HubSpotHarness

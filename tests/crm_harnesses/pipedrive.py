@@ -100,3 +100,6 @@ class PipedriveHarness(Harness):
 
     def requests_served(self) -> int:
         return len(self.fake.server.received)
+
+
+HARNESS = PipedriveHarness

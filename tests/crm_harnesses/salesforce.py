@@ -130,3 +130,6 @@ class SalesforceHarness(Harness):
 
     def requests_served(self) -> int:
         return len(self.fake.server.received)
+
+
+HARNESS = SalesforceHarness
