@@ -320,13 +320,13 @@ def test_rate_limiter_keeps_90_percent_of_the_allowed_rate_and_draws_no_429(
         ctx = make_ctx(sqlite_engine, make_settings, fake, clock, requests_per_10s=allowed)
         src = HubSpotSource(ctx, rate_window_seconds=window)
         grants: list[float] = []
-        granted = src.limiter.acquire
+        granted = src.api.limiter.acquire
 
         def acquire(cost: float = 1.0) -> None:
             granted(cost)
             grants.append(sim.now())
 
-        monkeypatch.setattr(src.limiter, "acquire", acquire)
+        monkeypatch.setattr(src.api.limiter, "acquire", acquire)
         for _ in range(3):
             list(src.fetch("contacts_archived", None, started_at=clock()))
         n = len(fake.received)
