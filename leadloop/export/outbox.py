@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, func, or_, select, union, update
@@ -151,7 +152,13 @@ def _in_bounds(stage: StageConfig, value: Decimal | None) -> bool:
     if value is None:
         return True
     value = Decimal(value)
-    return value.is_finite() and Decimal(str(stage.min_value)) <= value <= Decimal(str(stage.max_value))
+    low, high = _bounds(stage.min_value, stage.max_value)
+    return value.is_finite() and low <= value <= high
+
+
+@lru_cache(maxsize=64)
+def _bounds(low: float, high: float) -> tuple[Decimal, Decimal]:
+    return Decimal(str(low)), Decimal(str(high))
 
 
 def _value(stage: StageConfig, fact: _Fact, scores: dict[int, Any], lead_id: int
