@@ -340,6 +340,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     features = [Feature(f["name"], f["kind"], f["known_at"]) for f in card["features"]]
     if read:  # just trained: the store as training read it, narrowed to the leads due
         data, stage_rows = _narrowed(*read, due)
+        read.clear()  # the full frames go now, not after scoring
     else:
         # A few changed leads: read only those (an IN list); many: one full read is cheaper.
         only = due if len(due) <= 50_000 else None
