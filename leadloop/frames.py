@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sqlalchemy import Select, String, type_coerce
 from sqlalchemy.engine import Connection
 
 PARTITION = 20_000
@@ -41,13 +42,28 @@ Convert = Callable[[pd.DataFrame, SharedStrings], pd.DataFrame]
 def _column(values: tuple[Any, ...], is_time: bool, is_number: bool, shared: SharedStrings
             ) -> pd.Series:
     if is_time:
-        return pd.to_datetime(pd.Series(values, dtype=object), utc=True)
+        raw = pd.Series(values, dtype=object)
+        text = isinstance(next((v for v in values if v is not None), None), str)
+        # SQLite's text (naive UTC, as UTCDateTime writes it) parsed at once, or the driver's times
+        return pd.to_datetime(raw, utc=True, format="ISO8601" if text else None)
     if is_number:
         return pd.Series(np.array([np.nan if v is None else float(v) for v in values], dtype=float))
     if any(isinstance(v, str) for v in values):
         return pd.Series(shared.column(values))
     return pd.Series(values, dtype=object) if any(
         isinstance(v, dict | list) for v in values) else pd.Series(list(values))
+
+
+def _times_unprocessed(stmt: Any, columns: Sequence[str], times: Sequence[str]) -> Any:
+    """`stmt` with its `times` columns read as the driver returns them: on SQLite, text that
+    pandas parses a partition at a time, instead of one timezone-aware datetime object made per
+    value and then converted again (a third of the read time)."""
+    if not times or not isinstance(stmt, Select):
+        return stmt
+    selected = list(stmt.selected_columns)
+    coerced = [type_coerce(c, String).label(name) if name in times else c
+               for c, name in zip(selected, columns, strict=True)]
+    return stmt.with_only_columns(*coerced, maintain_column_froms=True)
 
 
 def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
@@ -61,6 +77,7 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
     `convert`) become pandas categoricals: a byte or two per row for a column of a few values."""
     shared = SharedStrings()
     parts = []
+    stmt = _times_unprocessed(stmt, columns, times)
     result = conn.execution_options(stream_results=True, yield_per=PARTITION).execute(stmt)
     for rows in result.partitions(PARTITION):
         # Column by column from the row tuples, each converted as it is built.

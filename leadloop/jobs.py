@@ -19,6 +19,7 @@ from sqlmodel import select
 
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
+from leadloop.processes import gone_on_this_host
 from leadloop.redact import redact_text
 from leadloop.store import session_scope
 from leadloop.tables import JobOutcome, JobRun
@@ -74,17 +75,7 @@ def runner_gone(runner: str | None) -> bool | None:
     """Whether the process that recorded a running job_run has ended: True or False when it
     ran on this host, None when that cannot be told from here (another host, no runner)."""
     host, _, pid = (runner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return gone_on_this_host(host, pid)
 
 
 def mark_interrupted(ctx: Context, name: str) -> int:

@@ -30,7 +30,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
 
 from leadloop.errors import LeaseHeldError
-from leadloop.store import _insert_for, session_scope
+from leadloop.processes import gone_on_this_host
+from leadloop.store import insert_for, session_scope
 from leadloop.tables import DaemonLease
 
 LEASE_NAME = "daemon"
@@ -66,7 +67,7 @@ def acquire(engine: Engine, owner: str, ttl: timedelta, now: datetime) -> bool:
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     expires = now + ttl
     with session_scope(engine) as session:
-        stmt = _insert_for(session, table).values(
+        stmt = insert_for(session, table).values(
             name=LEASE_NAME, owner=owner, acquired_at=now, heartbeat_at=now, expires_at=expires
         )
         stmt = stmt.on_conflict_do_update(
@@ -121,16 +122,7 @@ def _dead_here(owner: str) -> bool:
     """True when `owner` (see `make_owner`) ran on this host and its process no longer exists: a
     holder killed with SIGKILL, whose lease need not be waited out."""
     host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return gone_on_this_host(host, rest.partition(":")[0]) is True
 
 
 @contextmanager

@@ -134,7 +134,7 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def _insert_for(session: Session, table: Any) -> Any:
+def insert_for(session: Session, table: Any) -> Any:
     dialect = session.get_bind().dialect.name
     if dialect == "sqlite":
         return sqlite.insert(table)

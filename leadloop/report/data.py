@@ -225,7 +225,9 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
         names = [m.name for m in settings.micro_conversions]
     else:
         names = sorted(ev["name"].unique().tolist())
-    flags = pd.crosstab(ev["lead_id"], ev["name"]).clip(upper=1) if not ev.empty else pd.DataFrame()
+    # groupby().size() counts in C; crosstab's count is a Python call per lead and name
+    flags = ev.groupby(["lead_id", "name"]).size().unstack("name", fill_value=0).clip(upper=1) \
+        if not ev.empty else pd.DataFrame()
     flags = flags.reindex(columns=names, fill_value=0)
     return names, flags
 

@@ -181,6 +181,12 @@ def training_inputs(ctx: Context) -> str:
 
 def train_and_register(ctx: Context) -> dict[str, Any]:
     """Train candidates on the store, register the chosen one (or a fallback card)."""
+    return _train(ctx)[0]
+
+
+def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
+    """`train_and_register`, also returning what it read (leads active and deleted, every stage
+    row): scoring right after reuses it instead of reading the store again."""
     settings, cfg = ctx.settings, ctx.settings.model
     inputs = training_inputs(ctx)
     data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
@@ -285,7 +291,7 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
         result["model_version"] = version
         result["roc_auc"] = round(card["metrics"]["roc_auc"], 4)
         result["baseline_roc_auc"] = round(card["baseline"]["roc_auc"], 4)
-    return result
+    return result, data, stage_rows
 
 
 def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
@@ -315,15 +321,25 @@ def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
     return set(rows.loc[due, "id"].astype(int))
 
 
+def _narrowed(data: LeadData, stage_rows: pd.DataFrame, ids: set[int]
+              ) -> tuple[LeadData, pd.DataFrame]:
+    """The leads `ids` (all active: see `_leads_due`) of frames already read, with their events
+    and stage rows; a lead's score depends on its own rows only."""
+    keep = data.leads.index.isin(list(ids))
+    events = data.events[data.events["lead_id"].isin(list(ids))]
+    return (LeadData(leads=data.leads[keep], events=events),
+            stage_rows[stage_rows["lead_id"].isin(list(ids))])
+
+
 def score_leads(ctx: Context) -> dict[str, Any]:
     """Score the active leads that are new or changed since the current model scored them
     (training a model first when there is no model card, or when the card is a fallback and the
     store or the configuration changed since); upsert their `Score` rows."""
     settings = ctx.settings
     card = registry.current_card(settings)
-    trained = None
+    trained, read = None, None
     if card is None or (not card.get("chosen") and card.get("inputs") != training_inputs(ctx)):
-        trained = train_and_register(ctx)
+        trained, *read = _train(ctx)
         card = registry.current_card(settings)
     assert card is not None
     if not card.get("chosen"):
@@ -335,10 +351,14 @@ def score_leads(ctx: Context) -> dict[str, Any]:
                 **({"trained": trained["leads"]} if trained else {})}
     model = registry.load_model(settings, card)
     features = [Feature(f["name"], f["kind"], f["known_at"]) for f in card["features"]]
-    # A few changed leads: read only those (an IN list); many: one full read is cheaper.
-    only = due if len(due) <= 50_000 else None
-    data = load_lead_data(ctx.engine, (LeadStatus.active,), ids=only)
-    stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
+    if read:  # just trained: the store as training read it, narrowed to the leads due
+        data, stage_rows = _narrowed(*read, due)
+        read.clear()  # the full frames go now, not after scoring
+    else:
+        # A few changed leads: read only those (an IN list); many: one full read is cheaper.
+        only = due if len(due) <= 50_000 else None
+        data = load_lead_data(ctx.engine, (LeadStatus.active,), ids=only)
+        stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     if card.get("mode") == "snapshot":
