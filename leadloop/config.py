@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from leadloop.crm import CRM_KINDS
 from leadloop.envnames import EnvName
 from leadloop.envnames import check_env_name as _check_env_name
 from leadloop.errors import ConfigError, ConfigErrors, MissingSecretError
@@ -35,7 +36,10 @@ from leadloop.redact import register_secret
 if TYPE_CHECKING:
     from leadloop.export.base import DestinationSettings
 
-CrmKind = Literal["hubspot", "salesforce", "pipedrive", "csv"]
+if TYPE_CHECKING:
+    CrmKind = str
+else:  # the connector modules of leadloop/crm/: a new CRM is its module, nothing to add here
+    CrmKind = Literal[CRM_KINDS]
 ValueRule = float | Literal["deal_amount", "predicted"]
 MicroRole = Literal["primary goal", "secondary signal", "diagnostic only", "retire"]
 

@@ -122,8 +122,10 @@ def _summary(out: Path, counts: dict[str, dict], received: dict[str, int], secon
     ]
     for dest, n in sorted(received.items()):
         held = export.get("destinations", {}).get(dest, {}).get("held", 0)
-        lines.append(f"  exported    {dest}: {n} conversions accepted in {payload_files[dest]} "
-                     f"requests, {held} held back by platform rules (see the report)")
+        requests = payload_files[dest]
+        lines.append(f"  exported    {dest}: {n} conversions accepted in {requests} "
+                     f"request{'s' * (requests != 1)}, {held} held back by platform rules "
+                     "(see the report)")
     lines += [
         f"  report      {out / 'report.html'}",
         f"  validation  {out / 'validation.csv'}",
