@@ -19,7 +19,9 @@ from sqlmodel import SQLModel
 
 from leadloop.config import Settings, settings_from_dict
 from leadloop.context import Context
+from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import make_engine
+from tests.export_helpers import NOW
 
 # CI replays the same fuzz examples every run (a red run must mean a change broke something);
 # developers' runs explore new ones, and hypothesis keeps what it finds in .hypothesis/.
@@ -65,6 +67,20 @@ def engine(db_url: str) -> Iterator[Engine]:
     eng = make_engine(db_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[FakePlatforms]:
+    """Fake ad platforms on loopback, one set per test module, at the export tests' `NOW`."""
+    with FakePlatforms(now=lambda: NOW) as platforms:
+        yield platforms
+
+
+@pytest.fixture
+def fakes(_servers: FakePlatforms) -> FakePlatforms:
+    """The module's fake platforms with nothing received yet."""
+    _servers.reset()
+    return _servers
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ retract, as the report reads it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,18 +22,6 @@ from leadloop.store import session_scope
 from leadloop.tables import ConversionStatus, Lead, LeadStatus, RejectedRecord, StageChange
 from tests.export_helpers import NOW, full_lead, settings_sections
 from tests.test_export_outbox import make_ctx, rows
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def _won_to_gdm(fakes: FakePlatforms, tmp_path: Path, engine: Any, **kw: Any) -> Any:

@@ -4,12 +4,10 @@ the configuration changed in a way a real export would act on (a mapping typo wi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlmodel import SQLModel
@@ -21,18 +19,6 @@ from leadloop.store import session_scope
 from leadloop.tables import JobRun, StageChange
 from tests.export_helpers import NOW, full_lead
 from tests.test_export_outbox import make_ctx
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def snapshot(engine: Any) -> dict[str, list[str]]:

@@ -4,7 +4,6 @@ who holds it; the outbox watermark row cannot collide."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,6 @@ from tests.export_helpers import NOW, full_lead
 from tests.test_export_outbox import make_ctx, rows
 
 TTL = timedelta(seconds=3)
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def test_two_exports_started_together_send_each_conversion_once(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from functools import partial
@@ -31,18 +30,6 @@ from leadloop.tables import (
 )
 from tests.conftest import BASE_CONFIG
 from tests.export_helpers import NOW, add_lead, full_lead, settings_sections
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def make_ctx(engine: Any, fakes: FakePlatforms, tmp_path: Path, names: tuple[str, ...] = ("gads",),

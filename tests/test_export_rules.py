@@ -4,7 +4,6 @@ retry), consent in one place, values out of range held, manual-import files that
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,18 +19,6 @@ from leadloop.store import session_scope
 from leadloop.tables import ConversionStatus, StageChange
 from tests.export_helpers import NOW, full_lead
 from tests.test_export_outbox import make_ctx, rows
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def test_enhanced_conversions_without_a_click_id_have_a_window_too(

@@ -4,7 +4,6 @@ error pointing at a row rejects that row."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,6 @@ from tests.test_export_outbox import make_ctx, rows
 
 KIND = {"gdm": "google_data_manager", "gads": "google_ads", "meta": "meta", "msads": "microsoft",
         "li": "linkedin"}
-
-
-@pytest.fixture(scope="module")
-def _servers() -> Iterator[FakePlatforms]:
-    with FakePlatforms(now=lambda: NOW) as platforms:
-        yield platforms
-
-
-@pytest.fixture
-def fakes(_servers: FakePlatforms) -> FakePlatforms:
-    _servers.reset()
-    return _servers
 
 
 def _rejected(engine: Any) -> int:
