@@ -118,7 +118,9 @@ def gate_part(seeds: int) -> None:
               f"rule, {new}/{seeds} under the intervals ({time.process_time() - t:.1f} CPU s)")
 
 
-def _simulated(n: int) -> tuple[LeadData, pd.Series, datetime]:
+def simulated_frames(n: int) -> tuple[LeadData, pd.Series, datetime]:
+    """The simulator's funnel (seed 7, ending 2026-10-01) as model frames, with each lead's
+    first macro time (sales qualified)."""
     end = datetime(2026, 10, 1, tzinfo=UTC)
     funnel = simulate(n, seed=7, end=end)
     rows, events, macro = [], [], {}
@@ -141,7 +143,7 @@ def _simulated(n: int) -> tuple[LeadData, pd.Series, datetime]:
 
 
 def age_part(n: int) -> None:
-    data, macro, end = _simulated(n)
+    data, macro, end = simulated_frames(n)
     settings = settings_from_dict({
         "crm": {"kind": "hubspot"},
         "stages": [{"name": "SQL", "crm_values": ["salesqualifiedlead"], "macro": True}],

@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from leadloop.config import settings_from_dict
-from leadloop.sandbox.simulator import lead_in, simulate
 from leadloop.scoring.evaluate import evaluate_frame, fit_final
-from leadloop.scoring.features import Feature, LeadData, build_features, frame_for, resolve_features
+from leadloop.scoring.features import Feature, build_features, frame_for, resolve_features
 from leadloop.scoring.model import evaluate_csv, landmarks, scoring_moments, training_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests/ helpers
+from bench.model_honesty import simulated_frames
 from tests.x_education import LABEL, not_pre_contact
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -61,25 +60,9 @@ def real_data() -> None:
 
 
 def simulated(n: int) -> None:
-    end = datetime(2026, 10, 1, tzinfo=UTC)
     t = time.perf_counter()
-    funnel = simulate(n, seed=7, end=end)
-    rows, events, macro = [], [], {}
-    for i, lead in enumerate(funnel.leads):
-        li = lead_in(lead)
-        rows.append({"lead_id": i, "created_at": li.created_at, "attributes": li.attributes,
-                     **{k: getattr(li, k) for k in ("utm_source", "utm_medium", "utm_campaign",
-                        "landing_page", "country", "gclid", "gbraid", "wbraid", "fbclid", "fbc",
-                        "meta_lead_id", "msclkid", "li_fat_id")}})
-        events += [(i, name, at) for name, at in lead.micro_events]
-        macro_at = [at for v, at in lead.lifecycle if v == "salesqualifiedlead"]
-        if macro_at:
-            macro[i] = macro_at[0]
-    leads = pd.DataFrame(rows).set_index("lead_id")
-    leads["created_at"] = pd.to_datetime(leads["created_at"], utc=True)
-    ev_frame = pd.DataFrame(events, columns=["lead_id", "name", "occurred_at"])
-    ev_frame["occurred_at"] = pd.to_datetime(ev_frame["occurred_at"], utc=True)
-    data = LeadData(leads=leads, events=ev_frame)
+    data, macro_s, end = simulated_frames(n)
+    leads = data.leads
     print(f"simulate + frame {n:,} leads: {time.perf_counter() - t:.1f} s")
 
     settings = settings_from_dict({
@@ -89,7 +72,6 @@ def simulated(n: int) -> None:
                               ("guide_download", "pricing_view", "webinar_signup",
                                "newsletter_signup", "careers_page_view")],
     })
-    macro_s = pd.to_datetime(pd.Series(macro, dtype=object), utc=True).reindex(leads.index)
     rows_, _, _ = training_rows(data, macro_s, now=pd.Timestamp(end), horizon_days=90,
                                 random_state=0, snapshot=False)
     moment = rows_["moment"]
