@@ -7,6 +7,8 @@ upserts use each dialect's `INSERT ... ON CONFLICT`, so re-running a page or a j
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -57,7 +59,7 @@ def make_engine(url: str, *, echo: bool = False, check_schema: bool = True) -> E
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -91,6 +93,27 @@ def make_engine(url: str, *, echo: bool = False, check_schema: bool = True) -> E
 
 
 _CONNECT_TIMEOUT_S = 10
+_WAL_SWITCH_TIMEOUT_S = 30.0
+
+
+def _enable_wal(cur: Any) -> None:
+    """Put the file in WAL mode (persistent: later connections find it set and only read it).
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once,
+    without waiting out its busy timeout, when another connection is opening the same new file
+    (several commands started together on a new store): retry until the timeout."""
+    deadline = time.monotonic() + _WAL_SWITCH_TIMEOUT_S
+    pause = 0.005
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
 # Words of a PostgreSQL connection error that mean the URL is wrong (a config error), not
 # that the server is down: role or database missing, password refused.
 _CONFIG_PROBLEMS = ("does not exist", "authentication failed", "no password supplied",
