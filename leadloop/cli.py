@@ -213,9 +213,9 @@ def export(click_ctx: click.Context, dry_run: bool, out: str, wait: bool) -> Non
             return
         if dry_run:
             from leadloop.context import JobResult
-            from leadloop.export.engine import run_export
+            from leadloop.jobs import export_under_lease
 
-            sys.exit(_print_results([JobResult("export", counts=run_export(ctx))]))
+            sys.exit(_print_results([JobResult("export", counts=export_under_lease(ctx))]))
         from leadloop.jobs import run_job
 
         sys.exit(_print_results([run_job(ctx, "export")]))

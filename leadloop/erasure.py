@@ -23,6 +23,7 @@ import secrets
 import zipfile
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from sqlmodel import Session, col
 from leadloop.context import Context
 from leadloop.errors import LeadloopError
 from leadloop.identity import IdentityError, hash_email
+from leadloop.lease import outbox_lease
 from leadloop.store import among, session_scope
 from leadloop.tables import (
     Conversion,
@@ -54,9 +56,21 @@ _IDENTITY = ("email_sha256", "email_google_sha256", "phone_e164_sha256", "phone_
 
 
 def forget_person(ctx: Context, *, email: str | None, crm_id: str | None) -> str:
-    """Erase the person selected by `email` or `crm_id` (exactly one); return a summary line."""
+    """Erase the person selected by `email` or `crm_id` (exactly one); return a summary line.
+
+    Holds the outbox lease (waiting for an export in flight to finish) so that no batch or
+    payload file carrying the person's hashes is sent or written after the erasure."""
     if bool(email) == bool(crm_id):
         raise LeadloopError("give exactly one of --email or --crm-id")
+    ttl = timedelta(seconds=ctx.settings.schedule.lease_seconds)
+    with outbox_lease(ctx.engine, "forget", ttl=ttl, now=ctx.now, stop=ctx.stop) as owner:
+        if owner is None:
+            raise LeadloopError("forget was stopped while waiting for the export in flight; "
+                                "nothing was erased")
+        return _forget(ctx, email=email, crm_id=crm_id)
+
+
+def _forget(ctx: Context, *, email: str | None, crm_id: str | None) -> str:
     source = ctx.settings.crm.source_name
     traces: set[str] = set()  # what identifies the person in files leadloop wrote
     if email:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -190,16 +191,27 @@ def _validate(ctx: Context) -> dict[str, Any]:
     return _with_notes({**counts, "inputs": inputs}, "validate", notes)
 
 
-def _export(ctx: Context) -> dict[str, Any]:
+def export_under_lease(ctx: Context) -> dict[str, Any]:
+    """`run_export` holding the outbox lease, so that `forget` never erases a person while a
+    batch or payload file with their hashes is in flight (see `leadloop.lease`)."""
     from leadloop.export.engine import run_export
+    from leadloop.lease import outbox_lease
 
+    ttl = timedelta(seconds=ctx.settings.schedule.lease_seconds)
+    with outbox_lease(ctx.engine, "export", ttl=ttl, now=ctx.now, stop=ctx.stop) as owner:
+        if owner is None:
+            return {"skipped": "stopped while waiting for `forget` to finish"}
+        return run_export(ctx)
+
+
+def _export(ctx: Context) -> dict[str, Any]:
     enabled = [n for n, d in ctx.settings.destinations.items() if d.enabled]
     if not enabled:
         why = ("every [destinations.<name>] section has enabled = false"
                if ctx.settings.destinations else "the config has no [destinations.<name>] section")
         return {"skipped": f"no destination to export to: {why} (see config/leadloop.example.toml; "
                            "kind = \"csv_files\" writes manual-import files)"}
-    counts = run_export(ctx)
+    counts = export_under_lease(ctx)
     per_destination = cast(dict[str, dict[str, Any]], counts.get("destinations", {}))
     notes = [_nothing_sent_note(name, per) for name, per in per_destination.items()
              if not per.get("sent") and per.get("held") and "error" not in per]

@@ -12,6 +12,11 @@ from a heartbeat thread, so it never runs beside the daemon or another such comm
 `--wait` it refuses at once and says who holds the lease; with `--wait` it waits for it. A
 holder on the same host whose process is gone (killed with SIGKILL) is taken over at once instead
 of waiting for its lease to expire.
+
+A second, shorter lease (name "outbox") is held for the duration of each export, wherever it runs
+(the daemon's job, `export`, `export --dry-run`, `run --once`), and by `forget`, which waits for
+it: an erasure never lands while a batch holding that person's hashes is in flight or while a
+payload file is being written after the erasure rewrote the folder.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,6 +40,7 @@ from leadloop.store import insert_for, session_scope
 from leadloop.tables import DaemonLease
 
 LEASE_NAME = "daemon"
+OUTBOX_LEASE = "outbox"
 log = logging.getLogger(__name__)
 
 
@@ -62,13 +68,14 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def acquire(engine: Engine, owner: str, ttl: timedelta, now: datetime) -> bool:
+def acquire(engine: Engine, owner: str, ttl: timedelta, now: datetime,
+            name: str = LEASE_NAME) -> bool:
     """Take the lease if it is free, expired or already ours. Atomic on SQLite and PostgreSQL."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     expires = now + ttl
     with session_scope(engine) as session:
         stmt = insert_for(session, table).values(
-            name=LEASE_NAME, owner=owner, acquired_at=now, heartbeat_at=now, expires_at=expires
+            name=name, owner=owner, acquired_at=now, heartbeat_at=now, expires_at=expires
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=["name"],
@@ -84,36 +91,37 @@ def acquire(engine: Engine, owner: str, ttl: timedelta, now: datetime) -> bool:
     return won == owner
 
 
-def renew(engine: Engine, owner: str, ttl: timedelta, now: datetime) -> bool:
+def renew(engine: Engine, owner: str, ttl: timedelta, now: datetime,
+          name: str = LEASE_NAME) -> bool:
     """Heartbeat: push the expiry forward. False when the lease is no longer ours (it expired
     while we stalled and another daemon took it over): the caller must stop."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     with session_scope(engine) as session:
         result = session.connection().execute(  # a CursorResult: it has the rowcount
             update(table)
-            .where(table.c.name == LEASE_NAME, table.c.owner == owner)
+            .where(table.c.name == name, table.c.owner == owner)
             .values(heartbeat_at=now, expires_at=now + ttl)
         )
         return (result.rowcount or 0) == 1
 
 
-def release(engine: Engine, owner: str) -> bool:
+def release(engine: Engine, owner: str, name: str = LEASE_NAME) -> bool:
     """Give the lease up (only if it is ours), so the next daemon can start at once."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     with session_scope(engine) as session:
         result = session.connection().execute(
-            delete(table).where(table.c.name == LEASE_NAME, table.c.owner == owner)
+            delete(table).where(table.c.name == name, table.c.owner == owner)
         )
         return (result.rowcount or 0) == 1
 
 
-def holder(engine: Engine) -> LeaseInfo | None:
+def holder(engine: Engine, name: str = LEASE_NAME) -> LeaseInfo | None:
     """The current lease row (possibly expired), or None when no daemon ever held it."""
     table = DaemonLease.__table__  # type: ignore[attr-defined]
     with session_scope(engine) as session:
         row = session.execute(
             select(table.c.owner, table.c.acquired_at, table.c.heartbeat_at, table.c.expires_at)
-            .where(table.c.name == LEASE_NAME)
+            .where(table.c.name == name)
         ).first()
     return LeaseInfo(*row) if row else None
 
@@ -127,7 +135,8 @@ def _dead_here(owner: str) -> bool:
 
 @contextmanager
 def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
-              now: Callable[[], datetime], stop: threading.Event) -> Iterator[str | None]:
+              now: Callable[[], datetime], stop: threading.Event,
+              name: str = LEASE_NAME) -> Iterator[str | None]:
     """Hold the database's lease while a command (`purpose`, e.g. "export") runs.
 
     Refuses with `LeaseHeldError` naming the holder when the lease is live and `wait` is False;
@@ -138,13 +147,13 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
     owner = f"{make_owner()} ({purpose})"
     poll = max(0.2, min(5.0, ttl.total_seconds() / 3))
     announced = False
-    while not acquire(engine, owner, ttl, now()):
-        info = holder(engine)
+    while not acquire(engine, owner, ttl, now(), name):
+        info = holder(engine, name)
         if info is None:
             continue  # released between our two statements
         if _dead_here(info.owner):
             log.warning("taking over the lease of %s: that process on this host is gone", info.owner)
-            release(engine, info.owner)
+            release(engine, info.owner, name)
             continue
         if not wait:
             raise LeaseHeldError(
@@ -162,7 +171,7 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
     def heartbeat() -> None:
         while not done.wait(ttl.total_seconds() / 3):
             try:
-                if not renew(engine, owner, ttl, now()):
+                if not renew(engine, owner, ttl, now(), name):
                     log.error("%s lost the lease; stopping after the batch in flight", purpose)
                     stop.set()
                     return
@@ -176,4 +185,11 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
     finally:
         done.set()
         beat.join()
-        release(engine, owner)
+        release(engine, owner, name)
+
+
+def outbox_lease(engine: Engine, purpose: str, *, ttl: timedelta, now: Callable[[], datetime],
+                 stop: threading.Event) -> AbstractContextManager[str | None]:
+    """Hold the "outbox" lease while `purpose` (an export, or `forget`) runs, waiting for the
+    holder; yields None if `stop` is set while waiting."""
+    return exclusive(engine, purpose, ttl=ttl, wait=True, now=now, stop=stop, name=OUTBOX_LEASE)

@@ -4,6 +4,7 @@ bring the person back."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from leadloop import lease
 from leadloop.context import Context
 from leadloop.crm.base import EventIn, LeadIn, Page, StageIn
 from leadloop.erasure import forget_person
@@ -123,6 +125,33 @@ def test_forget_by_crm_id(engine: Engine, make_context: Callable[..., Context],
     assert_erased(engine, people["bob"])
     assert_untouched(engine, people["ann"])
     assert rows(engine, Erasure)[0].selector.startswith("crm_id:hubspot:hmac-sha256:")
+
+
+def test_forget_waits_for_the_export_in_flight(engine: Engine, make_context: Callable[..., Context],
+                                              people: dict[str, int]) -> None:
+    """An export holds the outbox lease while its batch (with the person's hashes) is in
+    flight: the erasure lands after it, never under it. The daemon's own lease does not count."""
+    ctx = make_context(engine)
+    assert lease.acquire(engine, "the daemon", timedelta(minutes=5), ctx.now())
+    done = threading.Event()
+    result: list[str] = []
+
+    def forget() -> None:
+        result.append(forget_person(ctx, email=None, crm_id="202"))
+        done.set()
+
+    ttl = timedelta(seconds=ctx.settings.schedule.lease_seconds)
+    with lease.outbox_lease(engine, "export", ttl=ttl, now=ctx.now, stop=ctx.stop) as owner:
+        assert owner is not None
+        waiting = threading.Thread(target=forget, daemon=True)
+        waiting.start()
+        assert not done.wait(1.0)
+        assert_untouched(engine, people["bob"])
+        assert lease.holder(engine, lease.OUTBOX_LEASE).owner == owner
+    assert done.wait(20)
+    assert result[0].startswith("erased 1 lead(s)")
+    assert_erased(engine, people["bob"])
+    assert lease.holder(engine, lease.OUTBOX_LEASE) is None  # forget gave it back
 
 
 def test_no_match_is_still_recorded(engine: Engine, make_context: Callable[..., Context],
