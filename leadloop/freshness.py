@@ -3,7 +3,8 @@
 Score, validate and report read the whole store; on a large store with nothing new they would
 redo minutes of work to produce the same answer. Each of them records an `inputs` fingerprint in
 its `job_run.counts`: a hash of the configuration it depends on and of the store's change marks.
-A run whose fingerprint equals that of the job's last successful run is skipped.
+A run whose fingerprint equals that of the job's last successful run is skipped; the fingerprint
+includes leadloop's release, so an upgrade reruns each job once.
 
 The marks are cheap (indexed maxima) and move on every write the jobs care about:
 - `lead.updated_at` moves when the sync writes a lead that changed, adds or changes its stages or
@@ -23,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import col
 
+from leadloop import __version__
 from leadloop.tables import Conversion, JobOutcome, JobRun, Lead, Score, ValidationResult
 
 
@@ -37,7 +39,9 @@ def store_marks(engine: Engine) -> dict[str, Any]:
 
 
 def fingerprint(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+    """A hash of `parts` and of leadloop's release: a new release recomputes what it may compute
+    differently, even on an unchanged store."""
+    text = json.dumps([__version__, *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
+from leadloop import freshness
 from leadloop.crm.base import EventIn, Page
 from leadloop.export.outbox import bulk_update
 from leadloop.jobs import run_job
@@ -39,6 +40,17 @@ def test_validation_is_skipped_until_a_lead_changes(sqlite_engine, tmp_path):
         runs = s.exec(select(JobRun).where(JobRun.name == "validate")).all()
     assert [r.outcome for r in runs] == [JobOutcome.ok] * 4
     assert all(r.finished_at is not None for r in runs)
+
+
+def test_a_new_release_reruns_validation_on_an_unchanged_store(sqlite_engine, tmp_path,
+                                                               monkeypatch):
+    ctx = demo_context(sqlite_engine, tmp_path)
+    load_funnel(ctx, 200)
+    ctx.now = lambda: SIM_END + timedelta(minutes=1)
+    assert "skipped" not in run_job(ctx, "validate").counts
+    monkeypatch.setattr(freshness, "__version__", "99.0.0")
+    assert "skipped" not in run_job(ctx, "validate").counts  # computed by the new release
+    assert "skipped" in run_job(ctx, "validate").counts
 
 
 def test_a_failing_job_is_recorded_with_its_error(sqlite_engine, tmp_path, monkeypatch):
