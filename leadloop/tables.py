@@ -12,13 +12,20 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Numeric, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, Index, Numeric, Table, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table of a table model, for Core statements (columns as `.c.name`)."""
+    table = model.__table__  # type: ignore[attr-defined]  # set by SQLModel, not declared to mypy
+    assert isinstance(table, Table), f"{model.__name__} is not a table model"
+    return table
 
 
 class UTCDateTime(TypeDecorator[datetime]):
