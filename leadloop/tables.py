@@ -193,6 +193,18 @@ class SyncState(SQLModel, table=True):
     extra: dict[str, Any] = _json()
 
 
+class OutboxWatermark(SQLModel, table=True):
+    """Where the outbox build got to, per fingerprint of the config it is built from
+    (`leadloop.export.state.outbox_key`): the last build's start. The next build rebuilds only
+    leads changed since then; a changed config has no watermark yet and rebuilds them all."""
+
+    __tablename__ = "outbox_watermark"
+
+    config_key: str = Field(primary_key=True)
+    # None only inside the transaction that creates the row (see export/state.py)
+    last_build_started_at: datetime | None = _ts()
+
+
 class ConversionStatus(enum.StrEnum):
     pending = "pending"  # built, waiting to be sent
     held = "held"  # a platform rule stops it (hold_rule says which); re-checked each run
