@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from leadloop.config import Settings
 from leadloop.store import insert_ignore
@@ -88,6 +88,6 @@ def record_destination(session: Session, name: str, per: dict[str, Any]) -> None
 
 def destination_states(session: Session) -> dict[str, dict[str, Any]]:
     """Destination name -> what the export last recorded about it (see `record_destination`)."""
-    found = session.execute(select(SyncState.object_type, SyncState.extra).where(  # type: ignore[call-overload]
-        SyncState.source == DESTINATION_STATE)).all()
+    found = session.execute(select(col(SyncState.object_type), col(SyncState.extra)).where(
+        col(SyncState.source) == DESTINATION_STATE)).all()
     return {name: extra or {} for name, extra in found}
