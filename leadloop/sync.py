@@ -20,7 +20,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
 from sqlalchemy import select, update
@@ -65,6 +65,32 @@ class Reject(Protocol):
 
     def __call__(self, ref: str, reason: str, payload: dict[str, Any] | None = None,
                  kind: str = ...) -> None: ...
+
+
+class PageCounts(TypedDict, total=False):
+    """What writing a page did; a sync's counts are their sums (and `pages`). A page the store
+    refused record by record counts only `rejected`."""
+
+    leads: int  # leads written (new, changed or re-read)
+    stages: int  # stage rows read
+    events: int  # events read
+    rejected: int  # records kept in rejected_record
+    deleted: int  # leads marked deleted
+    merged: int  # leads linked to the record they were merged into
+    withdrawn: int  # unsent conversions of deleted or merged leads withdrawn
+    deals_deleted: int  # stage rows dropped with their deleted deal
+
+
+PageCount = Literal["leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
+                    "deals_deleted"]
+PAGE_COUNTS: tuple[PageCount, ...] = get_args(PageCount)
+
+
+def _add_counts(total: PageCounts | dict[str, Any], part: PageCounts) -> None:
+    """Add the counts of `part` to `total`, key by key."""
+    for key in PAGE_COUNTS:
+        if key in part:
+            total[key] = total.get(key, 0) + part[key]
 
 
 # (lead id, field, value, deal id): a stage row's key
@@ -185,7 +211,7 @@ def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page, *,
     pii: PiiActions | None = None, duplicates: Sequence[str] = (),
     screened: Sequence[Problem] | None = None,
-) -> dict[str, int]:
+) -> PageCounts:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
     rejects. Runs inside the caller's transaction; returns counts.
 
@@ -201,10 +227,8 @@ def apply_page(
     else:
         problems = list(screened)
     page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
-    counts = dict.fromkeys(
-        ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
-         "deals_deleted"), 0
-    )
+    counts = PageCounts(leads=0, stages=0, events=0, rejected=0, deleted=0, merged=0, withdrawn=0,
+                        deals_deleted=0)
     rejects: list[RejectedRecord] = []
 
     def reject(ref: str, reason: str, payload: dict | None = None, kind: str = object_type) -> None:
@@ -429,10 +453,9 @@ class _Run:
     pii: PiiActions = field(default_factory=PiiActions)
     analyzed: bool = False  # statistics of new tables taken (once a backfill is under way)
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: PageCounts) -> None:
         self.totals["pages"] += 1
-        for key, n in counts.items():
-            self.totals[key] = self.totals.get(key, 0) + n
+        _add_counts(self.totals, counts)
         if not self.analyzed and self.totals.get("leads", 0) >= _ANALYZE_AFTER_LEADS:
             self.analyzed = True
             if fresh := analyze_unanalyzed(self.ctx.engine, (Lead, StageChange, LeadEvent)):
@@ -531,7 +554,7 @@ def _screened(ctx: Context, pages: Iterator[Page]
 
 
 def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                duplicates: Sequence[str], problems: Sequence[Problem]) -> dict[str, int]:
+                duplicates: Sequence[str], problems: Sequence[Problem]) -> PageCounts:
     """Write a page with its cursor in one transaction. When the store refuses it, the page is
     written in halves (each a transaction; the cursor moves with the last), down to the single
     record it refuses, which is kept in `rejected_record`: one poison record costs itself."""
@@ -552,11 +575,10 @@ def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: 
         return _refuse_records(ctx, source, stream, page, started_at, problem, problems)
     log.warning("the store refused a page of %s/%s (%s): writing it in halves", source, stream,
                 problem)
-    totals: dict[str, int] = {}
+    totals = PageCounts()
     for part in parts:
-        for key, n in _store_page(ctx, source, stream, part, started_at, duplicates,
-                                  problems).items():
-            totals[key] = totals.get(key, 0) + n
+        _add_counts(totals, _store_page(ctx, source, stream, part, started_at, duplicates,
+                                        problems))
         duplicates, problems = (), ()  # reported with the first half
     return totals
 
@@ -585,7 +607,7 @@ def _halves(page: Page) -> tuple[Page, Page] | None:
 
 
 def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                    problem: str, problems: Sequence[Problem]) -> dict[str, int]:
+                    problem: str, problems: Sequence[Problem]) -> PageCounts:
     """Keep the records of a page the store refused as rejects (with the problems screening
     found in them), and move the cursor past them."""
     reason = f"the store refused this record ({problem}); record refused"
@@ -600,7 +622,7 @@ def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_
             payload={}, created_at=ctx.now()) for ref, kind, why in refs])
         _advance_stream(session, source, stream, page.cursor, started_at)
     log.warning("the store refused %d record(s) of %s/%s: %s", len(refs), source, stream, problem)
-    return {"rejected": len(refs)}
+    return PageCounts(rejected=len(refs))
 
 
 def _advance_stream(session: Session, source: str, stream: str, cursor: Cursor | None,
