@@ -28,7 +28,7 @@ from leadloop.sandbox.simulator import funnel_pages, simulate
 from leadloop.store import make_engine, session_scope
 from leadloop.sync import apply_page
 from leadloop.tables import ValidationResult
-from leadloop.validation import add_q_values_and_verdicts, analyse, p_text, run_validation
+from leadloop.validation import analyse, judge, p_text, run_validation
 from leadloop.values import load_stage_rows, macro_value, suggest_stage_values
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
@@ -72,9 +72,8 @@ def main() -> None:
         rng = np.random.default_rng(seed)
         has = rng.random(100) < 0.3
         y = (rng.random(100) < np.where(has, 0.4, 0.2)).astype(int)
-        rows = analyse(y, {"m": has}, min_events=10, min_group=30)
-        add_q_values_and_verdicts(rows, alpha=0.05)
-        retire += rows[0]["role"] == "retire"
+        rows = judge(analyse(y, {"m": has}, min_events=10, min_group=30), alpha=0.05)
+        retire += rows[0].role == "retire"
     print(f"true lift 2.0 on 100 leads (30 % with it, base 20 %): told to retire {retire / 500:.1%}")
 
     errors: dict[str, list[float]] = {}

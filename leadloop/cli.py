@@ -174,13 +174,13 @@ def validate(click_ctx: click.Context, csv_path: str | None, label: str | None,
         rows = validate_csv(csv_path, label=label, positive=positive, micros=list(micros), sep=sep)
         if as_json:
             # a p-value that underflowed prints as the bound "< 1e-300", not as a certain 0
-            shown = [{**r, "p_value": p_json(r["p_value"]), "q_value": p_json(r["q_value"])}
+            shown = [{**r.csv_row(), "p_value": p_json(r.p_value), "q_value": p_json(r.q_value)}
                      for r in rows]
             click.echo(json.dumps(shown, indent=2, default=str))
         else:
             from leadloop.report.terminal import print_validation_rows
 
-            print_validation_rows(rows)
+            print_validation_rows([r.csv_row() for r in rows])
         return
     from leadloop.jobs import run_job
 

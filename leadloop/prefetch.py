@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,7 +23,8 @@ class _Failed:
         self.error = error
 
 
-def prefetched(items: Iterator[T], *, depth: int = 1, name: str = "prefetch") -> Iterator[T]:
+def prefetched(items: Iterator[T], *, depth: int = 1, name: str = "prefetch"
+               ) -> Generator[T, None, None]:
     """Yield what `items` yields, producing it in a thread up to `depth` items ahead.
 
     Close the returned generator (or exhaust it) to stop the thread: `items` is then closed

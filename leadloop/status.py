@@ -1,14 +1,15 @@
 """`leadloop status`: what the daemon did, what it will do next, and what the outbox holds.
 
-`collect_status` returns plain JSON-able data (for `--json` and monitors); `format_status`
-renders it for people. `failed_jobs` lists the jobs whose *last* run failed; the CLI exits 1
+`collect_status` returns plain JSON-able data (for `--json` and monitors), shaped by the
+`StatusReport` TypedDict (its keys are the `--json` contract); `format_status` renders it for
+people. `failed_jobs` lists the jobs whose *last* run failed; the CLI exits 1
 when it is not empty, so a monitor can alert on the exit code alone.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import func, select
 from sqlmodel import col
@@ -21,6 +22,48 @@ from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus, JobOutcome, JobRun
 
 STATUSES = [s.value for s in ConversionStatus]
+
+
+class LastRun(TypedDict):
+    started_at: str | None
+    finished_at: str | None
+    seconds: float | None
+    outcome: str  # a JobOutcome value
+    counts: dict[str, Any]  # the job's own counts, as it recorded them
+    error: str | None
+
+
+class JobStatus(TypedDict):
+    schedule: str | None
+    next_run: str | None
+    last_run: LastRun | None
+
+
+class DaemonStatus(TypedDict):
+    owner: str
+    live: bool
+    acquired_at: str | None
+    heartbeat_at: str | None
+    expires_at: str | None
+
+
+class DestinationAlert(TypedDict):
+    destination: str
+    level: Literal["paused", "warning"]  # "paused": `status` exits 1
+    code: str
+    message: str
+
+
+class StatusReport(TypedDict):
+    """What `leadloop status --json` prints (times as ISO-8601 UTC with a Z)."""
+
+    generated_at: str | None
+    daemon: DaemonStatus | None
+    jobs: dict[str, JobStatus]
+    conversions: dict[str, dict[str, int]]  # destination -> conversion status -> rows
+    destination_alerts: list[DestinationAlert]
+    failed_jobs: list[str]  # jobs whose last run failed
+    interrupted_jobs: list[str]  # jobs whose last run was killed or crashed
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -46,7 +89,7 @@ def _conversions(ctx: Context) -> dict[str, dict[str, int]]:
     return out
 
 
-def collect_status(ctx: Context) -> dict[str, Any]:
+def collect_status(ctx: Context) -> StatusReport:
     """Last run and next run of each job, conversions per destination and status, the lease."""
     now = ctx.now()
     runs = _last_runs(ctx)
@@ -55,7 +98,7 @@ def collect_status(ctx: Context) -> dict[str, Any]:
     own = scheduled_jobs(ctx.settings)
     info = lease.holder(ctx.engine)
     crashed = {name: why for name, run in runs.items() if (why := interrupted_reason(run, info, now))}
-    jobs: dict[str, Any] = {}
+    jobs: dict[str, JobStatus] = {}
     for name in [*JOBS, *sorted(set(runs) - set(JOBS))]:
         run = runs.get(name)
         spec = schedule.get(name)
@@ -118,7 +161,7 @@ def _counts_text(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, list | dict))
 
 
-def format_status(data: dict[str, Any]) -> str:
+def format_status(data: StatusReport) -> str:
     """A readable summary of `collect_status` output."""
     lines = [f"leadloop status at {data['generated_at']}"]
     d = data["daemon"]
@@ -132,14 +175,16 @@ def format_status(data: dict[str, Any]) -> str:
     lines += ["", f"{'job':<9} {'schedule':<12} {'last start':<21} {'secs':>7}  {'outcome':<11} "
               f"{'next run':<21} counts"]
     for name, job in data["jobs"].items():
-        run = job["last_run"] or {}
-        secs = run.get("seconds")
+        run = job["last_run"]
+        secs = run["seconds"] if run else None
+        started = (run["started_at"] if run else None) or "never"
         lines.append(
-            f"{name:<9} {job['schedule'] or '-':<12} {run.get('started_at') or 'never':<21} "
-            f"{'' if secs is None else f'{secs:.1f}':>7}  {run.get('outcome', '-'):<11} "
-            f"{job['next_run'] or '-':<21} {_counts_text(run.get('counts') or {})}".rstrip()
+            f"{name:<9} {job['schedule'] or '-':<12} {started:<21} "
+            f"{'' if secs is None else f'{secs:.1f}':>7}  {run['outcome'] if run else '-':<11} "
+            f"{job['next_run'] or '-':<21} {_counts_text((run['counts'] if run else None) or {})}"
+            .rstrip()
         )
-        if run.get("error"):
+        if run and run["error"]:
             lines.append(f"{'':<9} error: {run['error']}")
     lines.append("")
     if data["conversions"]:
@@ -160,7 +205,7 @@ def format_status(data: dict[str, Any]) -> str:
 TOKEN_WARN_DAYS = 14
 
 
-def destination_alerts(ctx: Context) -> list[dict[str, str]]:
+def destination_alerts(ctx: Context) -> list[DestinationAlert]:
     """What needs a person, per destination: a pause by the platform (level "paused", with the
     fix in one sentence; `status` exits 1), a LinkedIn-Version within 60 days of its sunset, and
     credentials within 14 days of their known expiry (level "warning")."""
@@ -169,7 +214,7 @@ def destination_alerts(ctx: Context) -> list[dict[str, str]]:
 
     now = ctx.now()
     per = destination_states(ctx)
-    alerts = []
+    alerts: list[DestinationAlert] = []
     for name, cfg in ctx.settings.destinations.items():
         if not cfg.enabled:
             continue

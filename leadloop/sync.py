@@ -15,16 +15,17 @@ the CRM's search-index lag, and the upserts deduplicate what is read twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
-from sqlmodel import Session, select
+from sqlmodel import Session, col
 
 from leadloop.context import Context
 from leadloop.crm.base import ATTRIBUTION_FIELDS, CrmSource, Cursor, LeadIn, Page
@@ -38,7 +39,6 @@ from leadloop.rejects import keep_rejects
 from leadloop.store import (
     among,
     analyze_unanalyzed,
-    id_chunks,
     insert_ignore,
     lead_ids,
     session_scope,
@@ -53,15 +53,63 @@ from leadloop.tables import (
     RejectedRecord,
     StageChange,
     SyncState,
+    table_of,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
-# reject(ref, reason, payload=None, kind=<the page's object type>): keep a record as a reject.
-Reject = Callable[..., None]
 
-def _lead_row(source: str, lead: LeadIn, region: str, now: datetime) -> tuple[dict, list[str]]:
+class Reject(Protocol):
+    """Keep a record of the page as a reject (`kind`: its object type, the page's by default)."""
+
+    def __call__(self, ref: str, reason: str, payload: dict[str, Any] | None = None,
+                 kind: str = ...) -> None: ...
+
+
+class PageCounts(TypedDict, total=False):
+    """What writing a page did; a sync's counts are their sums (and `pages`). A page the store
+    refused record by record counts only `rejected`."""
+
+    leads: int  # leads written (new, changed or re-read)
+    stages: int  # stage rows read
+    events: int  # events read
+    rejected: int  # records kept in rejected_record
+    deleted: int  # leads marked deleted
+    merged: int  # leads linked to the record they were merged into
+    withdrawn: int  # unsent conversions of deleted or merged leads withdrawn
+    deals_deleted: int  # stage rows dropped with their deleted deal
+
+
+PageCount = Literal["leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
+                    "deals_deleted"]
+PAGE_COUNTS: tuple[PageCount, ...] = get_args(PageCount)
+
+
+def _add_counts(total: PageCounts | dict[str, Any], part: PageCounts) -> None:
+    """Add the counts of `part` to `total`, key by key."""
+    for key in PAGE_COUNTS:
+        if key in part:
+            total[key] = total.get(key, 0) + part[key]
+
+
+# (lead id, field, value, deal id): a stage row's key
+StageKey = tuple[int, str, str, str]
+# (entered_at, amount, currency, is_lost) of a stored stage row
+StoredStage = tuple[datetime, Decimal | None, str | None, bool]
+
+_CHUNK = 5000  # values per IN list
+_T = TypeVar("_T")
+
+
+def _chunks(values: Sequence[_T]) -> Iterator[list[_T]]:
+    """`values` in IN-list sized parts."""
+    for i in range(0, len(values), _CHUNK):
+        yield list(values[i : i + _CHUNK])
+
+
+def _lead_row(source: str, lead: LeadIn, region: str, now: datetime
+              ) -> tuple[dict[str, Any], list[str]]:
     identity, problems = hash_identity(lead.email, lead.phone, region)
     row: dict[str, Any] = {
         "source": source,
@@ -87,11 +135,11 @@ def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) ->
     """Pending conversions of leads that are gone can no longer be true: withdraw them."""
     if not lead_ids_:
         return 0
-    result = session.execute(
+    result = session.connection().execute(  # a CursorResult: it has the rowcount
         update(Conversion)
         .where(
             among(session, Conversion.lead_id, lead_ids_),
-            Conversion.status.in_(  # type: ignore[attr-defined]
+            col(Conversion.status).in_(
                 [ConversionStatus.pending, ConversionStatus.held, ConversionStatus.failed]
             ),
         )
@@ -103,18 +151,17 @@ def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) ->
 def _forget_deals(session: Session, source: str, deal_ids: Sequence[str], now: datetime) -> int:
     """A deal deleted in the CRM no longer puts its leads in its stages: drop those stage rows
     and mark the leads changed, so the outbox withdraws unsent conversions and retracts sent ones."""
-    sc = StageChange.__table__  # type: ignore[attr-defined]
-    lead = Lead.__table__  # type: ignore[attr-defined]
+    sc = table_of(StageChange)
+    lead = table_of(Lead)
     forgotten = 0
-    for i in range(0, len(deal_ids), 5000):
-        part = list(deal_ids[i : i + 5000])
+    for part in _chunks(deal_ids):
         owned = select(lead.c.id).where(lead.c.source == source)
         affected = [row[0] for row in session.execute(
             select(sc.c.lead_id).distinct().where(among(session, sc.c.deal_id, part),
                                                    sc.c.lead_id.in_(owned)))]
         if not affected:
             continue
-        result = session.execute(
+        result = session.connection().execute(  # a CursorResult: it has the rowcount
             sc.delete().where(among(session, sc.c.deal_id, part),
                               among(session, sc.c.lead_id, affected)))
         forgotten += result.rowcount or 0
@@ -122,11 +169,11 @@ def _forget_deals(session: Session, source: str, deal_ids: Sequence[str], now: d
     return forgotten
 
 
-def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[tuple, tuple]:
-    """(lead id, field, value, deal id) -> (entered_at, amount, currency, is_lost) as stored."""
-    sc = StageChange.__table__  # type: ignore[attr-defined]
-    out: dict[tuple, tuple] = {}
-    for part in id_chunks(lead_ids_):
+def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[StageKey, StoredStage]:
+    """The stored stage rows of these leads."""
+    sc = table_of(StageChange)
+    out: dict[StageKey, StoredStage] = {}
+    for part in _chunks(sorted(lead_ids_)):
         for r in session.execute(
             select(sc.c.lead_id, sc.c.field, sc.c.value, sc.c.deal_id, sc.c.entered_at, sc.c.amount,
                    sc.c.currency, sc.c.is_lost).where(among(session, sc.c.lead_id, part))
@@ -135,7 +182,8 @@ def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[tuple, tuple]:
     return out
 
 
-def _stage_differs(row: dict[str, Any], stored: dict[tuple, tuple], stand_in: bool) -> bool:
+def _stage_differs(row: dict[str, Any], stored: dict[StageKey, StoredStage], stand_in: bool
+                   ) -> bool:
     old = stored.get((row["lead_id"], row["field"], row["value"], row["deal_id"]))
     if old is None:
         return True
@@ -151,9 +199,9 @@ def _stage_differs(row: dict[str, Any], stored: dict[tuple, tuple], stand_in: bo
 
 def _stored_events(session: Session, lead_ids_: set[int]) -> set[tuple[int, str, datetime]]:
     """The (lead id, event name, time) of every stored event of these leads."""
-    ev = LeadEvent.__table__  # type: ignore[attr-defined]
+    ev = table_of(LeadEvent)
     known: set[tuple[int, str, datetime]] = set()
-    for part in id_chunks(lead_ids_):
+    for part in _chunks(sorted(lead_ids_)):
         known.update((r[0], r[1], r[2]) for r in session.execute(
             select(ev.c.lead_id, ev.c.name, ev.c.occurred_at).where(among(session, ev.c.lead_id, part))))
     return known
@@ -163,7 +211,7 @@ def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page, *,
     pii: PiiActions | None = None, duplicates: Sequence[str] = (),
     screened: Sequence[Problem] | None = None,
-) -> dict[str, int]:
+) -> PageCounts:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
     rejects. Runs inside the caller's transaction; returns counts.
 
@@ -179,10 +227,8 @@ def apply_page(
     else:
         problems = list(screened)
     page = drop_erased(session, source, page)  # `leadloop forget` outlives the CRM record
-    counts = dict.fromkeys(
-        ("leads", "stages", "events", "rejected", "deleted", "merged", "withdrawn",
-         "deals_deleted"), 0
-    )
+    counts = PageCounts(leads=0, stages=0, events=0, rejected=0, deleted=0, merged=0, withdrawn=0,
+                        deals_deleted=0)
     rejects: list[RejectedRecord] = []
 
     def reject(ref: str, reason: str, payload: dict | None = None, kind: str = object_type) -> None:
@@ -270,7 +316,7 @@ def _mark_merged(session: Session, ids: dict[str, int], merged_pairs: Sequence[t
     for absorbed_id, survivor_id in absorbed:
         session.execute(
             update(Lead)
-            .where(Lead.id == absorbed_id)  # type: ignore[arg-type]
+            .where(col(Lead.id) == absorbed_id)
             .values(status=LeadStatus.merged, merged_into_id=survivor_id, updated_at=now)
         )
     withdrawn = _withdraw_unsent(
@@ -297,8 +343,8 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
                   ) -> tuple[int, set[int]]:
     """Write the page's stage rows that are new or differ; returns (stage rows read, ids of
     the leads whose stages changed). A stage of a lead not synced is kept as a reject."""
-    stage_rows = []
-    stage_estimated: dict[tuple, bool] = {}
+    stage_rows: list[dict[str, Any]] = []
+    stage_estimated: dict[StageKey, bool] = {}
     for s in page.stages:
         lead_id = ids.get(s.crm_id)
         if lead_id is None:
@@ -334,8 +380,8 @@ def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Rej
                   ) -> tuple[int, set[int]]:
     """Add the page's events the leads do not have yet; returns (events read, ids of the leads
     that got one). An event of a lead not synced is kept as a reject."""
-    event_rows = []
-    stand_in_events = []
+    event_rows: list[dict[str, Any]] = []
+    stand_in_events: list[dict[str, Any]] = []
     for e in page.events:
         lead_id = ids.get(e.crm_id)
         if lead_id is None:
@@ -357,11 +403,10 @@ def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Rej
 def _mark_changed(session: Session, lead_ids_: set[int], now: datetime) -> None:
     """A new or changed stage or event changes what the lead is worth: mark the lead changed
     for the jobs downstream."""
-    touched_ids = sorted(lead_ids_)
-    for i in range(0, len(touched_ids), 5000):
+    for part in _chunks(sorted(lead_ids_)):
         session.execute(
-            update(Lead).where(among(session, Lead.id, touched_ids[i : i + 5000]),
-                               Lead.updated_at != now)  # leads this page wrote already are marked
+            update(Lead).where(among(session, Lead.id, part),
+                               col(Lead.updated_at) != now)  # leads this page wrote already are marked
             .values(updated_at=now)
         )
 
@@ -408,10 +453,9 @@ class _Run:
     pii: PiiActions = field(default_factory=PiiActions)
     analyzed: bool = False  # statistics of new tables taken (once a backfill is under way)
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: PageCounts) -> None:
         self.totals["pages"] += 1
-        for key, n in counts.items():
-            self.totals[key] = self.totals.get(key, 0) + n
+        _add_counts(self.totals, counts)
         if not self.analyzed and self.totals.get("leads", 0) >= _ANALYZE_AFTER_LEADS:
             self.analyzed = True
             if fresh := analyze_unanalyzed(self.ctx.engine, (Lead, StageChange, LeadEvent)):
@@ -477,7 +521,8 @@ def _finish_stream(ctx: Context, source: str, stream: str) -> None:
 def _stored_crm_ids(ctx: Context, source: str) -> frozenset[str]:
     """The CRM ids of every lead stored for `source`."""
     with session_scope(ctx.engine) as session:
-        return frozenset(session.execute(select(Lead.crm_id).where(Lead.source == source)).scalars())
+        return frozenset(session.execute(
+            select(col(Lead.crm_id)).where(col(Lead.source) == source)).scalars())
 
 
 def _with_pii_summary(totals: dict[str, Any], pii: PiiActions) -> dict[str, Any]:
@@ -509,7 +554,7 @@ def _screened(ctx: Context, pages: Iterator[Page]
 
 
 def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                duplicates: Sequence[str], problems: Sequence[Problem]) -> dict[str, int]:
+                duplicates: Sequence[str], problems: Sequence[Problem]) -> PageCounts:
     """Write a page with its cursor in one transaction. When the store refuses it, the page is
     written in halves (each a transaction; the cursor moves with the last), down to the single
     record it refuses, which is kept in `rejected_record`: one poison record costs itself."""
@@ -530,11 +575,10 @@ def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: 
         return _refuse_records(ctx, source, stream, page, started_at, problem, problems)
     log.warning("the store refused a page of %s/%s (%s): writing it in halves", source, stream,
                 problem)
-    totals: dict[str, int] = {}
+    totals = PageCounts()
     for part in parts:
-        for key, n in _store_page(ctx, source, stream, part, started_at, duplicates,
-                                  problems).items():
-            totals[key] = totals.get(key, 0) + n
+        _add_counts(totals, _store_page(ctx, source, stream, part, started_at, duplicates,
+                                        problems))
         duplicates, problems = (), ()  # reported with the first half
     return totals
 
@@ -563,7 +607,7 @@ def _halves(page: Page) -> tuple[Page, Page] | None:
 
 
 def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                    problem: str, problems: Sequence[Problem]) -> dict[str, int]:
+                    problem: str, problems: Sequence[Problem]) -> PageCounts:
     """Keep the records of a page the store refused as rejects (with the problems screening
     found in them), and move the cursor past them."""
     reason = f"the store refused this record ({problem}); record refused"
@@ -578,13 +622,11 @@ def _refuse_records(ctx: Context, source: str, stream: str, page: Page, started_
             payload={}, created_at=ctx.now()) for ref, kind, why in refs])
         _advance_stream(session, source, stream, page.cursor, started_at)
     log.warning("the store refused %d record(s) of %s/%s: %s", len(refs), source, stream, problem)
-    return {"rejected": len(refs)}
+    return PageCounts(rejected=len(refs))
 
 
 def _advance_stream(session: Session, source: str, stream: str, cursor: Cursor | None,
                     started_at: datetime) -> None:
-    state = session.exec(
-        select(SyncState).where(SyncState.source == source, SyncState.object_type == stream)
-    ).one()
+    state = session.get_one(SyncState, (source, stream))
     _advance(state, cursor, started_at)
     session.add(state)

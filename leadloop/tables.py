@@ -12,13 +12,20 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Numeric, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, Index, Numeric, Table, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table of a table model, for Core statements (columns as `.c.name`)."""
+    table = model.__table__  # type: ignore[attr-defined]  # set by SQLModel, not declared to mypy
+    assert isinstance(table, Table), f"{model.__name__} is not a table model"
+    return table
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -184,6 +191,18 @@ class SyncState(SQLModel, table=True):
     last_success_at: datetime | None = _ts()
     last_job_run_id: int | None = None
     extra: dict[str, Any] = _json()
+
+
+class OutboxWatermark(SQLModel, table=True):
+    """Where the outbox build got to, per fingerprint of the config it is built from
+    (`leadloop.export.state.outbox_key`): the last build's start. The next build rebuilds only
+    leads changed since then; a changed config has no watermark yet and rebuilds them all."""
+
+    __tablename__ = "outbox_watermark"
+
+    config_key: str = Field(primary_key=True)
+    # None only inside the transaction that creates the row (see export/state.py)
+    last_build_started_at: datetime | None = _ts()
 
 
 class ConversionStatus(enum.StrEnum):

@@ -38,8 +38,9 @@ macro conversion `trend_lag_weeks` later (Spearman correlation of the weekly cha
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -59,10 +60,89 @@ from leadloop.values import first_reached, load_stage_rows, macro_reached_at
 PREDICTIVE_LIFT = 1.5
 PRIMARY_LIFT = 2.0
 MIN_TREND_WEEKS = 8
-VERDICTS = ("predictive", "weak", "negative", "no signal", "not enough data")
+Verdict = Literal["predictive", "weak", "negative", "no signal", "not enough data"]
+VERDICTS: tuple[Verdict, ...] = ("predictive", "weak", "negative", "no signal", "not enough data")
+Role = Literal["primary goal", "secondary signal", "diagnostic only", "retire"]
+TestName = Literal["fisher", "chi-square", "mantel-haenszel"]
+TrendVerdict = Literal["moves with macro", "moves against macro", "no relation", "not enough weeks"]
 POWER = 0.8  # for "how many leads would settle it"
 P_FLOOR = 1e-300  # p-values below this are shown as "< 1e-300" (doubles underflow near 1e-308)
 AFTER_MACRO_NOTE = 0.5  # mention when more converters had the micro only after converting
+
+
+@dataclass(kw_only=True)
+class TwoByTwo:
+    """Leads with and without a micro-conversion against reaching the macro conversion: the
+    counts, the rates, and (when the counts reach the minimums: `enough`) the lift with its
+    95 % CI, the test's p-value and phi."""
+
+    n: int
+    n_with: int
+    n_without: int
+    macro_with: int
+    macro_without: int
+    rate_with: float | None
+    rate_without: float | None
+    min_events: int
+    min_group: int
+    enough: bool = False
+    lift: float | None = None
+    lift_ci_low: float | None = None
+    lift_ci_high: float | None = None
+    p_value: float | None = None
+    phi: float | None = None
+    test: TestName | None = None
+
+
+@dataclass(kw_only=True)
+class MicroTest(TwoByTwo):
+    """The table of one micro-conversion, overall (`segment` "all") or within a segment value
+    (`segment` "column=value"), before the run's q-values and verdicts."""
+
+    micro: str
+    segment: str
+    median_days_to_macro: float | None = None  # overall rows of a dated run
+    after_macro_share: float | None = None  # converters with it who had it only after converting
+
+
+# The fields `leadloop validate --csv` shows, in its order (its JSON output is a contract).
+CSV_ROW_FIELDS = ("micro", "segment", "n", "n_with", "n_without", "macro_with", "macro_without",
+                  "rate_with", "rate_without", "lift", "lift_ci_low", "lift_ci_high", "p_value",
+                  "q_value", "phi", "test", "verdict", "role", "reason")
+
+
+@dataclass(kw_only=True)
+class ValidationRow(MicroTest):
+    """A judged test: its Benjamini–Hochberg q-value across the run (None without a test), the
+    verdict, the recommended role and the reason in words."""
+
+    q_value: float | None
+    verdict: Verdict
+    role: Role
+    reason: str
+
+    def csv_row(self) -> dict[str, Any]:
+        """The row as `leadloop validate --csv` shows it (`CSV_ROW_FIELDS`)."""
+        return {name: getattr(self, name) for name in CSV_ROW_FIELDS}
+
+
+@dataclass(kw_only=True)
+class Trend:
+    """Whether weekly growth of a micro-conversion goes with growth of the macro conversion
+    `lag_weeks` later (Spearman over `weeks` weekly changes)."""
+
+    lag_weeks: int
+    weeks: int
+    verdict: TrendVerdict
+    spearman_rho: float | None = None
+    p_value: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """As stored in a validation result's `details["trend"]` (the workbench reads it)."""
+        if self.spearman_rho is None:
+            return {"lag_weeks": self.lag_weeks, "weeks": self.weeks, "verdict": self.verdict}
+        return {"lag_weeks": self.lag_weeks, "weeks": self.weeks, "spearman_rho": self.spearman_rho,
+                "p_value": self.p_value, "verdict": self.verdict}
 
 
 def p_text(p: float | None) -> str:
@@ -105,7 +185,7 @@ def leads_to_settle(n_with: int, n_without: int, macro_with: int, macro_without:
 
 
 def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: int,
-               strata: np.ndarray | None = None) -> dict[str, Any]:
+               strata: np.ndarray | None = None) -> TwoByTwo:
     """Counts, rates, lift with its log-method CI, p-value and phi for one micro-conversion.
 
     With `strata` (the lead's creation month, say) spanning more than one value, the lift is
@@ -117,40 +197,37 @@ def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: in
     n_with, n_without = int(has.sum()), int((~has).sum())
     a, c = int(y[has].sum()), int(y[~has].sum())
     b, d = n_with - a, n_without - c
-    row: dict[str, Any] = {
-        "n": n_with + n_without, "n_with": n_with, "n_without": n_without,
-        "macro_with": a, "macro_without": c,
-        "rate_with": a / n_with if n_with else None,
-        "rate_without": c / n_without if n_without else None,
-        "lift": None, "lift_ci_low": None, "lift_ci_high": None, "p_value": None, "phi": None,
-        "test": None, "min_events": min_events, "min_group": min_group,
-    }
+    row = TwoByTwo(
+        n=n_with + n_without, n_with=n_with, n_without=n_without, macro_with=a, macro_without=c,
+        rate_with=a / n_with if n_with else None,
+        rate_without=c / n_without if n_without else None,
+        min_events=min_events, min_group=min_group,
+    )
     if n_with < min_events or n_without < min_group or a + c < min_events:
-        row["enough"] = False
         return row
-    row["enough"] = True
+    row.enough = True
     # Haldane's +0.5 keeps the ratio and its CI finite when a cell is empty
     aa, bb, cc, dd = (v + 0.5 for v in (a, b, c, d)) if 0 in (a, b, c, d) else (a, b, c, d)
     lift = (aa / (aa + bb)) / (cc / (cc + dd))
     se = math.sqrt(1 / aa - 1 / (aa + bb) + 1 / cc - 1 / (cc + dd))
-    row["lift"] = lift
-    row["lift_ci_low"], row["lift_ci_high"] = lift * math.exp(-1.96 * se), lift * math.exp(1.96 * se)
+    row.lift = lift
+    row.lift_ci_low, row.lift_ci_high = lift * math.exp(-1.96 * se), lift * math.exp(1.96 * se)
     table = np.array([[a, b], [c, d]])
     expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
     if expected.min() < 5:
-        row["p_value"], row["test"] = float(stats.fisher_exact(table)[1]), "fisher"
+        row.p_value, row.test = float(stats.fisher_exact(table)[1]), "fisher"
     else:
-        row["p_value"] = float(stats.chi2_contingency(table, correction=True)[1])
-        row["test"] = "chi-square"
+        row.p_value = float(stats.chi2_contingency(table, correction=True)[1])
+        row.test = "chi-square"
     denom = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
-    row["phi"] = (a * d - b * c) / denom if denom else 0.0
+    row.phi = (a * d - b * c) / denom if denom else 0.0
     if strata is not None and len(np.unique(strata)) > 1:
         adjusted = _mantel_haenszel(has, y, np.asarray(strata))
         if adjusted is not None:
-            lift, se, row["p_value"] = adjusted
-            row["lift"], row["test"] = lift, "mantel-haenszel"
-            row["lift_ci_low"], row["lift_ci_high"] = (lift * math.exp(-1.96 * se),
-                                                       lift * math.exp(1.96 * se))
+            lift, se, row.p_value = adjusted
+            row.lift, row.test = lift, "mantel-haenszel"
+            row.lift_ci_low, row.lift_ci_high = (lift * math.exp(-1.96 * se),
+                                                 lift * math.exp(1.96 * se))
     return row
 
 
@@ -181,68 +258,71 @@ def _mantel_haenszel(has: np.ndarray, y: np.ndarray, strata: np.ndarray
     return r / s, math.sqrt(var_log), float(stats.chi2.sf(chi, 1))
 
 
-def add_q_values_and_verdicts(rows: list[dict[str, Any]], *, alpha: float,
-                              macro_name: str = "the macro conversion") -> None:
-    """BH q-values across every row with a test, then a verdict, reason and role per row."""
-    tested = [r for r in rows if r.get("p_value") is not None]
-    if tested:
-        qs = stats.false_discovery_control([r["p_value"] for r in tested], method="bh")
-        for r, q in zip(tested, qs, strict=True):
-            r["q_value"] = float(q)
+def judge(rows: list[MicroTest], *, alpha: float, macro_name: str = "the macro conversion"
+          ) -> list[ValidationRow]:
+    """The rows with BH q-values across every row with a test, and a verdict, role and reason
+    each."""
+    p_values = [r.p_value for r in rows if r.p_value is not None]
+    qs = iter(stats.false_discovery_control(p_values, method="bh") if p_values else ())
+    judged = []
     for r in rows:
-        r.setdefault("q_value", None)
-        r["verdict"], r["role"], r["reason"] = _verdict(r, alpha, macro_name)
+        q = float(next(qs)) if r.p_value is not None else None
+        verdict, role, reason = _verdict(r, q, alpha, macro_name)
+        judged.append(ValidationRow(**vars(r), q_value=q, verdict=verdict, role=role,
+                                    reason=reason))
+    return judged
 
 
-def _verdict(r: dict[str, Any], alpha: float, macro: str) -> tuple[str, str, str]:
-    name = r["micro"]
-    settle = leads_to_settle(r["n_with"], r["n_without"], r["macro_with"], r["macro_without"],
-                             alpha=alpha, min_events=r.get("min_events", 0),
-                             min_group=r.get("min_group", 0))
+def _verdict(r: MicroTest, q: float | None, alpha: float, macro: str
+             ) -> tuple[Verdict, Role, str]:
+    name = r.micro
+    settle = leads_to_settle(r.n_with, r.n_without, r.macro_with, r.macro_without,
+                             alpha=alpha, min_events=r.min_events, min_group=r.min_group)
     more = (f" About {settle:,} leads like these would settle it (80 % power to find a lift of "
             f"{PREDICTIVE_LIFT}); keep watching." if settle else " Keep watching.")
-    if not r.get("enough") or r["q_value"] is None:
+    if (not r.enough or q is None or r.lift is None or r.lift_ci_low is None
+            or r.lift_ci_high is None or r.rate_with is None or r.rate_without is None):
         return ("not enough data", "diagnostic only",
-                f"Only {r['n_with']} leads with {name} ({r['macro_with']} converted) and "
-                f"{r['n_without']} without: too few to tell.{more}")
-    rates = (f"{r['rate_with']:.1%} of leads with {name} reach {macro} vs "
-             f"{r['rate_without']:.1%} without (lift {r['lift']:.2f}, 95 % CI "
-             f"{r['lift_ci_low']:.2f}–{r['lift_ci_high']:.2f}, q {_q_clause(r['q_value'])})")
-    after = r.get("after_macro_share")
+                f"Only {r.n_with} leads with {name} ({r.macro_with} converted) and "
+                f"{r.n_without} without: too few to tell.{more}")
+    rates = (f"{r.rate_with:.1%} of leads with {name} reach {macro} vs "
+             f"{r.rate_without:.1%} without (lift {r.lift:.2f}, 95 % CI "
+             f"{r.lift_ci_low:.2f}–{r.lift_ci_high:.2f}, q {_q_clause(q)})")
+    after = r.after_macro_share
     note = (f" Most converted leads with it ({after:.0%}) had it only after reaching {macro}: "
             "it may follow the conversion rather than predict it." if after is not None
-            and after > AFTER_MACRO_NOTE and r["macro_with"] else "")
-    if r["q_value"] > alpha:
-        if r["lift_ci_low"] > 1 / PREDICTIVE_LIFT and r["lift_ci_high"] < PREDICTIVE_LIFT:
+            and after > AFTER_MACRO_NOTE and r.macro_with else "")
+    if q > alpha:
+        if r.lift_ci_low > 1 / PREDICTIVE_LIFT and r.lift_ci_high < PREDICTIVE_LIFT:
             return ("no signal", "retire", f"No useful difference: {rates}; the interval excludes "
                     f"lifts above {PREDICTIVE_LIFT} and below {1 / PREDICTIVE_LIFT:.2f}: a conversion "
                     f"in name only.{note}")
         return ("not enough data", "diagnostic only",
                 f"Not significant, but the interval is too wide to rule out a lift above "
                 f"{PREDICTIVE_LIFT} or below {1 / PREDICTIVE_LIFT:.2f}: {rates}.{more}{note}")
-    if r["lift"] < 1:
+    if r.lift < 1:
         return "negative", "retire", f"It lowers the odds: {rates}.{note}"
-    if r["lift"] < PREDICTIVE_LIFT:
+    if r.lift < PREDICTIVE_LIFT:
         return "weak", "diagnostic only", f"Significant but small: {rates}.{note}"
-    role = "primary goal" if r["lift"] >= PRIMARY_LIFT else "secondary signal"
+    role: Role = "primary goal" if r.lift >= PRIMARY_LIFT else "secondary signal"
     return "predictive", role, f"Predictive: {rates}.{note}"
 
 
 def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min_group: int,
             segments: dict[str, np.ndarray] | None = None,
             days_to_macro: dict[str, np.ndarray] | None = None,
-            strata: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Rows (without q-values yet) for each micro overall, then within each segment value whose
-    leads number at least twice `min_group` and whose test has enough data. `strata`: see
+            strata: np.ndarray | None = None) -> list[MicroTest]:
+    """Rows (to `judge`) for each micro overall, then within each segment value whose leads
+    number at least twice `min_group` and whose test has enough data. `strata`: see
     `two_by_two`."""
     rows = []
     for name, has in flags.items():
-        row = {"micro": name, "segment": "all",
-               **two_by_two(has, y, min_events=min_events, min_group=min_group, strata=strata)}
+        table = two_by_two(has, y, min_events=min_events, min_group=min_group, strata=strata)
+        row = MicroTest(micro=name, segment="all", **vars(table))
         if days_to_macro is not None and name in days_to_macro:
             d = days_to_macro[name]
             d = d[~np.isnan(d)]
-            row["median_days_to_macro"] = float(np.median(d)) if len(d) else None
+            row.median_days_to_macro = float(np.median(d)) if len(d) else None
         rows.append(row)
     for col, values in (segments or {}).items():
         vals = pd.Series(values)
@@ -253,18 +333,18 @@ def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min
             for name, has in flags.items():
                 r = two_by_two(has[m], y[m], min_events=min_events, min_group=min_group,
                                strata=None if strata is None else strata[m])
-                if r["enough"]:
-                    rows.append({"micro": name, "segment": f"{col}={value}", **r})
+                if r.enough:
+                    rows.append(MicroTest(micro=name, segment=f"{col}={value}", **vars(r)))
     return rows
 
 
-def trend_check(micro_times: pd.Series, macro_times: pd.Series, lag_weeks: int) -> dict[str, Any]:
+def trend_check(micro_times: pd.Series, macro_times: pd.Series, lag_weeks: int) -> Trend:
     """Spearman correlation between the weekly change of a micro-conversion's count and the
     weekly change of macro conversions `lag_weeks` later."""
     micro_w = micro_times.dropna().dt.tz_convert(None).dt.to_period("W").value_counts()
     macro_w = macro_times.dropna().dt.tz_convert(None).dt.to_period("W").value_counts()
     if micro_w.empty or macro_w.empty:
-        return {"lag_weeks": lag_weeks, "weeks": 0, "verdict": "not enough weeks"}
+        return Trend(lag_weeks=lag_weeks, weeks=0, verdict="not enough weeks")
     idx = pd.period_range(min(micro_w.index.min(), macro_w.index.min()),
                           max(micro_w.index.max(), macro_w.index.max()), freq="W")
     # the first and last weeks are partial; drop them
@@ -272,14 +352,13 @@ def trend_check(micro_times: pd.Series, macro_times: pd.Series, lag_weeks: int) 
     macro_c = macro_w.reindex(idx, fill_value=0).iloc[1:-1].astype(float)
     dm, dM = micro_c.diff(), macro_c.diff().shift(-lag_weeks)
     both = pd.concat([dm, dM], axis=1).dropna()
-    out: dict[str, Any] = {"lag_weeks": lag_weeks, "weeks": len(both)}
     if len(both) < MIN_TREND_WEEKS or both.iloc[:, 0].nunique() < 3 or both.iloc[:, 1].nunique() < 3:
-        return {**out, "verdict": "not enough weeks"}
+        return Trend(lag_weeks=lag_weeks, weeks=len(both), verdict="not enough weeks")
     rho, p = stats.spearmanr(both.iloc[:, 0], both.iloc[:, 1])
-    out.update(spearman_rho=float(rho), p_value=float(p))
-    out["verdict"] = ("moves with macro" if p <= 0.05 and rho > 0 else
-                      "moves against macro" if p <= 0.05 else "no relation")
-    return out
+    verdict: TrendVerdict = ("moves with macro" if p <= 0.05 and rho > 0 else
+                             "moves against macro" if p <= 0.05 else "no relation")
+    return Trend(lag_weeks=lag_weeks, weeks=len(both), verdict=verdict, spearman_rho=float(rho),
+                 p_value=float(p))
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -347,33 +426,32 @@ def run_validation(ctx: Context) -> dict[str, Any]:
             segments[col] = attrs[col].fillna("(none)").astype(str).to_numpy()
     month = (None if snapshot else
              leads["created_at"].dt.tz_convert(None).dt.to_period("M").astype(str).to_numpy())
-    rows = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
-                   segments=segments, days_to_macro=None if snapshot else days, strata=month)
-    for r in rows:
-        if r["segment"] == "all":
-            r["after_macro_share"] = after_macro.get(r["micro"])
-    add_q_values_and_verdicts(rows, alpha=cfg.alpha, macro_name=settings.macro_stage.name)
+    analysed = analyse(y, flags, min_events=cfg.min_events, min_group=cfg.min_leads_per_group,
+                       segments=segments, days_to_macro=None if snapshot else days, strata=month)
+    for r in analysed:
+        if r.segment == "all":
+            r.after_macro_share = after_macro.get(r.micro)
+    rows = judge(analysed, alpha=cfg.alpha, macro_name=settings.macro_stage.name)
     trends = {name: trend_check(t, macro_all, cfg.trend_lag_weeks) for name, t in event_times.items()}
     computed_at = ctx.now()
     records = []
     for r in rows:
-        details = {"test": r.get("test"), "window_days": None if snapshot else cfg.window_days,
-                   "mode": "snapshot" if snapshot else "dated",
-                   "after_macro_share": r.get("after_macro_share")}
-        if r["segment"] == "all" and r["micro"] in trends:
-            details["trend"] = trends[r["micro"]]
+        details: dict[str, Any] = {
+            "test": r.test, "window_days": None if snapshot else cfg.window_days,
+            "mode": "snapshot" if snapshot else "dated", "after_macro_share": r.after_macro_share}
+        if r.segment == "all" and r.micro in trends:
+            details["trend"] = trends[r.micro].as_json()
         records.append(ValidationResult(
-            job_run_id=ctx.job_run_id, computed_at=computed_at, micro=r["micro"],
-            segment=r["segment"], n=r["n"], n_with=r["n_with"], n_without=r["n_without"],
-            macro_with=r["macro_with"], macro_without=r["macro_without"],
-            rate_with=r["rate_with"], rate_without=r["rate_without"], lift=r["lift"],
-            lift_ci_low=r["lift_ci_low"], lift_ci_high=r["lift_ci_high"], p_value=r["p_value"],
-            q_value=r["q_value"], phi=r["phi"],
-            median_days_to_macro=r.get("median_days_to_macro"), verdict=r["verdict"],
-            reason=r["reason"], role=r["role"], details=details))
+            job_run_id=ctx.job_run_id, computed_at=computed_at, micro=r.micro,
+            segment=r.segment, n=r.n, n_with=r.n_with, n_without=r.n_without,
+            macro_with=r.macro_with, macro_without=r.macro_without,
+            rate_with=r.rate_with, rate_without=r.rate_without, lift=r.lift,
+            lift_ci_low=r.lift_ci_low, lift_ci_high=r.lift_ci_high, p_value=r.p_value,
+            q_value=r.q_value, phi=r.phi, median_days_to_macro=r.median_days_to_macro,
+            verdict=r.verdict, reason=r.reason, role=r.role, details=details))
     with session_scope(ctx.engine) as session:
         session.add_all(records)
-    overall = [r for r in rows if r["segment"] == "all"]
+    overall = [r for r in rows if r.segment == "all"]
     counts: dict[str, Any] = {"leads": len(y), "macro": int(y.sum()), "tests": len(rows),
                               "segment_tests": len(rows) - len(overall)}
     if snapshot:
@@ -381,7 +459,7 @@ def run_validation(ctx: Context) -> dict[str, Any]:
     if notes:
         counts["notes"] = notes
     for v in VERDICTS:
-        counts[v.replace(" ", "_")] = sum(r["verdict"] == v for r in overall)
+        counts[v.replace(" ", "_")] = sum(r.verdict == v for r in overall)
     return counts
 
 
@@ -427,7 +505,7 @@ def _eval_stored_flag(frame: pd.DataFrame, expr: str, name: str, notes: list[str
 
 def validate_csv(path: str | Path, *, label: str, positive: str | None = None,
                  micros: list[str], sep: str | None = None, alpha: float = 0.05,
-                 min_events: int = 10, min_group: int = 30) -> list[dict[str, Any]]:
+                 min_events: int = 10, min_group: int = 30) -> list[ValidationRow]:
     """`leadloop validate --csv`: the same analysis on a CRM export; EXPR is a `leadloop.expr` condition."""
     df = read_csv(path, sep=sep, missing=MISSING_VALUES, dtype=None)
     if label not in df.columns:
@@ -440,9 +518,5 @@ def validate_csv(path: str | Path, *, label: str, positive: str | None = None,
         if not sep_ or not name or not expr:
             raise LeadloopError(f"--micro {spec!r}: expected NAME=EXPR")
         flags[name] = _eval_flag(df, expr, name)
-    rows = analyse(y, flags, min_events=min_events, min_group=min_group)
-    add_q_values_and_verdicts(rows, alpha=alpha, macro_name=label)
-    keys = ("micro", "segment", "n", "n_with", "n_without", "macro_with", "macro_without",
-            "rate_with", "rate_without", "lift", "lift_ci_low", "lift_ci_high", "p_value",
-            "q_value", "phi", "test", "verdict", "role", "reason")
-    return [{k: r.get(k) for k in keys} for r in rows]
+    return judge(analyse(y, flags, min_events=min_events, min_group=min_group), alpha=alpha,
+                 macro_name=label)

@@ -29,7 +29,7 @@ from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
 from leadloop.frames import read_frame
 from leadloop.store import id_chunks
-from leadloop.tables import Lead, LeadStatus, StageChange
+from leadloop.tables import Lead, LeadStatus, StageChange, table_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_stage_rows(engine: Engine, settings: Settings, ids: Collection[int] | N
                     ) -> pd.DataFrame:
     """Every configured-stage occurrence in the store, of leads `ids` only when given (see
     `map_stage_rows`). Read in partitions, so memory follows the matched rows only."""
-    sc = StageChange.__table__  # type: ignore[attr-defined]
+    sc = table_of(StageChange)
     fields = sorted({f for f, _ in stage_keys(settings)})
     parts = []
     with engine.connect() as conn:
@@ -201,7 +201,7 @@ def suggest_stage_values(engine: Engine, settings: Settings, now: datetime
     that are deleted, merged or erased are left out.
     """
     horizon = settings.model.horizon_days
-    lead = Lead.__table__  # type: ignore[attr-defined]
+    lead = table_of(Lead)
     with engine.connect() as conn:
         rows = conn.execute(select(lead.c.id, lead.c.created_at).where(
             lead.c.status.in_([LeadStatus.active, LeadStatus.deleted]))).all()

@@ -19,7 +19,7 @@ from leadloop.export.state import advance_watermark
 from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import make_engine
-from leadloop.tables import ConversionStatus, SyncState
+from leadloop.tables import ConversionStatus, OutboxWatermark
 from tests.export_helpers import NOW, full_lead
 from tests.test_export_outbox import make_ctx, rows
 
@@ -121,7 +121,7 @@ def test_the_outbox_watermark_row_cannot_collide(engine: Any) -> None:
         assert advance_watermark(first, "k", NOW + timedelta(minutes=1)) == NOW
         first.commit()
     with Session(engine) as s:
-        assert s.get(SyncState, ("outbox", "k")).cursor_updated_at == NOW + timedelta(minutes=1)  # type: ignore[union-attr]
+        assert s.get(OutboxWatermark, "k").last_build_started_at == NOW + timedelta(minutes=1)  # type: ignore[union-attr]
 
 
 def test_a_killed_holder_on_this_host_is_taken_over_at_once(sqlite_engine: Any) -> None:

@@ -157,6 +157,40 @@ def test_an_earlier_store_is_refused_then_upgraded_without_losing_a_row(db_url, 
         engine.dispose()
 
 
+def test_the_outbox_watermark_moves_to_its_own_table_with_its_value(db_url, tmp_path):
+    """A store at the baseline revision kept the outbox build watermark in `sync_state`: after
+    `db upgrade` it is in `outbox_watermark`, so the next export rebuilds only what changed."""
+    _build_old_store(db_url, PREVIOUS_RELEASE)
+    engine = _bare_engine(db_url)
+    with engine.begin() as conn:  # what `db upgrade` to the baseline leaves, with a watermark
+        conn.execute(text(f"CREATE TABLE {schema.VERSION_TABLE} (version_num VARCHAR(32) NOT NULL "
+                          f"PRIMARY KEY)"))
+        conn.execute(text(f"INSERT INTO {schema.VERSION_TABLE} VALUES ('0001_baseline')"))
+        old = MetaData()
+        old.reflect(conn, only=["sync_state"])
+        state = old.tables["sync_state"]
+        conn.execute(state.insert(), {"source": "outbox", "object_type": "3f2a9c",
+                                      "cursor_updated_at": T1, "last_success_at": T1, "extra": {}})
+        conn.execute(state.insert(), {"source": "destination", "object_type": "meta",
+                                      "extra": {"paused": {"at": "x"}}})
+    engine.dispose()
+
+    upgraded = CliRunner().invoke(cli, ["-c", str(_config(tmp_path, db_url)), "db", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "0001_baseline" in upgraded.output and f"to {schema.head_revision()}" in upgraded.output
+
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as session:
+            mark = session.get(tables.OutboxWatermark, "3f2a9c")
+            assert mark is not None and mark.last_build_started_at == T1
+            left = {(s.source, s.object_type) for s in session.exec(select(tables.SyncState))}
+            assert left == {("hubspot", "contact"), ("destination", "meta")}
+        _assert_schema_matches_tables(engine)
+    finally:
+        engine.dispose()
+
+
 def test_a_store_from_before_the_previous_release_loses_its_retired_indexes(db_url):
     _build_old_store(db_url, FOUNDATION)
     engine = make_engine(db_url, check_schema=False)

@@ -23,7 +23,7 @@ from leadloop.sandbox.simulator import simulate
 from leadloop.store import make_engine, session_scope
 from leadloop.sync import apply_page
 from leadloop.tables import ValidationResult
-from leadloop.validation import add_q_values_and_verdicts, analyse, run_validation
+from leadloop.validation import TwoByTwo, ValidationRow, analyse, judge, run_validation
 from leadloop.validation import two_by_two as _two_by_two_raw
 from leadloop.values import suggest_stage_values
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
@@ -32,13 +32,11 @@ NOW = datetime(2026, 10, 1, tzinfo=UTC)
 DAY = 86_400.0
 
 
-def _analyse_one(has: np.ndarray, y: np.ndarray) -> dict:
-    rows = analyse(y, {"m": has}, min_events=10, min_group=30)
-    add_q_values_and_verdicts(rows, alpha=0.05)
-    return rows[0]
+def _analyse_one(has: np.ndarray, y: np.ndarray) -> ValidationRow:
+    return judge(analyse(y, {"m": has}, min_events=10, min_group=30), alpha=0.05)[0]
 
 
-def _two_by_two(has: np.ndarray, y: np.ndarray, strata: np.ndarray) -> dict:
+def _two_by_two(has: np.ndarray, y: np.ndarray, strata: np.ndarray) -> TwoByTwo:
     return _two_by_two_raw(has, y, min_events=10, min_group=30, strata=strata)
 
 
@@ -56,8 +54,8 @@ def test_the_lift_interval_covers_the_planted_lift_and_power_is_high() -> None:
     seeds = 200
     for seed in range(seeds):
         r = _analyse_one(*_draw(np.random.default_rng(seed), 2000, 0.2, 0.1, 2.0))
-        covered += r["lift_ci_low"] <= 2.0 <= r["lift_ci_high"]
-        found += r["verdict"] == "predictive"
+        covered += r.lift_ci_low <= 2.0 <= r.lift_ci_high
+        found += r.verdict == "predictive"
     # 95 % nominal: at least 90 % of 200 (a correct interval falls below that with p < 0.002)
     assert covered / seeds >= 0.90
     # 400 leads with it, 40 vs 80 expected conversions: the test finds it nearly every time
@@ -71,10 +69,9 @@ def test_null_micro_conversions_rarely_become_discoveries_and_many_leads_call_th
         rng = np.random.default_rng(1000 + seed)
         y = (rng.random(20_000) < 0.15).astype(int)
         flags = {f"null_{i}": rng.random(len(y)) < rng.uniform(0.1, 0.4) for i in range(10)}
-        rows = analyse(y, flags, min_events=10, min_group=30)
-        add_q_values_and_verdicts(rows, alpha=0.05)
-        discoveries += sum(r["verdict"] in ("predictive", "weak", "negative") for r in rows)
-        no_signal += sum((r["verdict"], r["role"]) == ("no signal", "retire") for r in rows)
+        rows = judge(analyse(y, flags, min_events=10, min_group=30), alpha=0.05)
+        discoveries += sum(r.verdict in ("predictive", "weak", "negative") for r in rows)
+        no_signal += sum((r.verdict, r.role) == ("no signal", "retire") for r in rows)
     assert discoveries / (10 * seeds) <= 0.05
     assert no_signal / (10 * seeds) >= 0.95  # narrow intervals around 1: retire them
 
@@ -90,13 +87,12 @@ def test_drift_in_both_the_micro_share_and_the_macro_rate_is_not_taken_for_an_ef
         when = rng.random(4500)
         has = rng.random(4500) < 0.1 + 0.3 * when
         y = (rng.random(4500) < 0.1 + 0.2 * when).astype(int)
-        rows = analyse(y, {"m": has}, min_events=10, min_group=30, strata=(when * 9).astype(int))
-        add_q_values_and_verdicts(rows, alpha=0.05)
-        r = rows[0]
-        assert r["test"] == "mantel-haenszel"
-        lifts.append(r["lift"])
-        found += r["verdict"] in ("predictive", "weak", "negative")
-        covered += r["lift_ci_low"] <= 1 <= r["lift_ci_high"]
+        r = judge(analyse(y, {"m": has}, min_events=10, min_group=30,
+                          strata=(when * 9).astype(int)), alpha=0.05)[0]
+        assert r.test == "mantel-haenszel"
+        lifts.append(r.lift)
+        found += r.verdict in ("predictive", "weak", "negative")
+        covered += r.lift_ci_low <= 1 <= r.lift_ci_high
     assert abs(np.mean(lifts) - 1) < 0.04 and found / seeds <= 0.1 and covered / seeds >= 0.9
 
 
@@ -107,12 +103,12 @@ def test_mantel_haenszel_matches_a_hand_computed_example() -> None:
     strata = np.r_[np.zeros(500), np.ones(200)]
     r = _two_by_two(has, y.astype(int), strata)
     # RR_MH = (10·400/500 + 30·100/200) / (20·100/500 + 10·100/200) = 23 / 9
-    assert r["lift"] == pytest.approx(23 / 9) and r["test"] == "mantel-haenszel"
+    assert r.lift == pytest.approx(23 / 9) and r.test == "mantel-haenszel"
     # CMH: observed 40 with-and-converted against 6 + 20 expected, variance 4.521 + 8.040
     var_a = 100 * 400 * 30 * 470 / (500**2 * 499) + 100 * 100 * 40 * 160 / (200**2 * 199)
-    assert r["p_value"] == pytest.approx(chi2.sf((40 - 26 - 0.5) ** 2 / var_a, 1))
-    assert r["lift_ci_low"] < 23 / 9 < r["lift_ci_high"] and r["p_value"] < 1e-3
-    assert r["rate_with"] == 0.2 and r["rate_without"] == 0.06  # the crude rates stay as counted
+    assert r.p_value == pytest.approx(chi2.sf((40 - 26 - 0.5) ** 2 / var_a, 1))
+    assert r.lift_ci_low < 23 / 9 < r.lift_ci_high and r.p_value < 1e-3
+    assert r.rate_with == 0.2 and r.rate_without == 0.06  # the crude rates stay as counted
 
 
 def test_a_real_lift_on_few_leads_is_never_told_to_retire() -> None:
@@ -121,10 +117,10 @@ def test_a_real_lift_on_few_leads_is_never_told_to_retire() -> None:
     verdicts: dict[str, int] = {}
     for seed in range(300):
         r = _analyse_one(*_draw(np.random.default_rng(seed), 100, 0.3, 0.2, 2.0))
-        assert r["role"] != "retire", (seed, r["reason"])
-        verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
-        if r["verdict"] == "not enough data" and r["lift"] is not None:
-            assert "leads like these would settle it" in r["reason"]
+        assert r.role != "retire", (seed, r.reason)
+        verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
+        if r.verdict == "not enough data" and r.lift is not None:
+            assert "leads like these would settle it" in r.reason
     assert verdicts["not enough data"] > verdicts.get("predictive", 0)
 
 
@@ -133,10 +129,10 @@ def test_the_settling_size_really_settles_it() -> None:
     the time (the power the calculation promises)."""
     has, y = _draw(np.random.default_rng(5), 200, 0.25, 0.12, 1.0)
     r = _analyse_one(has, y)
-    assert r["verdict"] == "not enough data"
-    settle = int(r["reason"].split("About ")[1].split(" leads")[0].replace(",", ""))
+    assert r.verdict == "not enough data"
+    settle = int(r.reason.split("About ")[1].split(" leads")[0].replace(",", ""))
     share, base = has.mean(), y[~has].mean()
-    found = sum(_analyse_one(*_draw(np.random.default_rng(s), settle, share, base, 1.5))["verdict"]
+    found = sum(_analyse_one(*_draw(np.random.default_rng(s), settle, share, base, 1.5)).verdict
                 in ("predictive", "weak") for s in range(200))
     assert 0.7 <= found / 200 <= 0.92
 

@@ -15,8 +15,10 @@ from leadloop.errors import LeadloopError
 from leadloop.sandbox.simulator import MICRO_CONVERSIONS
 from leadloop.tables import ValidationResult
 from leadloop.validation import (
-    add_q_values_and_verdicts,
+    MicroTest,
+    ValidationRow,
     analyse,
+    judge,
     leads_to_settle,
     p_json,
     p_text,
@@ -95,9 +97,8 @@ def test_null_micro_conversions_keep_false_discoveries_under_5_percent() -> None
     discoveries, total = 0, 0
     for _ in range(20):  # 20 analyses × 25 null micro-conversions, each with its own BH
         flags = {f"null_{i}": rng.random(len(y)) < rng.uniform(0.02, 0.4) for i in range(25)}
-        rows = analyse(y, flags, min_events=10, min_group=30)
-        add_q_values_and_verdicts(rows, alpha=0.05)
-        discoveries += sum(r["verdict"] in ("predictive", "weak", "negative") for r in rows)
+        rows = judge(analyse(y, flags, min_events=10, min_group=30), alpha=0.05)
+        discoveries += sum(r.verdict in ("predictive", "weak", "negative") for r in rows)
         total += len(rows)
     assert discoveries / total <= 0.05
 
@@ -106,20 +107,19 @@ def test_two_by_two_statistics() -> None:
     has = np.array([True] * 100 + [False] * 900)
     y = np.array([1] * 30 + [0] * 70 + [1] * 90 + [0] * 810)
     r = two_by_two(has, y, min_events=10, min_group=30)
-    assert r["rate_with"] == 0.3 and r["rate_without"] == 0.1
-    assert r["lift"] == pytest.approx(3.0) and r["lift_ci_low"] < 3 < r["lift_ci_high"]
-    assert r["lift_ci_low"] > 2 and r["test"] == "chi-square" and r["p_value"] < 1e-6
-    assert r["phi"] == pytest.approx((30 * 810 - 70 * 90) / np.sqrt(100 * 900 * 120 * 880))
+    assert r.rate_with == 0.3 and r.rate_without == 0.1
+    assert r.lift == pytest.approx(3.0) and r.lift_ci_low < 3 < r.lift_ci_high
+    assert r.lift_ci_low > 2 and r.test == "chi-square" and r.p_value < 1e-6
+    assert r.phi == pytest.approx((30 * 810 - 70 * 90) / np.sqrt(100 * 900 * 120 * 880))
     # small counts: Fisher, and an empty cell keeps the CI finite
     has = np.array([True] * 12 + [False] * 60)
     y = np.array([0] * 12 + [1] * 10 + [0] * 50)
     r = two_by_two(has, y, min_events=10, min_group=30)
-    assert r["test"] == "fisher" and np.isfinite(r["lift_ci_high"]) and r["lift"] < 1
+    assert r.test == "fisher" and np.isfinite(r.lift_ci_high) and r.lift < 1
     few = two_by_two(has[:20], y[:20], min_events=10, min_group=30)
-    assert few["enough"] is False and few["p_value"] is None
-    rows = [{"micro": "few", "segment": "all", **few}]
-    add_q_values_and_verdicts(rows, alpha=0.05)
-    assert rows[0]["verdict"] == "not enough data" and rows[0]["role"] == "diagnostic only"
+    assert few.enough is False and few.p_value is None
+    [judged] = judge([MicroTest(micro="few", segment="all", **vars(few))], alpha=0.05)
+    assert judged.verdict == "not enough data" and judged.role == "diagnostic only"
 
 
 def test_validate_csv_on_x_education() -> None:
@@ -127,11 +127,11 @@ def test_validate_csv_on_x_education() -> None:
         'guide=`A free copy of Mastering The Interview` == "Yes"',
         "engaged=`Total Time Spent on Website` > 600",
     ])
-    by = {r["micro"]: r for r in rows}
-    assert by["engaged"]["verdict"] == "predictive" and by["engaged"]["lift"] > 1.5
-    assert by["guide"]["verdict"] == "negative"  # this dataset's guide takers convert less
+    by = {r.micro: r for r in rows}
+    assert by["engaged"].verdict == "predictive" and by["engaged"].lift > 1.5
+    assert by["guide"].verdict == "negative"  # this dataset's guide takers convert less
     for r in rows:
-        assert r["q_value"] >= r["p_value"] and r["reason"].endswith(".")
+        assert r.q_value >= r.p_value and r.reason.endswith(".")
 
 
 def test_validate_csv_names_the_bad_micro(tmp_path: Path) -> None:
@@ -151,14 +151,13 @@ def test_trend_check_sees_a_lagged_relation() -> None:
     micro = pd.Series(np.repeat(weeks + pd.Timedelta(days=2), micro_counts))
     macro = pd.Series(np.repeat(weeks + pd.Timedelta(days=2), macro_counts))
     t = trend_check(micro, macro, lag_weeks=2)
-    assert t["verdict"] == "moves with macro" and t["spearman_rho"] > 0.5
-    assert trend_check(micro, macro.iloc[:0], 2)["verdict"] == "not enough weeks"
+    assert t.verdict == "moves with macro" and t.spearman_rho > 0.5
+    assert trend_check(micro, macro.iloc[:0], 2).verdict == "not enough weeks"
 
 
-def _verdict_of(has: np.ndarray, y: np.ndarray) -> dict:
-    rows = [{"micro": "m", "segment": "all", **two_by_two(has, y, min_events=10, min_group=30)}]
-    add_q_values_and_verdicts(rows, alpha=0.05)
-    return rows[0]
+def _verdict_of(has: np.ndarray, y: np.ndarray) -> ValidationRow:
+    table = two_by_two(has, y, min_events=10, min_group=30)
+    return judge([MicroTest(micro="m", segment="all", **vars(table))], alpha=0.05)[0]
 
 
 def test_a_wide_interval_is_not_enough_data_and_says_how_many_leads_would_settle_it() -> None:
@@ -166,14 +165,14 @@ def test_a_wide_interval_is_not_enough_data_and_says_how_many_leads_would_settle
     has = np.array([True] * 40 + [False] * 160)
     y = np.array([1] * 8 + [0] * 32 + [1] * 32 + [0] * 128)
     r = _verdict_of(has, y)
-    assert r["lift"] == pytest.approx(1.0) and r["lift_ci_high"] > 1.5
-    assert (r["verdict"], r["role"]) == ("not enough data", "diagnostic only")
+    assert r.lift == pytest.approx(1.0) and r.lift_ci_high > 1.5
+    assert (r.verdict, r.role) == ("not enough data", "diagnostic only")
     settle = leads_to_settle(40, 160, 8, 32, alpha=0.05)
-    assert f"About {settle:,} leads" in r["reason"] and "keep watching" in r["reason"]
+    assert f"About {settle:,} leads" in r.reason and "keep watching" in r.reason
     # the same rates on that many leads give an interval narrow enough to call it
     k = settle // 200 + 1
     r = _verdict_of(np.repeat(has, k), np.repeat(y, k))
-    assert r["lift_ci_high"] < 1.5 and (r["verdict"], r["role"]) == ("no signal", "retire")
+    assert r.lift_ci_high < 1.5 and (r.verdict, r.role) == ("no signal", "retire")
 
 
 def test_leads_to_settle_follows_the_power_formula() -> None:
@@ -225,13 +224,13 @@ def test_x_education_store_is_a_snapshot_every_lead_analysed_as_the_file_says(
     with Session(sqlite_engine) as s:
         rows = {r.micro: r for r in s.exec(select(ValidationResult).where(
             ValidationResult.segment == "all"))}
-    truth = {r["micro"]: r for r in validate_csv(XED, label="Converted", micros=[
+    truth = {r.micro: r for r in validate_csv(XED, label="Converted", micros=[
         'guide_download=`A free copy of Mastering The Interview` == "Yes"',
         "engaged_visit=`Total Time Spent on Website` >= 600"])}
     for name, t in truth.items():
         r = rows[name]
-        assert (r.n, r.n_with, r.macro_with) == (9240, t["n_with"], t["macro_with"]), name
-        assert r.lift == pytest.approx(t["lift"]) and r.verdict == t["verdict"], name
+        assert (r.n, r.n_with, r.macro_with) == (9240, t.n_with, t.macro_with), name
+        assert r.lift == pytest.approx(t.lift) and r.verdict == t.verdict, name
         assert r.details["mode"] == "snapshot" and r.median_days_to_macro is None
     assert rows["engaged_visit"].verdict == "predictive" and rows["engaged_visit"].lift > 2.5
     assert rows["guide_download"].verdict == "negative"  # guide takers convert less here
@@ -299,7 +298,7 @@ def test_the_examples_backticked_expression_on_the_file_and_on_an_empty_store(
     assert expr == "`Total Time Spent on Website` >= 600"
     visits = pd.to_numeric(pd.read_csv(XED)["Total Time Spent on Website"], errors="coerce")
     [row] = validate_csv(XED, label="Converted", micros=[f"engaged_visit={expr}"])
-    assert row["n_with"] == int((visits >= 600).sum()) == 2953
+    assert row.n_with == int((visits >= 600).sum()) == 2953
     settings = load_settings(Path(__file__).resolve().parents[1] / "config" / "examples"
                              / "x_education.toml")
     counts = run_validation(Context(settings=settings, engine=sqlite_engine))

@@ -102,6 +102,11 @@ def parse_time(value: Any) -> datetime | None:
     """HubSpot times: ISO-8601 (with Z), a date, or epoch milliseconds. None when empty."""
     if value is None or value == "":
         return None
+    return parse_given_time(value)
+
+
+def parse_given_time(value: Any) -> datetime:
+    """A HubSpot time that is there (see `parse_time`); ValueError when it is not a time."""
     s = str(value).strip()
     if s.isdigit():
         return datetime.fromtimestamp(int(s) / 1000, UTC)
@@ -196,7 +201,7 @@ class HubSpotSource:
     needs_stored_ids = ("deals",)  # a deal's contacts not yet stored are read with its page
 
     def streams(self) -> Sequence[str]:
-        out = [o for o in ("contacts", "deals") if o in self.crm.objects]
+        out: list[str] = [o for o in ("contacts", "deals") if o in self.crm.objects]
         if "contacts" in out:
             out.append("contacts_archived")
         if "deals" in out:
@@ -414,7 +419,7 @@ class HubSpotSource:
         if page.leads:
             top = max(page.leads, key=lambda lead: (
                 lead.updated_at, int(lead.crm_id) if lead.crm_id.isdigit() else -1))
-            page.cursor = Cursor(top.updated_at, top.crm_id)  # type: ignore[arg-type]
+            page.cursor = Cursor(top.updated_at or top.created_at, top.crm_id)
         return page
 
     def _add_contact(self, page: Page, r: dict[str, Any]) -> None:
@@ -460,21 +465,20 @@ class HubSpotSource:
             if key.startswith("hs_v2_date_entered_") and value:
                 stage = key.removeprefix("hs_v2_date_entered_")
                 try:
-                    at = parse_time(value)
+                    at = parse_given_time(value)
                 except ValueError:
                     page.rejects.append(RecordRejected(cid, f"unparsable {key}: {value!r}"))
                     continue
-                if at is not None:
-                    page.stages.append(StageIn(cid, stage_field, stage, at))
+                page.stages.append(StageIn(cid, stage_field, stage, at))
         for name, prop in self._micro():
             value = props.get(prop)
             if value in (None, "") or _bool(value) is False:
                 continue
             try:
-                at = parse_time(value) if _bool(value) is None else created
+                at = parse_given_time(value) if _bool(value) is None else created
             except ValueError:
                 at = created  # a truthy non-date value: it happened, time unknown
-            page.events.append(EventIn(cid, name, at or created))
+            page.events.append(EventIn(cid, name, at))
 
     def _deal_page(self, results: Sequence[dict]) -> Page:
         page = Page()
@@ -517,13 +521,13 @@ class HubSpotSource:
                     continue
                 sid = key.removeprefix("hs_v2_date_entered_")
                 try:
-                    at = parse_time(value)
+                    at = parse_given_time(value)
                 except ValueError:
                     page.rejects.append(RecordRejected(did, f"unparsable {key}: {value!r}"))
                     continue
                 stage = stages.get(sid)
                 for cid in owners:
-                    page.stages.append(StageIn(cid, stage_prop, sid, at, did, amount, currency,  # type: ignore[arg-type]
+                    page.stages.append(StageIn(cid, stage_prop, sid, at, did, amount, currency,
                                                bool(stage and stage.is_lost)))
         if latest is not None:
             page.cursor = Cursor(latest[0], str(latest[1]))

@@ -15,14 +15,14 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.engine import Engine
 
 from leadloop.config import Settings
-from leadloop.tables import StageChange
+from leadloop.tables import StageChange, table_of
 
 SHOWN_VALUES = 15  # the most frequent values listed in a warning
 
 
 def unmatched_crm_values(engine: Engine, settings: Settings) -> list[str]:
     """One warning per configured `crm_values` entry that no stored stage change matches."""
-    sc = StageChange.__table__  # type: ignore[attr-defined]
+    sc = table_of(StageChange)
     default_fields = (settings.crm.lead_stage_property, settings.crm.deal_stage_property)
     warnings = []
     with engine.connect() as conn:

@@ -1,10 +1,10 @@
-"""What the export keeps between runs in `sync_state`.
+"""What the export keeps between runs.
 
-- The outbox build watermark: source "outbox", key = the fingerprint of the config the outbox is
-  built from (`outbox_key`); `cursor_updated_at` is the previous build's start. Only leads
-  changed since then are rebuilt.
-- Per destination (source "destination", key = its name): the pause and its fix, and the refresh
-  token's announced expiry, which `leadloop status` shows.
+- The outbox build watermark (`outbox_watermark`), per fingerprint of the config the outbox is
+  built from (`outbox_key`): the previous build's start. Only leads changed since then are
+  rebuilt.
+- Per destination (`sync_state`, source "destination", key = its name): the pause and its fix,
+  and the refresh token's announced expiry, which `leadloop status` shows.
 
 Rows are created with `ON CONFLICT DO NOTHING` and locked, so two writers starting together
 cannot collide on a key.
@@ -19,13 +19,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from leadloop.config import Settings
 from leadloop.store import insert_ignore
-from leadloop.tables import SyncState
+from leadloop.tables import OutboxWatermark, SyncState
 
-OUTBOX_STATE = "outbox"  # sync_state.source of the outbox build watermark
 DESTINATION_STATE = "destination"  # sync_state.source of the per-destination state rows
 
 
@@ -51,17 +50,20 @@ def _locked_row(session: Session, source: str, key: str) -> SyncState:
 
 def advance_watermark(session: Session, key: str, now: datetime) -> datetime | None:
     """Move the outbox build watermark of config `key` to `now`; return the previous one."""
-    state = _locked_row(session, OUTBOX_STATE, key)
-    since = state.cursor_updated_at
-    state.cursor_updated_at, state.last_success_at = now, now
-    session.add(state)
+    insert_ignore(session, OutboxWatermark, [{"config_key": key, "last_build_started_at": None}],
+                  conflict=("config_key",))
+    mark = session.get(OutboxWatermark, key, with_for_update=True, populate_existing=True)
+    assert mark is not None
+    since = mark.last_build_started_at
+    mark.last_build_started_at = now
+    session.add(mark)
     return since
 
 
 def read_watermark(session: Session, key: str) -> datetime | None:
     """The outbox build watermark of config `key`, unchanged (for a dry run)."""
-    state = session.get(SyncState, (OUTBOX_STATE, key))
-    return state.cursor_updated_at if state else None
+    mark = session.get(OutboxWatermark, key)
+    return mark.last_build_started_at if mark else None
 
 
 def record_destination(session: Session, name: str, per: dict[str, Any]) -> None:
@@ -86,6 +88,6 @@ def record_destination(session: Session, name: str, per: dict[str, Any]) -> None
 
 def destination_states(session: Session) -> dict[str, dict[str, Any]]:
     """Destination name -> what the export last recorded about it (see `record_destination`)."""
-    found = session.execute(select(SyncState.object_type, SyncState.extra).where(  # type: ignore[call-overload]
-        SyncState.source == DESTINATION_STATE)).all()
+    found = session.execute(select(col(SyncState.object_type), col(SyncState.extra)).where(
+        col(SyncState.source) == DESTINATION_STATE)).all()
     return {name: extra or {} for name, extra in found}

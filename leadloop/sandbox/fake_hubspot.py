@@ -59,6 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -88,6 +89,10 @@ def epoch_ms(t: datetime) -> int:
 def micro_property(name: str) -> str:
     """The sandbox portal's contact property holding when micro-conversion `name` happened."""
     return f"ll_{name}_date"
+
+
+def _contact_properties_of(funnel: Funnel, i: int) -> dict[str, str | None]:
+    return contact_properties(funnel.lead(i))
 
 
 def contact_properties(lead: SimLead) -> dict[str, str | None]:
@@ -186,7 +191,10 @@ class FakeHubSpot:
         self.daily_exhausted = False
         self._last_page: dict[str, Any] = {}
         self._version = 0
-        self._cache: dict[Any, list[HsObject]] = {}
+        # listings and search results, keyed by the query and the data's version
+        self._cache: dict[tuple[Any, ...], list[HsObject]] = {}
+        # (type, version) -> modified times (epoch ms) and the objects, both sorted by that time
+        self._by_modified: dict[tuple[str, int], tuple[list[int], list[HsObject]]] = {}
         self.contacts: dict[str, HsObject] = {}
         self.deals: dict[str, HsObject] = {}
         self._next_contact = 1
@@ -209,7 +217,7 @@ class FakeHubSpot:
         cid = str(100_001 + i)
         created = funnel.time(cols["created"][i])
         updated = funnel.time(cols["updated"][i])
-        obj = HsObject(cid, created, updated, source=lambda i=i: contact_properties(funnel.lead(i)))
+        obj = HsObject(cid, created, updated, source=partial(_contact_properties_of, funnel, i))
         self.contacts[cid] = obj
         self._next_contact = max(self._next_contact, int(cid) + 1)
         if cols["deal:0"][i] != -1:
@@ -217,7 +225,7 @@ class FakeHubSpot:
             for k, deal in enumerate(lead.deals):
                 last = deal.stages[-1][1]
                 d = HsObject(deal.deal_id, deal.created_at, min(last + timedelta(minutes=5),
-                             funnel.end), source=lambda i=i, k=k: self._deal_props_of(funnel, i, k))
+                             funnel.end), source=partial(self._deal_props_of, funnel, i, k))
                 d.assoc.add(cid)
                 obj.assoc.add(deal.deal_id)
                 self.deals[deal.deal_id] = d
@@ -254,6 +262,7 @@ class FakeHubSpot:
     def _changed(self) -> None:
         self._version += 1
         self._cache.clear()
+        self._by_modified.clear()
 
     # -- mutations for tests ---------------------------------------------------------------------
 
@@ -552,7 +561,7 @@ class FakeHubSpot:
         return values or None
 
     def _list(self, req: Request) -> Reply:
-        type_ = req.match["type"]  # type: ignore[index]
+        type_ = req.path_param("type")
         history = self._csv(req, "propertiesWithHistory")
         limit = int(req.arg("limit") or 10)
         max_limit = 50 if history else 100
@@ -593,7 +602,7 @@ class FakeHubSpot:
         return Reply(200, body)
 
     def _search(self, req: Request) -> Reply:
-        type_ = req.match["type"]  # type: ignore[index]
+        type_ = req.path_param("type")
         body = req.json() or {}
         limit = int(body.get("limit") or 10)
         if not 1 <= limit <= 200:
@@ -667,15 +676,15 @@ class FakeHubSpot:
             bounds.append(max(lows))
         if not bounds:
             return self._store(type_).values()
-        key = ("by_modified", type_, self._version)
-        if key not in self._cache:
+        key = (type_, self._version)
+        if key not in self._by_modified:
             objs = sorted(self._store(type_).values(), key=lambda o: o.updated)
-            self._cache[key] = ([epoch_ms(o.updated) for o in objs], objs)
-        stamps, objs = self._cache[key]
+            self._by_modified[key] = ([epoch_ms(o.updated) for o in objs], objs)
+        stamps, objs = self._by_modified[key]
         return objs[bisect.bisect_left(stamps, min(bounds)):]
 
     def _batch_read(self, req: Request) -> Reply:
-        type_ = req.match["type"]  # type: ignore[index]
+        type_ = req.path_param("type")
         body = req.json() or {}
         inputs = body.get("inputs") or []
         if len(inputs) > 100:
@@ -701,9 +710,9 @@ class FakeHubSpot:
         return Reply(200, out)
 
     def _read_one(self, req: Request) -> Reply:
-        type_ = req.match["type"]  # type: ignore[index]
+        type_ = req.path_param("type")
         with self._lock:
-            obj = self._store(type_).get(req.match["id"])  # type: ignore[index]
+            obj = self._store(type_).get(req.path_param("id"))
             if obj is None or obj.archived_at is not None:
                 return self._error(404, "Object not found", "OBJECT_NOT_FOUND")
             return Reply(200, self._render(obj, type_, self._csv(req, "properties"),
@@ -723,7 +732,7 @@ class FakeHubSpot:
                        for s in DEFAULT_PIPELINE.stages]}]})
 
     def _assoc(self, req: Request) -> Reply:
-        from_type, to_type = req.match["from"], req.match["to"]  # type: ignore[index]
+        from_type, to_type = req.path_param("from"), req.path_param("to")
         inputs = (req.json() or {}).get("inputs") or []
         if len(inputs) > 1000:
             return self._error(400, "batch read accepts at most 1000 inputs", "VALIDATION_ERROR")

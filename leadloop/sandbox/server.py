@@ -29,6 +29,12 @@ class Request:
     def json(self) -> Any:
         return json.loads(self.body or b"null")
 
+    def path_param(self, name: str) -> str:
+        """A named group of the route pattern this request matched (routed requests only)."""
+        if self.match is None:
+            raise LookupError(f"{self.method} {self.path} was not routed: no {name!r} in its path")
+        return self.match[name]
+
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
         return values[0] if values else default
