@@ -31,6 +31,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlmodel import Session, col
 
 from leadloop.context import Context
+from leadloop.crm.base import CLICK_ID_FIELDS
 from leadloop.errors import LeadloopError
 from leadloop.identity import IdentityError, hash_email
 from leadloop.lease import outbox_lease
@@ -50,7 +51,6 @@ from leadloop.tables import (
 if TYPE_CHECKING:
     from leadloop.crm.base import Page
 
-_CLICK_IDS = ("gclid", "gbraid", "wbraid", "fbclid", "fbc", "msclkid", "li_fat_id", "meta_lead_id")
 ERASURE_KEY_ENV = "LEADLOOP_ERASURE_KEY"
 _IDENTITY = ("email_sha256", "email_google_sha256", "phone_e164_sha256", "phone_digits_sha256")
 
@@ -114,7 +114,7 @@ def _forget(ctx: Context, *, email: str | None, crm_id: str | None) -> str:
                 counts["rejected_records"] += _delete(session, delete(RejectedRecord).where(
                     RejectedRecord.source == src, RejectedRecord.record_ref.in_(refs)  # type: ignore[attr-defined]
                 ))
-            cleared = {col: None for col in (*_IDENTITY, *_CLICK_IDS, "landing_page")}
+            cleared = {col: None for col in (*_IDENTITY, *CLICK_ID_FIELDS, "landing_page")}
             session.execute(
                 update(Lead).where(Lead.id.in_(ids))  # type: ignore[union-attr]
                 .values(**cleared, attributes={}, status=LeadStatus.erased, updated_at=now)
@@ -153,7 +153,7 @@ def _traces(session: Session, ids: list[int]) -> set[str]:
 
     out: set[str] = set()
     for row in session.execute(select(Lead).where(Lead.id.in_(ids))).scalars():  # type: ignore[union-attr]
-        out.update(v for c in (*_IDENTITY, *_CLICK_IDS) if (v := getattr(row, c)))
+        out.update(v for c in (*_IDENTITY, *CLICK_ID_FIELDS) if (v := getattr(row, c)))
         out.update(str(v).strip() for k, v in (row.attributes or {}).items()
                    if identity_kind(k, v) is not None)
     return {t for t in out if len(t) >= 6}  # a short value would match unrelated text

@@ -17,15 +17,11 @@ from typing import Any, Protocol
 
 from leadloop.errors import RecordRejected
 
+# Ad-platform click and lead ids: they identify a person's click (so `forget` clears them).
+CLICK_ID_FIELDS = ("gclid", "gbraid", "wbraid", "fbclid", "fbc", "msclkid", "li_fat_id",
+                   "meta_lead_id")
 ATTRIBUTION_FIELDS = (
-    "gclid",
-    "gbraid",
-    "wbraid",
-    "fbclid",
-    "fbc",
-    "msclkid",
-    "li_fat_id",
-    "meta_lead_id",
+    *CLICK_ID_FIELDS,
     "utm_source",
     "utm_medium",
     "utm_campaign",
