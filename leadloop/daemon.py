@@ -123,7 +123,9 @@ class Daemon:
         announced = False
         poll = max(0.2, min(5.0, self.ttl.total_seconds() / 3))
         while True:
-            if lease.acquire(self.ctx.engine, self.owner, self.ttl, self.ctx.now()):
+            if not lease.blocked_by_live_holder(self.ctx.engine, lease.LEASE_NAME,
+                                                self.ctx.now()) and lease.acquire(
+                    self.ctx.engine, self.owner, self.ttl, self.ctx.now()):
                 self.lease_held = True
                 return True
             info = lease.holder(self.ctx.engine)

@@ -11,7 +11,9 @@ daemon (`export`, `run --once`) holds the same lease for its duration (`exclusiv
 from a heartbeat thread, so it never runs beside the daemon or another such command. Without
 `--wait` it refuses at once and says who holds the lease; with `--wait` it waits for it. A
 holder on the same host whose process is gone (killed with SIGKILL) is taken over at once instead
-of waiting for its lease to expire.
+of waiting for its lease to expire; one on the same host whose process is alive is never taken
+over, even once its lease has expired (on SQLite a long write, such as a first export's build,
+keeps its heartbeat from writing while it works).
 
 A second, shorter lease (name "outbox") is held for the duration of each export, wherever it runs
 (the daemon's job, `export`, `export --dry-run`, `run --once`), and by `forget`, which waits for
@@ -126,6 +128,17 @@ def holder(engine: Engine, name: str = LEASE_NAME) -> LeaseInfo | None:
     return LeaseInfo(*row) if row else None
 
 
+def blocked_by_live_holder(engine: Engine, name: str, now: datetime) -> bool:
+    """True when the lease has expired but its holder runs on this host and is alive: it could
+    not renew (a long SQLite write holds the store, or it stalled) and is still working, so it
+    is not taken over. Holders on other hosts cannot be checked: their expiry is the rule."""
+    info = holder(engine, name)
+    if info is None or not info.expired(now):
+        return False
+    host, _, rest = info.owner.partition(":")
+    return gone_on_this_host(host, rest.partition(":")[0]) is False
+
+
 def _dead_here(owner: str) -> bool:
     """True when `owner` (see `make_owner`) ran on this host and its process no longer exists: a
     holder killed with SIGKILL, whose lease need not be waited out."""
@@ -147,7 +160,8 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
     owner = f"{make_owner()} ({purpose})"
     poll = max(0.2, min(5.0, ttl.total_seconds() / 3))
     announced = False
-    while not acquire(engine, owner, ttl, now(), name):
+    while blocked_by_live_holder(engine, name, now()) or not acquire(
+            engine, owner, ttl, now(), name):
         info = holder(engine, name)
         if info is None:
             continue  # released between our two statements
@@ -169,14 +183,21 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
     done = threading.Event()
 
     def heartbeat() -> None:
-        while not done.wait(ttl.total_seconds() / 3):
+        failing = False
+        while not done.wait(0.5 if failing else ttl.total_seconds() / 3):
             try:
                 if not renew(engine, owner, ttl, now(), name):
                     log.error("%s lost the lease; stopping after the batch in flight", purpose)
                     stop.set()
                     return
-            except Exception as exc:  # database unreachable: keep trying while the lease lasts
-                log.warning("lease heartbeat failed (%s); retrying", type(exc).__name__)
+                failing = False
+            except Exception as exc:
+                # The database is unreachable, or (SQLite) a long write of this very command
+                # holds it: retry at once, so the renewal is queued for the moment it frees.
+                if not failing:
+                    log.warning("lease heartbeat of %s cannot write yet (%s); retrying", purpose,
+                                type(exc).__name__)
+                failing = True
 
     beat = threading.Thread(target=heartbeat, name=f"leadloop-lease-{purpose}", daemon=True)
     beat.start()

@@ -143,3 +143,26 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(sqlite_engine: Any) 
     with pytest.raises(LeaseHeldError), lease.exclusive(
             sqlite_engine, "export", ttl=TTL, wait=False, now=lambda: NOW, stop=stop):
         pass
+
+
+def test_an_expired_lease_is_taken_over_only_from_a_holder_that_cannot_be_seen_alive(
+        sqlite_engine: Any) -> None:
+    """On SQLite a long write (a first export's build) keeps the holder's heartbeat from writing,
+    so its lease expires while it works: a command on the same host waits for it instead of
+    taking it over. A holder on another host is judged by its expiry alone."""
+    import os
+    import socket
+
+    stop = threading.Event()
+    later = NOW + timedelta(hours=2)
+    busy = f"{socket.gethostname()}:{os.getppid()}:cafe (export)"
+    assert lease.acquire(sqlite_engine, busy, timedelta(hours=1), NOW)
+    with pytest.raises(LeaseHeldError, match="expired"), lease.exclusive(
+            sqlite_engine, "export", ttl=TTL, wait=False, now=lambda: later, stop=stop):
+        pass
+    lease.release(sqlite_engine, busy)
+    remote = "another-host.example:4242:beef (export)"
+    assert lease.acquire(sqlite_engine, remote, timedelta(hours=1), NOW)
+    with lease.exclusive(sqlite_engine, "export", ttl=TTL, wait=False, now=lambda: later,
+                         stop=stop) as owner:
+        assert owner is not None and lease.holder(sqlite_engine).owner == owner  # type: ignore[union-attr]
