@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -42,6 +42,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from leadloop.config import Settings, StageConfig
+from leadloop.export import transitions
 from leadloop.export.base import OutRow
 from leadloop.export.registry import click_preference
 from leadloop.store import insert_ignore
@@ -62,6 +63,11 @@ _CENT = Decimal("0.01")
 _INSERT_CHUNK = 10_000  # new rows are written as they are built, in the same transaction: bounded memory
 _LEAD_CHUNK = 50_000  # lead ids per build step
 Scope = Callable[[Any], Any]  # a column of lead ids -> the condition that keeps this step's leads
+Decide = Callable[[OutRow, datetime], "str | None"]  # a destination's hold rule (`hold_rule`)
+CHECKED = (ConversionStatus.pending, ConversionStatus.held)  # the statuses platform rules decide
+# What a lead contributes to an `OutRow`, in the dataclass's order (its last fields).
+_ROW_FIELDS = tuple(f.name for f in fields(OutRow))
+LEAD_FIELDS = _ROW_FIELDS[_ROW_FIELDS.index("crm_id"):]
 
 
 def order_id(destination: str, source: str, crm_id: str, stage: str, revision: int) -> str:
@@ -86,6 +92,17 @@ class _Lead:
     crm_id: str
     status: str
     click: dict[str, str | None]
+    row: tuple[Any, ...]  # its `LEAD_FIELDS` values, for an `OutRow`
+
+
+@dataclass
+class Build:
+    """What a build did: its counts, and per destination the unsent rows it did not decide the
+    platform rules of (rows of a stage no longer mapped to the destination, older revisions);
+    every other pending or held row of the leads it built was decided while building."""
+
+    counts: dict[str, int]
+    unchecked: dict[str, list[int]] = field(default_factory=dict)
 
 
 def changed_leads(since: datetime) -> Select[Any]:
@@ -113,7 +130,7 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig, scope
         select(sc.c.lead_id, sc.c.entered_at, sc.c.amount, sc.c.currency, sc.c.deal_id)
         .where(cond, sc.c.value.in_(stage.crm_values), scope(sc.c.lead_id))
         .order_by(sc.c.lead_id, sc.c.entered_at)
-    )
+    ).all()
     for lead_id, entered_at, amount, currency, deal_id in rows:
         if lead_id not in facts:
             facts[lead_id] = _Fact(entered_at, amount, currency, deal_id)
@@ -122,7 +139,7 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig, scope
         lost = session.execute(
             select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(
                 sc.c.is_lost.is_(True), scope(sc.c.lead_id))
-        )
+        ).all()
         for lead_id, deal_id, entered_at in lost:
             fact = facts.get(lead_id)
             if fact and fact.deal_id == deal_id and entered_at >= fact.entered_at:
@@ -134,7 +151,7 @@ def _latest_scores(session: Session, scope: Scope) -> dict[int, tuple[Decimal | 
     out: dict[int, tuple[Decimal | None, str | None]] = {}
     stmt = select(Score.lead_id, Score.expected_value, Score.currency  # type: ignore[call-overload]
                   ).where(scope(Score.lead_id))
-    rows = session.execute(stmt.order_by(Score.scored_at, Score.id))
+    rows = session.execute(stmt.order_by(Score.scored_at, Score.id)).all()
     for lead_id, ev, cur in rows:
         out[lead_id] = (ev, cur)
     return out
@@ -185,6 +202,15 @@ def _changed(a: Decimal | None, b: Decimal | None) -> bool:
 def build_outbox(session: Session, settings: Settings, destinations: dict[str, bool | frozenset[str]],
                  now: datetime, job_run_id: int | None = None,
                  changed_since: datetime | None = None) -> dict[str, int]:
+    """Insert new conversions and revisions, refresh or withdraw unsent ones; the counts (see
+    `build`). Platform rules are left to the caller: new rows are pending unless the build
+    itself holds them."""
+    return build(session, settings, destinations, now, job_run_id, changed_since).counts
+
+
+def build(session: Session, settings: Settings, destinations: dict[str, bool | frozenset[str]],
+          now: datetime, job_run_id: int | None = None, changed_since: datetime | None = None,
+          rules: dict[str, Decide] | None = None) -> Build:
     """Insert new conversions and revisions, refresh or withdraw unsent ones.
 
     `destinations` maps each enabled destination name to the adjustments it takes (a set of
@@ -192,48 +218,56 @@ def build_outbox(session: Session, settings: Settings, destinations: dict[str, b
     `changed_since`, only leads changed since then are looked at (see `changed_leads`); the
     result is the same as a full build when the previous build ran at `changed_since`.
     Leads are taken in ranges of `_LEAD_CHUNK` ids, so memory stays flat with the store's size.
-    Returns counts: built (new rows), revisions, refreshed, withdrawn.
+
+    With `rules` (destination name -> its hold rule at `now`), each pending or held row the
+    build writes or looks at is held or released by its destination's platform rules as it is
+    built, from the lead and stage facts in hand, instead of being read back afterwards; rows
+    held by the build itself (`BUILD_RULES`) are not platform-checked, as before. The rows it
+    did not decide are in `Build.unchecked`.
+    Counts: built (new rows), revisions, refreshed, withdrawn.
     """
-    counts = dict.fromkeys(("built", "revisions", "refreshed", "withdrawn"), 0)
+    result = Build(dict.fromkeys(("built", "revisions", "refreshed", "withdrawn"), 0))
     stages = [s for s in settings.stages if any(d in destinations for d in s.destinations)]
     if not stages:
-        return counts
+        return result
     changed = changed_leads(changed_since) if changed_since is not None else None
     if changed is not None and not session.execute(select(changed.exists())).scalar():
-        return counts  # no lead changed since the last build: nothing to rebuild
+        return result  # no lead changed since the last build: nothing to rebuild
     lead = Lead.__table__  # type: ignore[attr-defined]
     low, high = session.execute(select(func.min(lead.c.id), func.max(lead.c.id))).one()
     if low is None:
-        return counts
+        return result
     for start in range(low, high + 1, _LEAD_CHUNK):
         def scope(column: Any, start: int = start) -> Any:
             in_range = column.between(start, start + _LEAD_CHUNK - 1)
             return and_(in_range, column.in_(changed)) if changed is not None else in_range
-        _build_part(session, settings, stages, destinations, now, job_run_id, scope, counts)
-    return counts
+        _build_part(session, settings, stages, destinations, now, job_run_id, scope, result, rules)
+    return result
 
 
 def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                 destinations: dict[str, bool | frozenset[str]], now: datetime, job_run_id: int | None,
-                scope: Scope, counts: dict[str, int]) -> None:
-    """`build_outbox` for the leads in `scope`; adds to `counts`."""
+                scope: Scope, result: Build, rules: dict[str, Decide] | None) -> None:
+    """`build` for the leads in `scope`; adds to `result`."""
+    counts = result.counts
     scores = _latest_scores(session, scope) if any(s.value == "predicted" for s in stages) else {}
     facts = {s.name: _stage_facts(session, settings, s, scope) for s in stages}
 
     conv = Conversion.__table__  # type: ignore[attr-defined]
     existing: dict[tuple[str, int, str], list[Any]] = defaultdict(list)
-    cols = ("id", "destination", "lead_id", "stage", "revision", "kind", "status",
+    cols = ("id", "order_id", "destination", "lead_id", "stage", "revision", "kind", "status",
             "conversion_action", "conversion_time", "value", "currency", "click_id_kind",
-            "click_id", "hold_rule")
+            "click_id", "hold_rule", "created_at")
     for row in session.execute(
         select(*[conv.c[c] for c in cols])
         .where(conv.c.destination.in_(list(destinations)), scope(conv.c.lead_id))
         .order_by(conv.c.revision)
-    ):
+    ).all():
         existing[(row.destination, row.lead_id, row.stage)].append(row)
 
     lead_ids = {lid for f in facts.values() for lid in f} | {k[1] for k in existing}
-    leads = _load_leads(session, lead_ids)
+    leads = _load_leads(session, lead_ids, identity=rules is not None)
+    visited: set[tuple[str, int, str]] = set()
 
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
@@ -245,6 +279,7 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
             kind = settings.destination_kind(dest)
             takes = destinations[dest]
             adjustable = ALL_ADJUSTMENTS if takes is True else (takes or frozenset())
+            decide = rules.get(dest) if rules is not None else None
             keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
             for lead_id in keys:
                 if len(inserts) >= _INSERT_CHUNK:
@@ -253,6 +288,7 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                 lead = leads.get(lead_id)
                 if lead is None:
                     continue
+                visited.add((dest, lead_id, stage.name))
                 fact = stage_facts.get(lead_id)
                 gone = lead.status != LeadStatus.active
                 retract = gone or fact is None or fact.lost_after
@@ -265,15 +301,22 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                     if retract:
                         continue
                     assert fact is not None
+                    oid = order_id(dest, lead.source, lead.crm_id, stage.name, 0)
+                    stored_currency = currency if value is not None else None
+                    rule = hold
+                    if decide is not None and hold is None:
+                        rule = decide(OutRow(0, oid, oid, ConversionKind.conversion.value, 0,
+                                             stage.name, action, fact.entered_at, value,
+                                             stored_currency, now, *lead.row), now)
                     inserts.append({
-                        "order_id": order_id(dest, lead.source, lead.crm_id, stage.name, 0),
+                        "order_id": oid,
                         "destination": dest, "lead_id": lead_id, "stage": stage.name,
                         "revision": 0, "kind": ConversionKind.conversion,
                         "conversion_action": action, "conversion_time": fact.entered_at,
-                        "value": value, "currency": currency if value is not None else None,
+                        "value": value, "currency": stored_currency,
                         "click_id_kind": click_kind, "click_id": click_id,
-                        "status": ConversionStatus.held if hold else ConversionStatus.pending,
-                        "hold_rule": hold, "attempts": 0, "platform_response": {},
+                        "status": ConversionStatus.held if rule else ConversionStatus.pending,
+                        "hold_rule": rule, "attempts": 0, "platform_response": {},
                         "created_at": now, "job_run_id": job_run_id,
                     })
                     counts["built"] += 1
@@ -307,25 +350,63 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                         if latest.kind != wanted[0]:
                             change = {**(change or {"id": latest.id}), "kind": wanted[0]}
                     if change:
-                        updates.append(change)
                         counts["refreshed"] += 1
+                    if decide is not None:
+                        change = _checked(decide, now, latest, change, lead,
+                                          order_id(dest, lead.source, lead.crm_id, stage.name, 0))
+                    if change:
+                        updates.append(change)
                 elif latest.status == ConversionStatus.sent and wanted is not None:
                     first = rows[0]
                     rev = latest.revision + 1
+                    oid = order_id(dest, lead.source, lead.crm_id, stage.name, rev)
+                    stored_currency = currency if wanted[1] is not None else None
+                    rule = None
+                    if decide is not None:
+                        rule = decide(OutRow(0, oid, first.order_id, wanted[0], rev, stage.name,
+                                             first.conversion_action, first.conversion_time,
+                                             wanted[1], stored_currency, now, *lead.row), now)
                     inserts.append({
-                        "order_id": order_id(dest, lead.source, lead.crm_id, stage.name, rev),
+                        "order_id": oid,
                         "destination": dest, "lead_id": lead_id, "stage": stage.name,
                         "revision": rev, "kind": wanted[0],
                         "conversion_action": first.conversion_action,
                         "conversion_time": first.conversion_time,
-                        "value": wanted[1], "currency": currency if wanted[1] is not None else None,
+                        "value": wanted[1], "currency": stored_currency,
                         "click_id_kind": click_kind, "click_id": click_id,
-                        "status": ConversionStatus.pending, "hold_rule": None, "attempts": 0,
+                        "status": ConversionStatus.held if rule else ConversionStatus.pending,
+                        "hold_rule": rule, "attempts": 0,
                         "platform_response": {}, "created_at": now, "job_run_id": job_run_id,
                     })
                     counts["revisions"] += 1
     _insert_new(session, inserts)
     bulk_update(session, updates, job_run_id)
+    if rules is not None:
+        for key, key_rows in existing.items():
+            # the latest row of a key built above was decided; any other unsent row was not
+            undecided = key_rows[:-1] if key in visited else key_rows
+            result.unchecked.setdefault(key[0], []).extend(
+                r.id for r in undecided if r.status in CHECKED)
+
+
+def _checked(decide: Decide, now: datetime, latest: Any, change: dict[str, Any] | None,
+             lead: _Lead, first_order_id: str) -> dict[str, Any] | None:
+    """`change` of unsent row `latest`, with the status and hold its platform rules give the
+    row as changed (what a rule check reading the row back would write); a row held by the
+    build itself or waiting for a retry is left to the build and the send."""
+    now_row = {**latest._mapping, **(change or {})}
+    if now_row["status"] not in CHECKED or now_row["hold_rule"] in BUILD_RULES:
+        return change
+    kind = now_row["kind"]
+    row = OutRow(latest.id, latest.order_id,
+                 latest.order_id if latest.revision == 0 else first_order_id,
+                 str(kind.value if hasattr(kind, "value") else kind), latest.revision,
+                 latest.stage, now_row["conversion_action"], now_row["conversion_time"],
+                 now_row["value"], now_row["currency"], latest.created_at, *lead.row)
+    rule_change = transitions.rule_change(latest.id, now_row["hold_rule"], decide(row, now))
+    if rule_change is None:
+        return change
+    return {**(change or {}), **rule_change}
 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -388,18 +469,22 @@ def _click(kind: str, lead: _Lead) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _load_leads(session: Session, ids: Iterable[int]) -> dict[int, _Lead]:
+def _load_leads(session: Session, ids: Iterable[int], *, identity: bool) -> dict[int, _Lead]:
+    """The leads of `ids`; with `identity`, also what each contributes to an `OutRow` (hashes,
+    consent, creation time) for the platform rules."""
     lead = Lead.__table__  # type: ignore[attr-defined]
     cols = ("gclid", "gbraid", "wbraid", "msclkid", "li_fat_id", "meta_lead_id")
+    row_cols = [lead.c.created_at if n == "lead_created_at" else lead.c[n]
+                for n in LEAD_FIELDS] if identity else []
     out: dict[int, _Lead] = {}
     id_list = list(ids)
     for i in range(0, len(id_list), 5000):
         part = id_list[i : i + 5000]
         stmt = select(lead.c.id, lead.c.source, lead.c.crm_id, lead.c.status,
-                      *[lead.c[c] for c in cols]).where(lead.c.id.in_(part))
-        for row in session.execute(stmt):
-            out[row.id] = _Lead(row.id, row.source, row.crm_id, row.status,
-                                {c: getattr(row, c) for c in cols})
+                      *[lead.c[c] for c in cols], *row_cols).where(lead.c.id.in_(part))
+        for row in session.execute(stmt).all():
+            out[row[0]] = _Lead(row[0], row[1], row[2], row[3], dict(zip(cols, row[4:10], strict=True)),
+                                tuple(row[10:]))
     return out
 
 
@@ -492,7 +577,7 @@ def load_rows(session: Session, destination: str, statuses: Sequence[ConversionS
     out = []
     result = session.execute(stmt)
     names = list(result.keys())
-    for r in result:
+    for r in result.all():
         m = dict(zip(names, r, strict=True))
         source = m.pop("source")
         kind = m["kind"]
