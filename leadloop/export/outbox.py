@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
@@ -87,12 +87,10 @@ class _Fact:
 
 @dataclass(slots=True)
 class _Lead:
-    id: int
     source: str
     crm_id: str
     status: str
-    click: dict[str, str | None]
-    row: tuple[Any, ...]  # its `LEAD_FIELDS` values, for an `OutRow`
+    row: tuple[Any, ...]  # its `LEAD_FIELDS` values (click ids, hashes, consent), for an `OutRow`
 
 
 @dataclass
@@ -126,20 +124,18 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig, scope
         cond = or_(and_(sc.c.field == crm.lead_stage_property, sc.c.deal_id == ""),
                    and_(sc.c.field == crm.deal_stage_property, sc.c.deal_id != ""))
     facts: dict[int, _Fact] = {}
-    rows = session.execute(
+    rows = _fetch(session,
         select(sc.c.lead_id, sc.c.entered_at, sc.c.amount, sc.c.currency, sc.c.deal_id)
         .where(cond, sc.c.value.in_(stage.crm_values), scope(sc.c.lead_id))
         .order_by(sc.c.lead_id, sc.c.entered_at)
-    ).all()
+    )
     for lead_id, entered_at, amount, currency, deal_id in rows:
         if lead_id not in facts:
             facts[lead_id] = _Fact(entered_at, amount, currency, deal_id)
     deal_facts = {f.deal_id: lid for lid, f in facts.items() if f.deal_id}
     if deal_facts:
-        lost = session.execute(
-            select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(
-                sc.c.is_lost.is_(True), scope(sc.c.lead_id))
-        ).all()
+        lost = _fetch(session, select(sc.c.lead_id, sc.c.deal_id, sc.c.entered_at).where(
+            sc.c.is_lost.is_(True), scope(sc.c.lead_id)))
         for lead_id, deal_id, entered_at in lost:
             fact = facts.get(lead_id)
             if fact and fact.deal_id == deal_id and entered_at >= fact.entered_at:
@@ -151,7 +147,7 @@ def _latest_scores(session: Session, scope: Scope) -> dict[int, tuple[Decimal | 
     out: dict[int, tuple[Decimal | None, str | None]] = {}
     stmt = select(Score.lead_id, Score.expected_value, Score.currency  # type: ignore[call-overload]
                   ).where(scope(Score.lead_id))
-    rows = session.execute(stmt.order_by(Score.scored_at, Score.id)).all()
+    rows = _fetch(session, stmt.order_by(Score.scored_at, Score.id))
     for lead_id, ev, cur in rows:
         out[lead_id] = (ev, cur)
     return out
@@ -265,38 +261,38 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
     ).all():
         existing[(row.destination, row.lead_id, row.stage)].append(row)
 
-    lead_ids = {lid for f in facts.values() for lid in f} | {k[1] for k in existing}
-    leads = _load_leads(session, lead_ids, identity=rules is not None)
-    visited: set[tuple[str, int, str]] = set()
+    leads = _load_leads(session, scope)
+    visited: set[tuple[str, int, str]] = set()  # keys with existing rows that were built
 
-    inserts: list[dict[str, Any]] = []
+    new = _NewRows(now, job_run_id)
     updates: list[dict[str, Any]] = []
     for stage in stages:
         stage_facts = facts[stage.name]
+        values: dict[int, tuple[Decimal | None, str, str | None]] = {}  # the same for every destination
         for dest, action in stage.destinations.items():
             if dest not in destinations:
                 continue
-            kind = settings.destination_kind(dest)
+            clicks = [(name, LEAD_FIELDS.index(name))
+                      for name in click_preference(settings.destination_kind(dest))]
             takes = destinations[dest]
             adjustable = ALL_ADJUSTMENTS if takes is True else (takes or frozenset())
             decide = rules.get(dest) if rules is not None else None
             keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
             for lead_id in keys:
-                if len(inserts) >= _INSERT_CHUNK:
-                    _insert_new(session, inserts)
-                    inserts.clear()
                 lead = leads.get(lead_id)
                 if lead is None:
                     continue
-                visited.add((dest, lead_id, stage.name))
                 fact = stage_facts.get(lead_id)
                 gone = lead.status != LeadStatus.active
                 retract = gone or fact is None or fact.lost_after
                 value, currency, hold = (None, stage.currency, None)
                 if fact is not None:
-                    value, currency, hold = _value(stage, fact, scores, lead_id)
-                click_kind, click_id = _click(kind, lead)
-                rows = existing.get((dest, lead_id, stage.name), [])
+                    known = values.get(lead_id)
+                    if known is None:
+                        known = values[lead_id] = _value(stage, fact, scores, lead_id)
+                    value, currency, hold = known
+                click_kind, click_id = _click(clicks, lead.row)
+                rows = existing.get((dest, lead_id, stage.name))
                 if not rows:
                     if retract:
                         continue
@@ -308,19 +304,12 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                         rule = decide(OutRow(0, oid, oid, ConversionKind.conversion.value, 0,
                                              stage.name, action, fact.entered_at, value,
                                              stored_currency, now, *lead.row), now)
-                    inserts.append({
-                        "order_id": oid,
-                        "destination": dest, "lead_id": lead_id, "stage": stage.name,
-                        "revision": 0, "kind": ConversionKind.conversion,
-                        "conversion_action": action, "conversion_time": fact.entered_at,
-                        "value": value, "currency": stored_currency,
-                        "click_id_kind": click_kind, "click_id": click_id,
-                        "status": ConversionStatus.held if rule else ConversionStatus.pending,
-                        "hold_rule": rule, "attempts": 0, "platform_response": {},
-                        "created_at": now, "job_run_id": job_run_id,
-                    })
+                    new.add(session, oid, dest, lead_id, stage.name, 0, ConversionKind.conversion,
+                            action, fact.entered_at, value, stored_currency, click_kind, click_id,
+                            ConversionStatus.held if rule else ConversionStatus.pending, rule)
                     counts["built"] += 1
                     continue
+                visited.add((dest, lead_id, stage.name))
                 latest = rows[-1]
                 sent = [r for r in rows if r.status == ConversionStatus.sent]
                 last_sent = sent[-1] if sent else None
@@ -366,20 +355,12 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                         rule = decide(OutRow(0, oid, first.order_id, wanted[0], rev, stage.name,
                                              first.conversion_action, first.conversion_time,
                                              wanted[1], stored_currency, now, *lead.row), now)
-                    inserts.append({
-                        "order_id": oid,
-                        "destination": dest, "lead_id": lead_id, "stage": stage.name,
-                        "revision": rev, "kind": wanted[0],
-                        "conversion_action": first.conversion_action,
-                        "conversion_time": first.conversion_time,
-                        "value": wanted[1], "currency": stored_currency,
-                        "click_id_kind": click_kind, "click_id": click_id,
-                        "status": ConversionStatus.held if rule else ConversionStatus.pending,
-                        "hold_rule": rule, "attempts": 0,
-                        "platform_response": {}, "created_at": now, "job_run_id": job_run_id,
-                    })
+                    new.add(session, oid, dest, lead_id, stage.name, rev, wanted[0],
+                            first.conversion_action, first.conversion_time, wanted[1],
+                            stored_currency, click_kind, click_id,
+                            ConversionStatus.held if rule else ConversionStatus.pending, rule)
                     counts["revisions"] += 1
-    _insert_new(session, inserts)
+    new.flush(session)
     bulk_update(session, updates, job_run_id)
     if rules is not None:
         for key, key_rows in existing.items():
@@ -409,21 +390,52 @@ def _checked(decide: Decide, now: datetime, latest: Any, change: dict[str, Any] 
     return {**(change or {}), **rule_change}
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert new outbox rows, skipping an order id already there (`ON CONFLICT DO NOTHING`):
-    COPY through a staging table on PostgreSQL (`insert_ignore`), one driver-level executemany
-    of column-wise converted values on SQLite."""
-    if not rows:
-        return
+class _NewRows:
+    """New outbox rows, inserted every `_INSERT_CHUNK` rows in the build's transaction (bounded
+    memory) column by column. The columns all new rows share are bound once."""
+
+    COLUMNS = ("order_id", "destination", "lead_id", "stage", "revision", "kind",
+               "conversion_action", "conversion_time", "value", "currency", "click_id_kind",
+               "click_id", "status", "hold_rule")
+
+    def __init__(self, now: datetime, job_run_id: int | None) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.shared = {"attempts": 0, "platform_response": {}, "created_at": now,
+                       "job_run_id": job_run_id}
+
+    def add(self, session: Session, *values: Any) -> None:
+        """One row: its values in `COLUMNS` order."""
+        self.rows.append(values)
+        if len(self.rows) >= _INSERT_CHUNK:
+            self.flush(session)
+
+    def flush(self, session: Session) -> None:
+        if self.rows:
+            columns = dict(zip(self.COLUMNS, map(list, zip(*self.rows, strict=True)), strict=True))
+            _insert_new(session, columns, self.shared)
+        self.rows.clear()
+
+
+def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[str, Any]) -> None:
+    """Insert new outbox rows (`columns`, plus the values every row has in `shared`), skipping
+    an order id already there (`ON CONFLICT DO NOTHING`): COPY through a staging table on
+    PostgreSQL (`insert_ignore`), one driver-level executemany of column-wise converted values
+    on SQLite."""
+    n = len(columns["order_id"])
     if session.get_bind().dialect.name != "sqlite":
-        insert_ignore(session, Conversion, rows, conflict=("order_id",))
+        names = [*columns, *shared]
+        every = [[value] * n for value in shared.values()]
+        insert_ignore(session, Conversion, [dict(zip(names, row, strict=True))
+                                            for row in zip(*columns.values(), *every, strict=True)],
+                      conflict=("order_id",))
         return
     conv = Conversion.__table__  # type: ignore[attr-defined]
-    names = list(rows[0])
-    stmt = sqlite_insert(conv).values({n: bindparam(f"v_{n}") for n in names}
+    stmt = sqlite_insert(conv).values({n: bindparam(f"v_{n}") for n in [*columns, *shared]}
                                       ).on_conflict_do_nothing(index_elements=["order_id"])
-    _executemany(session, stmt, {f"v_{n}": _bound(session, conv.c[n], [r[n] for r in rows])
-                                 for n in names})
+    bound = {f"v_{name}": _bound(session, conv.c[name], values) for name, values in columns.items()}
+    bound.update({f"v_{name}": _bound(session, conv.c[name], [value]) * n
+                  for name, value in shared.items()})
+    _executemany(session, stmt, bound)
 
 
 def _adjustment(stage: StageConfig, last_sent: Any, retract: bool, value: Decimal | None
@@ -462,29 +474,53 @@ def _refresh(row: Any, action: str, when: datetime, value: Decimal | None, curre
     return {"id": row.id, **change} if change else None
 
 
-def _click(kind: str, lead: _Lead) -> tuple[str | None, str | None]:
-    for name in click_preference(kind):
-        if lead.click.get(name):
-            return name, lead.click[name]
+def _click(clicks: list[tuple[str, int]], row: tuple[Any, ...]) -> tuple[str | None, str | None]:
+    """The first click id of `clicks` (name, its index in a lead's `row`) the lead has."""
+    for name, i in clicks:
+        if row[i]:
+            return name, row[i]
     return None, None
 
 
-def _load_leads(session: Session, ids: Iterable[int], *, identity: bool) -> dict[int, _Lead]:
-    """The leads of `ids`; with `identity`, also what each contributes to an `OutRow` (hashes,
-    consent, creation time) for the platform rules."""
+def _load_leads(session: Session, scope: Scope) -> dict[int, _Lead]:
+    """The leads in `scope`, with what each contributes to an `OutRow`."""
     lead = Lead.__table__  # type: ignore[attr-defined]
-    cols = ("gclid", "gbraid", "wbraid", "msclkid", "li_fat_id", "meta_lead_id")
-    row_cols = [lead.c.created_at if n == "lead_created_at" else lead.c[n]
-                for n in LEAD_FIELDS] if identity else []
-    out: dict[int, _Lead] = {}
-    id_list = list(ids)
-    for i in range(0, len(id_list), 5000):
-        part = id_list[i : i + 5000]
-        stmt = select(lead.c.id, lead.c.source, lead.c.crm_id, lead.c.status,
-                      *[lead.c[c] for c in cols], *row_cols).where(lead.c.id.in_(part))
-        for row in session.execute(stmt).all():
-            out[row[0]] = _Lead(row[0], row[1], row[2], row[3], dict(zip(cols, row[4:10], strict=True)),
-                                tuple(row[10:]))
+    row_cols = [lead.c.created_at if n == "lead_created_at" else lead.c[n] for n in LEAD_FIELDS]
+    stmt = select(lead.c.id, lead.c.source, lead.c.crm_id, lead.c.status, *row_cols
+                  ).where(scope(lead.c.id))
+    return {row[0]: _Lead(row[1], row[2], row[3], row[4:]) for row in _fetch(session, stmt)}
+
+
+def _fetch(session: Session, stmt: Any) -> list[tuple[Any, ...]]:
+    """All rows of `stmt` as tuples holding what SQLAlchemy's rows would (each column's type
+    conversion: aware UTC times, enums, decimals), converted column by column with each
+    distinct value converted once, and no `Row` object per row: about 3x faster on the
+    outbox's wide reads of 100,000s of rows."""
+    result = session.connection().execute(stmt)
+    try:
+        description = result.cursor.description
+        raw = result.cursor.fetchall()
+    finally:
+        result.close()
+    if not raw:
+        return []
+    dialect = session.get_bind().dialect
+    columns = []
+    for column, values, described in zip(stmt.selected_columns, zip(*raw, strict=True),
+                                         description, strict=True):
+        process = column.type.dialect_impl(dialect).result_processor(dialect, described[1])
+        columns.append(values if process is None else _converted(values, process))
+    return list(zip(*columns, strict=True))
+
+
+def _converted(values: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
+    memo: dict[Any, Any] = {None: None}
+    out = []
+    for v in values:
+        done = memo.get(v, _MISSING)
+        if done is _MISSING:
+            done = memo[v] = process(v)
+        out.append(done)
     return out
 
 
@@ -575,9 +611,8 @@ def load_rows(session: Session, destination: str, statuses: Sequence[ConversionS
     if limit:
         stmt = stmt.limit(limit)
     out = []
-    result = session.execute(stmt)
-    names = list(result.keys())
-    for r in result.all():
+    names = [c.key for c in stmt.selected_columns]
+    for r in _fetch(session, stmt):
         m = dict(zip(names, r, strict=True))
         source = m.pop("source")
         kind = m["kind"]
