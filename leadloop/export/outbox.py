@@ -552,7 +552,7 @@ def _bound(session: Session, column: Any, values: list[Any]) -> list[Any]:
     if process is None:
         return values
     memo: dict[Any, Any] = {}
-    out = []
+    out: list[Any] = []
     for v in values:
         if v is None:
             out.append(None)
@@ -611,7 +611,7 @@ def load_rows(session: Session, destination: str, statuses: Sequence[ConversionS
     if limit:
         stmt = stmt.limit(limit)
     out = []
-    names = [c.key for c in stmt.selected_columns]
+    names = [str(c.key) for c in stmt.selected_columns]
     for r in _fetch(session, stmt):
         m = dict(zip(names, r, strict=True))
         source = m.pop("source")
