@@ -493,34 +493,34 @@ def _load_leads(session: Session, scope: Scope) -> dict[int, _Lead]:
 
 def _fetch(session: Session, stmt: Any) -> list[tuple[Any, ...]]:
     """All rows of `stmt` as tuples holding what SQLAlchemy's rows would (each column's type
-    conversion: aware UTC times, enums, decimals), converted column by column with each
-    distinct value converted once, and no `Row` object per row: about 3x faster on the
-    outbox's wide reads of 100,000s of rows."""
+    conversion: aware UTC times, enums, booleans, decimals), with each distinct value of a
+    column converted once and no `Row` object per row: about 3x faster on the outbox's wide
+    reads of 100,000s of rows. For columns of scalar values (not JSON)."""
     result = session.connection().execute(stmt)
     try:
         description = result.cursor.description
         raw = result.cursor.fetchall()
     finally:
         result.close()
-    if not raw:
-        return []
     dialect = session.get_bind().dialect
-    columns = []
-    for column, values, described in zip(stmt.selected_columns, zip(*raw, strict=True),
-                                         description, strict=True):
+    converters = []
+    for i, (column, described) in enumerate(zip(stmt.selected_columns, description, strict=True)):
         process = column.type.dialect_impl(dialect).result_processor(dialect, described[1])
-        columns.append(values if process is None else _converted(values, process))
-    return list(zip(*columns, strict=True))
-
-
-def _converted(values: Sequence[Any], process: Callable[[Any], Any]) -> list[Any]:
-    memo: dict[Any, Any] = {None: None}
+        if process is not None:
+            converters.append((i, process, {}))
+    if not converters:
+        return raw
     out = []
-    for v in values:
-        done = memo.get(v, _MISSING)
-        if done is _MISSING:
-            done = memo[v] = process(v)
-        out.append(done)
+    for row in raw:
+        values = list(row)
+        for i, process, memo in converters:
+            value = values[i]
+            if value is not None:
+                done = memo.get(value, _MISSING)
+                if done is _MISSING:
+                    done = memo[value] = process(value)
+                values[i] = done
+        out.append(tuple(values))
     return out
 
 
