@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -250,8 +251,14 @@ class BaseDestination:
         hashed identities may be sent, `window` is how old a conversion may be."""
         return None
 
+    @cached_property
+    def max_age(self) -> timedelta:
+        """How old a conversion this destination may send (its platform's window, narrowed by
+        `conversion_window_days`); worked out once, as the rules ask for it on every row."""
+        return window(self.window_days, self.cfg.conversion_window_days)
+
     def platform_hold(self, row: OutRow, now: datetime, user_data: bool) -> str | None:
-        return self.rule(row, now, user_data, window(self.window_days, self.cfg.conversion_window_days))
+        return self.rule(row, now, user_data, self.max_age)
 
     def hold_rule(self, row: OutRow, now: datetime) -> str | None:
         """The first rule `row` breaks now (shared ones first), or None when it may be sent."""

@@ -503,13 +503,13 @@ def _fetch(session: Session, stmt: Any) -> list[tuple[Any, ...]]:
     finally:
         result.close()
     dialect = session.get_bind().dialect
-    converters = []
+    converters: list[tuple[int, Callable[[Any], Any], dict[Any, Any]]] = []
     for i, (column, described) in enumerate(zip(stmt.selected_columns, description, strict=True)):
         process = column.type.dialect_impl(dialect).result_processor(dialect, described[1])
         if process is not None:
             converters.append((i, process, {}))
     if not converters:
-        return raw
+        return list(raw)
     out = []
     for row in raw:
         values = list(row)
