@@ -7,8 +7,8 @@ updates by id (`outbox.bulk_update`: results of a sent batch, refreshed rows, ho
 `executemany` per chunk, so each row's UPDATE is parsed and planned by the server. This loads N
 leads with one conversion each per destination (as `bench/export.py`), builds the outbox, then
 updates every row as a sent batch's results would (status, attempts, code, response, ...), in a
-transaction that is rolled back, alternating: prepares off (as leadloop runs) and on for that one
-statement's connection (`prepare_threshold = 0`). Prints rows/s of each, per round.
+transaction that is rolled back, alternating: not prepared (as every other statement runs) and
+prepared (`outbox.PREPARED_UPDATES`, as leadloop runs it). Prints rows/s of each, per round.
 
     .venv/bin/python bench/outbox_update.py --db postgresql://... [--leads 20000] [--rounds 3]
 
@@ -30,6 +30,7 @@ from sqlmodel import Session, SQLModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: bench/ helpers
 from bench.export import load
 from leadloop.config import settings_from_dict
+from leadloop.export import outbox
 from leadloop.export.outbox import build_outbox, bulk_update
 from leadloop.store import make_engine, session_scope
 from leadloop.tables import Conversion, ConversionStatus, utcnow
@@ -43,9 +44,8 @@ def _updates(session: Session, now: Any) -> list[dict[str, Any]]:
 
 
 def _timed(engine: Any, updates: list[dict[str, Any]], prepare: bool) -> float:
+    outbox.PREPARED_UPDATES = prepare
     with Session(engine) as session:
-        raw = session.connection().connection.driver_connection
-        raw.prepare_threshold = 0 if prepare else None
         try:
             t = time.perf_counter()
             bulk_update(session, updates, job_run_id=1)
@@ -53,7 +53,6 @@ def _timed(engine: Any, updates: list[dict[str, Any]], prepare: bool) -> float:
             return time.perf_counter() - t
         finally:
             session.rollback()
-            raw.prepare_threshold = None
 
 
 def main() -> None:
