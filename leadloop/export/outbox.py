@@ -66,6 +66,9 @@ _LEAD_CHUNK = 50_000  # lead ids per build step
 Scope = Callable[[Any], Any]  # a column of lead ids -> the condition that keeps this step's leads
 Decide = Callable[[OutRow, datetime], "str | None"]  # a destination's hold rule (`hold_rule`)
 CHECKED = (ConversionStatus.pending, ConversionStatus.held)  # the statuses platform rules decide
+# Enum members read once (an enum attribute costs a lookup per row of the build loop)
+_ACTIVE, _CONVERSION = LeadStatus.active, ConversionKind.conversion.value
+_HELD, _PENDING = ConversionStatus.held, ConversionStatus.pending
 # What a lead contributes to an `OutRow`, in the dataclass's order (its last fields).
 _ROW_FIELDS = tuple(f.name for f in fields(OutRow))
 LEAD_FIELDS = _ROW_FIELDS[_ROW_FIELDS.index("crm_id"):]
@@ -284,7 +287,7 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                 if lead is None:
                     continue
                 fact = stage_facts.get(lead_id)
-                gone = lead.status != LeadStatus.active
+                gone = lead.status != _ACTIVE
                 retract = gone or fact is None or fact.lost_after
                 value, currency, hold = (None, stage.currency, None)
                 if fact is not None:
@@ -302,12 +305,12 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                     stored_currency = currency if value is not None else None
                     rule = hold
                     if decide is not None and hold is None:
-                        rule = decide(OutRow(0, oid, oid, ConversionKind.conversion.value, 0,
+                        rule = decide(OutRow(0, oid, oid, _CONVERSION, 0,
                                              stage.name, action, fact.entered_at, value,
                                              stored_currency, now, *lead.row), now)
-                    new.add(session, oid, dest, lead_id, stage.name, 0, ConversionKind.conversion,
-                            action, fact.entered_at, value, stored_currency, click_kind, click_id,
-                            ConversionStatus.held if rule else ConversionStatus.pending, rule)
+                    new.add(session, oid, dest, lead_id, stage.name, 0, _CONVERSION, action,
+                            fact.entered_at, value, stored_currency, click_kind, click_id,
+                            _HELD if rule else _PENDING, rule)
                     counts["built"] += 1
                     continue
                 visited.add((dest, lead_id, stage.name))
@@ -359,7 +362,7 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
                     new.add(session, oid, dest, lead_id, stage.name, rev, wanted[0],
                             first.conversion_action, first.conversion_time, wanted[1],
                             stored_currency, click_kind, click_id,
-                            ConversionStatus.held if rule else ConversionStatus.pending, rule)
+                            _HELD if rule else _PENDING, rule)
                     counts["revisions"] += 1
     new.flush(session)
     bulk_update(session, updates, job_run_id)
