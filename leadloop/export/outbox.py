@@ -406,6 +406,9 @@ class _NewRows:
         self.rows: list[tuple[Any, ...]] = []
         self.shared = {"attempts": 0, "platform_response": {}, "created_at": now,
                        "job_run_id": job_run_id}
+        # driver-ready values by column, kept across chunks of this build step: a stage's time
+        # comes back for each of its destinations, chunks apart
+        self.memos: dict[str, dict[Any, Any]] = {name: {} for name in self.COLUMNS}
 
     def add(self, session: Session, *values: Any) -> None:
         """One row: its values in `COLUMNS` order."""
@@ -416,15 +419,16 @@ class _NewRows:
     def flush(self, session: Session) -> None:
         if self.rows:
             columns = dict(zip(self.COLUMNS, map(list, zip(*self.rows, strict=True)), strict=True))
-            _insert_new(session, columns, self.shared)
+            _insert_new(session, columns, self.shared, self.memos)
         self.rows.clear()
 
 
-def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[str, Any]) -> None:
+def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[str, Any],
+                memos: dict[str, dict[Any, Any]]) -> None:
     """Insert new outbox rows (`columns`, plus the values every row has in `shared`), skipping
     an order id already there (`ON CONFLICT DO NOTHING`): COPY through a staging table on
     PostgreSQL (`insert_ignore`), one driver-level executemany of column-wise converted values
-    on SQLite."""
+    on SQLite (`memos`: each column's values converted so far)."""
     n = len(columns["order_id"])
     if session.get_bind().dialect.name != "sqlite":
         names = [*columns, *shared]
@@ -436,7 +440,8 @@ def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[st
     conv = Conversion.__table__  # type: ignore[attr-defined]
     stmt = sqlite_insert(conv).values({n: bindparam(f"v_{n}") for n in [*columns, *shared]}
                                       ).on_conflict_do_nothing(index_elements=["order_id"])
-    bound = {f"v_{name}": _bound(session, conv.c[name], values) for name, values in columns.items()}
+    bound = {f"v_{name}": _bound(session, conv.c[name], values, memos[name])
+             for name, values in columns.items()}
     bound.update({f"v_{name}": _bound(session, conv.c[name], [value]) * n
                   for name, value in shared.items()})
     _executemany(session, stmt, bound)
@@ -574,14 +579,17 @@ def _prepared(session: Session) -> Iterator[None]:
         driver.prepare_threshold = was
 
 
-def _bound(session: Session, column: Any, values: list[Any]) -> list[Any]:
+def _bound(session: Session, column: Any, values: list[Any], memo: dict[Any, Any] | None = None
+           ) -> list[Any]:
     """`values` of `column` as the driver takes them (the type's bind processing: UTC times,
-    enums, JSON, numbers), each distinct hashable value processed once; None stays NULL."""
+    enums, JSON, numbers), each distinct hashable value processed once (`memo`: those done so
+    far); None stays NULL."""
     dialect = session.get_bind().dialect
     process = column.type.dialect_impl(dialect).bind_processor(dialect)
     if process is None:
         return values
-    memo: dict[Any, Any] = {}
+    if memo is None:
+        memo = {}
     out: list[Any] = []
     for v in values:
         if v is None:
