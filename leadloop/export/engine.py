@@ -1,7 +1,8 @@
 """The export job: outbox -> platform rules -> vendor-sized batches -> per-row outcomes.
 
-`run_export(ctx)` (1) builds and refreshes the outbox from the store, (2) checks each platform's
-rules and holds what may not be sent, (3) sends the due rows of every enabled destination in
+`run_export(ctx)` (1) builds and refreshes the outbox from the store, holding what a platform's
+rules say may not be sent as it builds each row, (2) checks the unsent rows the build did not
+look at against those rules too, (3) sends the due rows of every enabled destination in
 vendor-sized batches, committing after each batch and stopping between batches when a shutdown
 was requested, and (4) returns counts. A crash between a send and its commit re-sends the same
 rows under the same order ids next run; the platforms deduplicate them, and their "already
@@ -57,7 +58,6 @@ from leadloop.tables import Conversion, ConversionStatus, RejectedRecord
 
 log = logging.getLogger(__name__)
 
-_RULES_CHUNK = 20_000  # outbox rows checked per read in apply_rules
 _COUNTED = ("held", "sent", "rejected", "failed", "dead", "requests")
 
 

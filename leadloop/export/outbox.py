@@ -620,17 +620,14 @@ def _executemany(session: Session, stmt: Any, columns: dict[str, list[Any]]) -> 
 
 
 def load_rows(session: Session, destination: str, statuses: Sequence[ConversionStatus],
-              *, due_before: datetime | None = None, limit: int | None = None,
-              after_id: int | None = None, where: Any = None) -> list[OutRow]:
-    """Outbox rows of one destination joined with their lead, oldest first (ids > `after_id`),
-    narrowed by an extra `where` clause when given."""
+              *, due_before: datetime | None = None, where: Any = None) -> list[OutRow]:
+    """Outbox rows of one destination joined with their lead, oldest first, narrowed by an
+    extra `where` clause when given."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
     lead = Lead.__table__  # type: ignore[attr-defined]
     cond = [conv.c.destination == destination, conv.c.status.in_([s.value for s in statuses])]
     if where is not None:
         cond.append(where)
-    if after_id is not None:
-        cond.append(conv.c.id > after_id)
     if due_before is not None:
         cond.append(or_(conv.c.next_attempt_at.is_(None), conv.c.next_attempt_at <= due_before))
     stmt = (
@@ -646,8 +643,6 @@ def load_rows(session: Session, destination: str, statuses: Sequence[ConversionS
         .where(*cond)
         .order_by(conv.c.id)
     )
-    if limit:
-        stmt = stmt.limit(limit)
     out = []
     names = [str(c.key) for c in stmt.selected_columns]
     for r in _fetch(session, stmt):
