@@ -24,6 +24,12 @@ withdrawn when the lead is gone).
 A value that is not a finite number within the stage's `min_value`..`max_value` (negative, NaN,
 infinite, a typo of 1e308) is never sent: the row is held with `value_out_of_range` (and stores no
 value) until the CRM has a sane one; a sent conversion is not restated to such a value.
+
+The export passes each destination's platform rules to the build (`build(..., rules=...)`): a
+row is inserted or refreshed already held or pending, decided from the lead and stage facts the
+build holds, instead of every unsent row being read back and updated after it (at 100,000 leads
+that pass cost more than the build). Rows the build does not look at are listed for the caller
+to check (`Build.unchecked`).
 """
 
 from __future__ import annotations
