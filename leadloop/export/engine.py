@@ -1,7 +1,8 @@
 """The export job: outbox -> platform rules -> vendor-sized batches -> per-row outcomes.
 
-`run_export(ctx)` (1) builds and refreshes the outbox from the store, (2) checks each platform's
-rules and holds what may not be sent, (3) sends the due rows of every enabled destination in
+`run_export(ctx)` (1) builds and refreshes the outbox from the store, holding what a platform's
+rules say may not be sent as it builds each row, (2) checks the unsent rows the build did not
+look at against those rules too, (3) sends the due rows of every enabled destination in
 vendor-sized batches, committing after each batch and stopping between batches when a shutdown
 was requested, and (4) returns counts. A crash between a send and its commit re-sends the same
 rows under the same order ids next run; the platforms deduplicate them, and their "already
@@ -47,7 +48,7 @@ from leadloop.export.base import (
     RowResult,
     Settlement,
 )
-from leadloop.export.outbox import BUILD_RULES, build_outbox, bulk_update, changed_leads, load_rows
+from leadloop.export.outbox import BUILD_RULES, Build, build, bulk_update, load_rows
 from leadloop.export.registry import DESTINATIONS
 from leadloop.export.rules import CLEAR_WITH_TIME
 from leadloop.progress import track
@@ -57,7 +58,6 @@ from leadloop.tables import Conversion, ConversionStatus, RejectedRecord
 
 log = logging.getLogger(__name__)
 
-_RULES_CHUNK = 20_000  # outbox rows checked per read in apply_rules
 _COUNTED = ("held", "sent", "rejected", "failed", "dead", "requests")
 
 
@@ -110,13 +110,12 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
     # re-checked. The watermark is the previous build's start, stored with the build itself.
     with session_scope(ctx.engine) as session:
         since = state.advance_watermark(session, _outbox_key(ctx, dests), now)
-        built = build_outbox(session, ctx.settings, _adjustments(dests), now, ctx.job_run_id,
-                             changed_since=since)
-    totals = _totals(built)
+        built = _build(session, ctx, dests, now, since, ctx.job_run_id)
+    totals = _totals(built.counts)
     for name, dest in dests.items():
         if ctx.stopping:
             break
-        per = _export_destination(ctx, dest, now, since)
+        per = _export_destination(ctx, dest, now, since, built.unchecked.get(name, []))
         with session_scope(ctx.engine) as session:
             state.record_destination(session, name, per)
         _add(totals, name, per)
@@ -124,10 +123,11 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
 
 
 def _export_destination(ctx: Context, dest: BaseDestination, now: datetime,
-                        since: datetime | None) -> dict[str, Any]:
+                        since: datetime | None, unchecked: list[int]) -> dict[str, Any]:
     """Check one destination's rows against its rules and send its due ones; its counts."""
     with session_scope(ctx.engine) as session:
-        held = apply_rules(session, dest, now, changed_since=since, job_run_id=ctx.job_run_id)
+        held = apply_rules(session, dest, now, unchecked, changed_since=since,
+                           job_run_id=ctx.job_run_id)
     per: dict[str, Any] = {"held": held}
     try:
         per.update(_send_due(ctx, dest, now))
@@ -145,15 +145,15 @@ def _dry_run(ctx: Context, dests: dict[str, BaseDestination], now: datetime) -> 
     with Session(ctx.engine) as session:
         try:
             since = state.read_watermark(session, _outbox_key(ctx, dests))
-            built = build_outbox(session, ctx.settings, _adjustments(dests), now,
-                                 changed_since=since)
+            built = _build(session, ctx, dests, now, since, None)
             for name, dest in dests.items():
-                held = apply_rules(session, dest, now, changed_since=since)
+                held = apply_rules(session, dest, now, built.unchecked.get(name, []),
+                                   changed_since=since)
                 rows, newly_held = _sendable(session, dest, now)
                 due[name] = (held + len(newly_held), rows)
         finally:
             session.rollback()
-    totals = _totals(built)
+    totals = _totals(built.counts)
     for name, dest in dests.items():
         held, rows = due[name]
         per: dict[str, Any] = {"held": held}
@@ -169,8 +169,12 @@ def _outbox_key(ctx: Context, dests: dict[str, BaseDestination]) -> str:
     return state.outbox_key(ctx.settings, {n: d.cfg for n, d in dests.items()})
 
 
-def _adjustments(dests: dict[str, BaseDestination]) -> dict[str, frozenset[str]]:
-    return {n: d.adjustments for n, d in dests.items()}
+def _build(session: Session, ctx: Context, dests: dict[str, BaseDestination], now: datetime,
+           since: datetime | None, job_run_id: int | None) -> Build:
+    """The outbox build, deciding each destination's platform rules as rows are built."""
+    adjustments: dict[str, bool | frozenset[str]] = {n: d.adjustments for n, d in dests.items()}
+    return build(session, ctx.settings, adjustments, now, job_run_id, changed_since=since,
+                 rules={n: d.hold_rule for n, d in dests.items()})
 
 
 def _totals(built: dict[str, int]) -> dict[str, Any]:
@@ -209,15 +213,16 @@ def _pause(per: dict[str, Any], dest: BaseDestination, exc: FatalDestinationErro
 # -- rules ----------------------------------------------------------------------------------
 
 
-def apply_rules(session: Any, dest: BaseDestination, now: datetime,
+def apply_rules(session: Any, dest: BaseDestination, now: datetime, unchecked: list[int],
                 changed_since: datetime | None = None, job_run_id: int | None = None) -> int:
-    """Hold or release pending/held rows of one destination; return how many are held now.
+    """Hold or release the pending/held rows of one destination that the outbox build did not
+    check (`unchecked`, see `outbox.Build`); return how many are held now.
 
-    With `changed_since`, a held row is re-checked only if its hold can clear with time or its
-    lead changed since then; pending rows are always checked. Rows are read in chunks, so memory
-    stays flat with the outbox's size."""
+    The build decided the rows of every lead it built (all of them without `changed_since`).
+    With `changed_since` the other leads' pending rows and holds that can clear with time are
+    checked again too. Rows are read in chunks, so memory stays flat with the outbox's size."""
     conv = Conversion.__table__  # type: ignore[attr-defined]
-    for rows in _rows_to_check(session, dest.name, changed_since):
+    for rows in _rows_to_check(session, dest.name, changed_since, unchecked):
         was = dict(session.execute(select(conv.c.id, conv.c.hold_rule).where(
             conv.c.destination == dest.name, conv.c.id.between(rows[0].id, rows[-1].id))).all())
         updates = [change for row in rows if was.get(row.id) not in BUILD_RULES
@@ -231,31 +236,23 @@ def apply_rules(session: Any, dest: BaseDestination, now: datetime,
     ).scalar_one())
 
 
-def _rows_to_check(session: Any, destination: str, changed_since: datetime | None
-                   ) -> Iterator[list[OutRow]]:
-    """Unsent rows whose rule check can come out differently, in chunks ordered by id.
-
-    Without `changed_since` that is every pending or held row. With it: pending rows, holds that
-    can clear with time, and rows of leads changed since then, each found through an index (a
-    scan of every held row made an unchanged million-lead store take seconds)."""
+def _rows_to_check(session: Any, destination: str, changed_since: datetime | None,
+                   unchecked: list[int]) -> Iterator[list[OutRow]]:
+    """Unsent rows whose rule check can come out differently than when they were last checked,
+    in chunks ordered by id: `unchecked`, and with `changed_since` pending rows and holds that
+    can clear with time, each found through an index (a scan of every held row made an
+    unchanged million-lead store take seconds)."""
     unsent = [ConversionStatus.pending, ConversionStatus.held]
-    if changed_since is None:
-        after = 0
-        while rows := load_rows(session, destination, unsent, after_id=after, limit=_RULES_CHUNK):
-            yield rows
-            after = rows[-1].id
-        return
     conv = Conversion.__table__  # type: ignore[attr-defined]
+    candidates = set(unchecked)
+    if changed_since is not None:
+        def ids(*cond: Any) -> Any:
+            return select(conv.c.id).where(conv.c.destination == destination, *cond)
 
-    def ids(*cond: Any) -> Any:
-        return select(conv.c.id).where(conv.c.destination == destination, *cond)
-
-    candidates = session.execute(union(
-        ids(conv.c.status == ConversionStatus.pending.value),
-        ids(conv.c.status == ConversionStatus.held.value, conv.c.hold_rule.in_(CLEAR_WITH_TIME)),
-        ids(conv.c.status.in_([s.value for s in unsent]),
-            conv.c.lead_id.in_(changed_leads(changed_since))),
-    )).scalars().all()
+        candidates.update(session.execute(union(
+            ids(conv.c.status == ConversionStatus.pending.value),
+            ids(conv.c.status == ConversionStatus.held.value, conv.c.hold_rule.in_(CLEAR_WITH_TIME)),
+        )).scalars())
     for part in id_chunks(candidates):
         if rows := load_rows(session, destination, unsent, where=conv.c.id.in_(part)):
             yield rows

@@ -144,7 +144,7 @@ class LinkedInDestination(BaseDestination):
         elements = body.get("elements") or []
         out = []
         for i, row in enumerate(rows):
-            el = elements[i] if i < len(elements) else {"status": 201}
+            el: dict[str, Any] = elements[i] if i < len(elements) else {"status": 201}
             status = int(el.get("status") or 201)
             err = el.get("error") or {}
             code = str(err.get("code") or f"HTTP_{status}")
