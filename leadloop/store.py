@@ -270,15 +270,33 @@ def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -
                          f"SELECT * FROM {table.name} WITH NO DATA"))
     cursor = session.connection().connection.cursor()
     columns = ", ".join(names)
+    width = len(keys)
+    # the defaults are the same for every row: processed once
+    extra = [processors[i](v) if i in processors and v is not None else v
+             for i, v in enumerate(filled.values(), start=width)]
+    row_processors: list[tuple[int, Any, dict[Any, Any]]] = [
+        (i, p, {}) for i, p in processors.items() if i < width]
     with cursor.copy(f"COPY {name} ({columns}) FROM STDIN") as copy:
-        extra = list(filled.values())
         for row in rows:
             values = [row[k] for k in keys] + extra
-            for i, process in processors.items():
-                if values[i] is not None:
-                    values[i] = process(values[i])
+            for i, process, seen in row_processors:
+                values[i] = _processed(values[i], process, seen)
             copy.write_row(values)
     return tuple(names)
+
+
+def _processed(value: Any, process: Any, seen: dict[Any, Any]) -> Any:
+    """`process(value)`, each distinct hashable value converted once per COPY (enum and text
+    columns repeat a few values over thousands of rows)."""
+    if value is None:
+        return None
+    try:
+        return seen[value]
+    except KeyError:
+        seen[value] = out = process(value)
+        return out
+    except TypeError:  # unhashable (a JSON dict or list)
+        return process(value)
 
 
 def _as_text(column: Any) -> Any:
