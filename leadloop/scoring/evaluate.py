@@ -139,11 +139,16 @@ def value_bands(y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
     return rows
 
 
-def band_of(probability: float, bands: list[dict[str, Any]]) -> str | None:
-    for b in bands:
-        if probability >= b["min_probability"]:
-            return str(b["band"])
-    return str(bands[-1]["band"]) if bands else None
+def bands_of(probabilities: list[float], bands: list[dict[str, Any]]) -> list[str | None]:
+    """Each probability's value band: the first band (in descending `min_probability`) whose
+    minimum it reaches, else the last band; None when there are no bands."""
+    if not bands:
+        return [None] * len(probabilities)
+    p = np.asarray(probabilities, dtype=float)
+    names = np.array([str(b["band"]) for b in bands], dtype=object)
+    passed = np.stack([p >= b["min_probability"] for b in bands])
+    first = np.where(passed.any(axis=0), passed.argmax(axis=0), len(bands) - 1)
+    return names[first].tolist()
 
 
 # -- evaluation -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from leadloop.freshness import fingerprint, store_marks
 from leadloop.progress import track
 from leadloop.scoring import registry
 from leadloop.scoring.csvframe import frame_from_csv
-from leadloop.scoring.evaluate import band_of, evaluate_frame, fit_final, fit_steps
+from leadloop.scoring.evaluate import bands_of, evaluate_frame, fit_final, fit_steps
 from leadloop.scoring.features import (
     AGE_FEATURE,
     Feature,
@@ -275,10 +275,11 @@ def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
             card["calibration_by_age"] = calibration_by_age(
                 x.loc[ev.eval_index, AGE_FEATURE.name].to_numpy(), ev.eval_y, ev.eval_p)
         if not snapshot and ev.model is not None and len(ev.eval_index):
-            card["metrics_at_creation"] = auc_at_creation(
-                data, macro_at, features, ev.model,
-                test_from=data.leads.loc[ev.eval_index, "created_at"].min(),
-                now=pd.Timestamp(now), horizon_days=cfg.horizon_days)
+            with limited_threads(cfg.threads):  # its predictions too, not only the fits
+                card["metrics_at_creation"] = auc_at_creation(
+                    data, macro_at, features, ev.model,
+                    test_from=data.leads.loc[ev.eval_index, "created_at"].min(),
+                    now=pd.Timestamp(now), horizon_days=cfg.horizon_days)
         card["counts"]["test"] = ev.n_test
         for leak in ev.suspected_leakage:
             log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",
@@ -321,6 +322,13 @@ def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
     return set(rows.loc[due, "id"].astype(int))
 
 
+def _active_ids(ctx: Context) -> set[int]:
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    with ctx.engine.connect() as conn:
+        return set(conn.execute(select(lead.c.id).where(lead.c.status == LeadStatus.active))
+                   .scalars())
+
+
 def _narrowed(data: LeadData, stage_rows: pd.DataFrame, ids: set[int]
               ) -> tuple[LeadData, pd.DataFrame]:
     """The leads `ids` (all active: see `_leads_due`) of frames already read, with their events
@@ -345,7 +353,9 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     if not card.get("chosen"):
         return {"scored": 0, "model_version": None, "fallback": card.get("fallback_reason"),
                 **({"trained": trained["leads"]} if trained else {})}
-    due = _leads_due(ctx, card)
+    # Nothing has a score from a model just trained: every active lead is due (the query of
+    # `_leads_due`, a join with the score table, would find exactly those).
+    due = _active_ids(ctx) if trained else _leads_due(ctx, card)
     if not due:
         return {"scored": 0, "model_version": card["version"], "fallback": None,
                 **({"trained": trained["leads"]} if trained else {})}
@@ -365,7 +375,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
         moments = snapshot_moments(data.leads["created_at"], now)
     else:
         moments = scoring_moments(data.leads["created_at"], macro_at, now, card["landmark_days"])
-    value = Decimal(str(round(card["macro_value"], 4)))
+    value, cent = Decimal(str(round(card["macro_value"], 4))), Decimal("0.0001")
     currency, version, bands = card["currency"], card["version"], card.get("value_bands") or []
     scored = 0
     ids = data.leads.index[data.leads.index.isin(due)].to_numpy()
@@ -374,13 +384,13 @@ def score_leads(ctx: Context) -> dict[str, Any]:
         for start in range(0, len(ids), SCORE_BATCH):
             part = moments.loc[ids[start:start + SCORE_BATCH]]
             x, _ = build_features(data, features, part)
-            p = model.predict_proba(frame_for(x, features))[:, 1]
-            rows = [{"lead_id": int(i), "model_version": version, "probability": float(pi),
-                     "expected_value": (Decimal(str(round(float(pi), 6))) * value).quantize(
-                         Decimal("0.0001")),
-                     "currency": currency, "value_band": band_of(float(pi), bands),
-                     "scored_at": ctx.now()}
-                    for i, pi in zip(part.index, p, strict=True)]
+            p = model.predict_proba(frame_for(x, features))[:, 1].tolist()
+            scored_at = ctx.now()
+            rows = [{"lead_id": i, "model_version": version, "probability": pi,
+                     "expected_value": (Decimal(str(round(pi, 6))) * value).quantize(cent),
+                     "currency": currency, "value_band": band, "scored_at": scored_at}
+                    for i, pi, band in zip(part.index.tolist(), p, bands_of(p, bands),
+                                           strict=True)]
             with session_scope(ctx.engine) as session:
                 upsert(session, Score, rows, conflict=("lead_id", "model_version"))
             scored += len(rows)
