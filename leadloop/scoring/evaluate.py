@@ -182,7 +182,7 @@ class Evaluation:
     eval_p: np.ndarray = field(default_factory=lambda: np.array([]))
     # the uncalibrated candidate fitted without the evaluation rows (time split: the training
     # part), to measure it on other rows of the test period (the card's AUC at creation)
-    model: Any = None
+    model: CodedModel | None = None
 
 
 class _NoProgress:
@@ -191,6 +191,43 @@ class _NoProgress:
 
     def set_total(self, total: int | None) -> None:
         pass
+
+
+def category_vocabulary(x: pd.DataFrame, features: list[Feature]) -> dict[str, pd.Index]:
+    """Each category column's values, sorted as the candidates' encoders sort them (columns
+    holding anything but strings are left as they are)."""
+    vocab = {}
+    for f in features:
+        if f.kind == "category" and f.name in x:
+            values = x[f.name].unique()
+            if all(isinstance(v, str) for v in values):
+                vocab[f.name] = pd.Index(sorted(values), dtype=object)
+    return vocab
+
+
+def with_codes(x: pd.DataFrame, vocab: dict[str, pd.Index]) -> pd.DataFrame:
+    """`x` with each category column as its value's position in `vocab` (-1: not in it).
+
+    The evaluation fits its candidates on these codes: their encoders then count and sort
+    integers in numpy instead of strings in a Python loop (about a third of the evaluation's
+    time). The codes keep the values' order, so the encoders find the same categories, the same
+    infrequent ones and the same order, and every fit and prediction is the one the strings give.
+    A value outside `vocab` stays one no encoder saw (-1), as an unseen string would."""
+    out = x.copy()
+    for name, values in vocab.items():
+        out[name] = values.get_indexer(x[name]).astype(np.int64)
+    return out
+
+
+@dataclass
+class CodedModel:
+    """A candidate fitted on `with_codes` frames, predicting on feature frames as they come."""
+
+    model: Any
+    vocab: dict[str, pd.Index]
+
+    def predict_proba(self, x: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self.model.predict_proba(with_codes(x, self.vocab)))
 
 
 def _sample(n: int, cap: int, seed: int) -> np.ndarray:
@@ -332,6 +369,8 @@ def evaluate_frame(
     y = np.asarray(y, dtype=int)
     tracker = tracker or _NoProgress()
     leaks, strongest = suspected_leakage(x, y, random_state)
+    vocab = category_vocabulary(x, features)
+    x = with_codes(x, vocab)
     with limited_threads(threads):
         if times is not None:
             run = _time_split(x, y, features, times, split_at, test_fraction, random_state,
@@ -361,7 +400,7 @@ def evaluate_frame(
         bands=value_bands(run.y, p), importance=imp, suspected_leakage=leaks,
         strongest_feature=strongest, fallback_reason=reason, n_test=len(run.y), best=run.chosen,
         eval_index=x.index[run.rows], eval_y=run.y, eval_p=p,
-        model=run.model if times is not None else None,
+        model=CodedModel(run.model, vocab) if times is not None else None,
     )
 
 
