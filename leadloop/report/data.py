@@ -263,8 +263,8 @@ def _compact_conversions(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
     """Enums as their values; order ids and click ids (unique, long, only ever counted) as
     64-bit hashes, 0 for no click id. Kept as strings, a million of them scattered through the
     heap would pin the memory of everything freed around them."""
-    for c in ("status", "kind"):
-        part[c] = part[c].map(lambda s: getattr(s, "value", s))
+    for c in ("status", "kind"):  # once per distinct value, not per row
+        part[c] = part[c].map({s: getattr(s, "value", s) for s in part[c].unique()})
     part["order_id"] = pd.util.hash_pandas_object(part["order_id"], index=False).to_numpy()
     clicks = part["click_id"].fillna("")
     part["click_id"] = np.where(clicks != "", pd.util.hash_pandas_object(clicks, index=False), 0
@@ -312,13 +312,19 @@ def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
 # -- aggregation ---------------------------------------------------------------------------------
 
 
-def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
-                scores: pd.DataFrame, conv: pd.DataFrame, settings: Settings,
-                won: str | None, destinations: list[str]) -> pd.DataFrame:
+def _first_reached(reach: pd.DataFrame) -> pd.DataFrame:
+    """Wide: per lead (index), the first time it reached each stage (a column per stage)."""
+    if reach.empty:
+        return pd.DataFrame(index=pd.Index([], name="lead_id"))
+    return reach.pivot_table(index="lead_id", columns="stage", values="entered_at", aggfunc="min")
+
+
+def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, reached: pd.DataFrame,
+                micro: pd.DataFrame, scores: pd.DataFrame, conv: pd.DataFrame,
+                settings: Settings, won: str | None, destinations: list[str]) -> pd.DataFrame:
+    """One row per lead; `reached` is `_first_reached(reach)`."""
     df = leads.set_index("lead_id")
     macro = settings.macro_stage.name
-    reached = reach.pivot_table(index="lead_id", columns="stage", values="entered_at",
-                                aggfunc="min") if not reach.empty else pd.DataFrame()
     df["qualified"] = df.index.isin(reached.index[reached[macro].notna()]) \
         if macro in reached else False
     if won and won in reached:
@@ -467,7 +473,8 @@ def build_report_data(ctx: Context, since: datetime | None = None,
     conv = load_conversions(ctx.engine, since)
     destinations = sorted(set(settings.destinations) | set(conv["destination"].unique()))
     won = won_stage_name(settings)
-    df = _lead_frame(leads, reach, micro, scores, conv, settings, won, destinations)
+    first = _first_reached(reach)  # each aggregate once: the lead frame and the stages share it
+    df = _lead_frame(leads, reach, first, micro, scores, conv, settings, won, destinations)
     by = {name: aggregate(df, col, name) for name, col in DIMENSIONS.items()}
     validation, run = _load_validation(ctx.engine)
     card, note = _model_card(settings)
@@ -500,8 +507,10 @@ def build_report_data(ctx: Context, since: datetime | None = None,
         stage_reach=reach,
     )
     data.guardrails = evaluate_guardrails(data, settings)
-    data.stage_values = stage_evidence(ctx, settings, df, reach)
-    data.maturity_days, data.immature_months = _maturity(df, reach, settings, by["month"], ctx.now())
+    reached = _reached_at(settings, first, df.index)
+    data.stage_values = stage_evidence(ctx, settings, reached)
+    data.maturity_days, data.immature_months = _maturity(df, reached, settings, by["month"],
+                                                         ctx.now())
     if ad_spend is None and settings.report.ad_spend:
         ad_spend = settings.resolve_path(settings.report.ad_spend)
     if ad_spend is not None:
@@ -514,21 +523,19 @@ def build_report_data(ctx: Context, since: datetime | None = None,
 DIFFERS_RATIO = 1.5  # a configured value this far from the data-driven one (and outside its range)
 
 
-def _reached_at(settings: Settings, reach: pd.DataFrame, lead_ids: pd.Index) -> pd.DataFrame:
+def _reached_at(settings: Settings, first: pd.DataFrame, lead_ids: pd.Index) -> pd.DataFrame:
     """Wide: per lead, the first time it reached each stage *or any deeper one* (a lead that
-    skipped a stage in the CRM has still passed it)."""
+    skipped a stage in the CRM has still passed it); `first` is `_first_reached`."""
     names = [s.name for s in settings.stages]
-    wide = reach.pivot_table(index="lead_id", columns="stage", values="entered_at", aggfunc="min") \
-        if not reach.empty else pd.DataFrame(index=pd.Index([], name="lead_id"))
-    wide = wide.reindex(index=wide.index.intersection(lead_ids), columns=names)
+    wide = first.reindex(index=first.index.intersection(lead_ids), columns=names)
+    wide = wide.apply(pd.to_datetime, utc=True)
     out = pd.DataFrame(index=wide.index)
     for i, name in enumerate(names):
-        out[name] = pd.to_datetime(wide[names[i:]].apply(pd.to_datetime, utc=True).min(axis=1),
-                                   utc=True)
+        out[name] = pd.to_datetime(wide[names[i:]].min(axis=1), utc=True)
     return out
 
 
-def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd.DataFrame
+def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
                    ) -> list[dict[str, Any]]:
     """Per configured stage: leads that reached it, their rate to the macro stage (Wilson
     interval), median days to the macro stage, the configured value, and the data-driven value
@@ -539,7 +546,6 @@ def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd
         suggestions = {s.stage.name: s for s in suggest_stage_values(ctx.engine, settings)}
     except Exception:  # evidence without suggestions beats no report
         suggestions = {}
-    reached = _reached_at(settings, reach, df.index)
     macro = settings.macro_stage.name
     cur = settings.macro_stage.currency
     out = []
@@ -578,13 +584,12 @@ def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd
     return out
 
 
-def _maturity(df: pd.DataFrame, reach: pd.DataFrame, settings: Settings, months: pd.DataFrame,
+def _maturity(df: pd.DataFrame, reached: pd.DataFrame, settings: Settings, months: pd.DataFrame,
               now: datetime) -> tuple[float, list[str]]:
     """Days within which 90 % of qualified leads qualified, and the months whose leads have not
     all had that long yet (their rates are right-censored: they will still rise)."""
     if months.empty or not df["qualified"].any():
         return 0.0, []
-    reached = _reached_at(settings, reach, df.index)
     macro_at = reached[settings.macro_stage.name].dropna()
     created = df.loc[macro_at.index, "created_at"]
     days = ((macro_at - created).dt.total_seconds() / 86400).clip(lower=0)
