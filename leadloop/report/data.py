@@ -543,7 +543,8 @@ def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
     from leadloop.values import suggest_stage_values
 
     try:
-        suggestions = {s.stage.name: s for s in suggest_stage_values(ctx.engine, settings)}
+        suggested, _cohort = suggest_stage_values(ctx.engine, settings, ctx.now())
+        suggestions = {s.stage.name: s for s in suggested}
     except Exception:  # evidence without suggestions beats no report
         suggestions = {}
     macro = settings.macro_stage.name
