@@ -23,6 +23,7 @@ from leadloop.errors import ConfigError
 from leadloop.report import build_report_data, render_report, write_reports
 from leadloop.report.data import wilson
 from leadloop.report.terminal import print_validation_rows
+from leadloop.scoring.card import ModelCard
 from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus
 from tests.test_report_fixture import HOSTILE_CAMPAIGN, NOW, REPORT_SECTIONS, populate
@@ -233,7 +234,7 @@ def test_model_card_section(sqlite_engine: Engine, report_ctx: Callable[..., Con
                                    {"feature": "micro:pricing_view", "importance": 0.12}],
     }
     fake = types.ModuleType("leadloop.scoring.registry")
-    fake.current_card = lambda settings: card  # type: ignore[attr-defined]
+    fake.current_card = lambda settings: ModelCard.from_dict(card)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "leadloop.scoring.registry", fake)
     populate(sqlite_engine)
     write_reports(report_ctx(sqlite_engine), tmp_path)

@@ -100,7 +100,7 @@ def report_json(data: ReportData) -> str:
         "tables": {k: v.rename(columns=lambda c: str(c).replace(":", "_")).to_dict("records")
                    for k, v in _tables(data).items()},
         "validation_run": data.validation_run,
-        "model_card": data.model_card,
+        "model_card": data.model_card.to_dict() if data.model_card else None,
         "model_note": data.model_note,
     }
     return json.dumps(_plain(doc), indent=2, allow_nan=False)

@@ -20,13 +20,14 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import col as orm_col  # `col` names a loop variable below
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
@@ -41,6 +42,9 @@ from leadloop.tables import (
     StageChange,
     ValidationResult,
 )
+
+if TYPE_CHECKING:
+    from leadloop.scoring.card import ModelCard
 
 Z95 = 1.959963984540054
 DIMENSIONS: dict[str, str] = {
@@ -96,7 +100,7 @@ class ReportData:
     by: dict[str, pd.DataFrame]
     validation: pd.DataFrame
     validation_run: dict[str, Any] | None
-    model_card: dict[str, Any] | None
+    model_card: ModelCard | None
     model_note: str
     uploads: pd.DataFrame
     holds: pd.DataFrame
@@ -126,9 +130,9 @@ def _frame(engine: Engine | Connection, stmt: Any, columns: list[str], **kw: Any
 def _lead_conditions(since: datetime | None) -> list[Any]:
     """The leads a report covers: active or deleted (merged and erased ones are not leads of
     their own any more), created since `since` when given."""
-    cond = [Lead.status.in_([LeadStatus.active, LeadStatus.deleted])]  # type: ignore[attr-defined]
+    cond: list[Any] = [orm_col(Lead.status).in_([LeadStatus.active, LeadStatus.deleted])]
     if since is not None:
-        cond.append(Lead.created_at >= since)  # type: ignore[operator]
+        cond.append(orm_col(Lead.created_at) >= since)
     return cond
 
 
@@ -137,7 +141,7 @@ def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
         Lead.id, Lead.created_at, Lead.utm_source, Lead.utm_medium, Lead.utm_campaign,
         Lead.landing_page, Lead.consent_ad_user_data, Lead.consent_ad_personalization,
     ]
-    stmt = select(*cols).where(*_lead_conditions(since))
+    stmt = select(*map(orm_col, cols)).where(*_lead_conditions(since))
     df = _frame(engine, stmt, [
         "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
         "consent_ad_user_data", "consent_ad_personalization",
@@ -177,8 +181,9 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
     """One row per (lead, configured stage): first time reached and revenue (sum over deals)."""
     raw = _frame(
         engine,
-        select(StageChange.lead_id, StageChange.field, StageChange.value, StageChange.entered_at,
-               StageChange.deal_id, StageChange.amount, StageChange.is_lost),
+        select(*map(orm_col, [StageChange.lead_id, StageChange.field, StageChange.value,
+                          StageChange.entered_at, StageChange.deal_id, StageChange.amount,
+                          StageChange.is_lost])),
         ["lead_id", "field", "value", "entered_at", "deal_id", "amount", "is_lost"],
         times=["entered_at"], numbers=["amount"], categories=["field", "value"],
         convert=_hash_deal_ids,
@@ -213,7 +218,8 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
     """Which leads did each micro-conversion. Configured micro-conversions are matched on the
     event name (their `name`, or `event` when set); without configuration every event name
     present is reported."""
-    ev = _frame(engine, select(LeadEvent.lead_id, LeadEvent.name).distinct(), ["lead_id", "name"])
+    ev = _frame(engine, select(orm_col(LeadEvent.lead_id), orm_col(LeadEvent.name)).distinct(),
+                ["lead_id", "name"])
     ev = ev[ev["lead_id"].isin(set(lead_ids))]
     if settings.micro_conversions:
         aliases = {}
@@ -235,7 +241,8 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
 def _load_scores(engine: Engine) -> pd.DataFrame:
     df = _frame(
         engine,
-        select(Score.lead_id, Score.probability, Score.expected_value, Score.scored_at, Score.id),
+        select(*map(orm_col, [Score.lead_id, Score.probability, Score.expected_value, Score.scored_at,
+                          Score.id])),
         ["lead_id", "probability", "expected_value", "scored_at", "id"],
         times=["scored_at"], numbers=["probability", "expected_value"],
     )
@@ -295,7 +302,7 @@ def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | Non
     return run[VALIDATION_COLUMNS].reset_index(drop=True), info
 
 
-def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
+def _model_card(settings: Settings) -> tuple[ModelCard | None, str]:
     try:
         from leadloop.scoring.registry import current_card
     except ImportError:
@@ -303,8 +310,8 @@ def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
     card = current_card(settings)
     if not card:
         return None, "no model trained yet: leads are valued with the stage-value mapping"
-    if card.get("chosen") is None or card.get("fallback_reason"):
-        reason = card.get("fallback_reason") or "no candidate was chosen"
+    if card.chosen is None or card.fallback_reason:
+        reason = card.fallback_reason or "no candidate was chosen"
         return card, f"no model in use ({reason}): leads are valued with the stage-value mapping"
     return card, ""
 
@@ -559,7 +566,7 @@ def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
         delay = delay[delay >= 0]
         low, high = wilson(k, n)
         sug = suggestions.get(stage.name)
-        row = {
+        row: dict[str, Any] = {
             "name": stage.name, "macro": stage.macro, "reached": n,
             "rate_to_macro": k / n if n else math.nan, "rate_low": low, "rate_high": high,
             "median_days": float(delay.median()) if len(delay) else math.nan,

@@ -103,9 +103,9 @@ def print_report(data: Any, console: Console | None = None) -> None:
         console.print(u)
 
     card = data.model_card
-    if card and card.get("metrics"):
-        m = card["metrics"]
-        console.print(f"Model {card.get('version')} ({card.get('chosen')}): ROC AUC "
+    if card and card.metrics:
+        m = card.metrics
+        console.print(f"Model {card.version} ({card.chosen}): ROC AUC "
                       f"{num(m.get('roc_auc'), 3)}, PR AUC {num(m.get('pr_auc'), 3)}, Brier "
                       f"{num(m.get('brier'), 3)}, ECE {num(m.get('ece'), 3)}", markup=False)
     else:
