@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -92,7 +93,7 @@ def report_json(data: ReportData) -> str:
         "summary": data.summary,
         "headlines": headlines(data),
         "next_steps": next_steps(data),
-        "stage_values": data.stage_values,
+        "stage_values": [asdict(s) for s in data.stage_values],
         "maturity": {"days_to_qualify_p90": data.maturity_days,
                      "immature_months": data.immature_months, "note": maturity_note(data)},
         "ad_spend": data.spend_summary,

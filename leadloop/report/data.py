@@ -85,6 +85,28 @@ def clean_landing_page(url: object) -> str | None:
 
 
 @dataclass
+class StageEvidence:
+    """One configured stage's evidence (`stage_evidence`): its leads and rate to the macro stage
+    (Wilson interval), median days to it, the configured value and the data-driven one."""
+
+    name: str
+    macro: bool
+    reached: int  # leads that reached it (or a deeper stage)
+    rate_to_macro: float
+    rate_low: float
+    rate_high: float
+    median_days: float
+    value: float | str  # as configured: an amount, "deal_amount" or "predicted"
+    currency: str
+    configured: str | float
+    destinations: list[str]
+    suggested: float | None  # `leadloop stages suggest`, with its 95 % range
+    suggested_low: float | None
+    suggested_high: float | None
+    differs: str  # a sentence when the two differ a lot, else ""
+
+
+@dataclass
 class ReportData:
     """The report's content, independent of the output format."""
 
@@ -109,7 +131,7 @@ class ReportData:
     conversions: pd.DataFrame  # internal, for guardrails
     stage_reach: pd.DataFrame  # internal, for guardrails
     guardrails: list[Any] = field(default_factory=list)
-    stage_values: list[dict[str, Any]] = field(default_factory=list)  # evidence per stage
+    stage_values: list[StageEvidence] = field(default_factory=list)  # evidence per stage
     immature_months: list[str] = field(default_factory=list)  # right-censored: rates still rising
     maturity_days: float = 0.0  # 90 % of leads that qualify do so within this many days
     spend_summary: dict[str, Any] | None = None  # totals when ad spend was given
@@ -543,7 +565,7 @@ def _reached_at(settings: Settings, first: pd.DataFrame, lead_ids: pd.Index) -> 
 
 
 def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
-                   ) -> list[dict[str, Any]]:
+                   ) -> list[StageEvidence]:
     """Per configured stage: leads that reached it, their rate to the macro stage (Wilson
     interval), median days to the macro stage, the configured value, and the data-driven value
     (`leadloop stages suggest`) with a sentence when the two differ a lot."""
@@ -588,7 +610,7 @@ def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
                     f"{stage.name} is configured at {cur} {value:,.0f}; the data say {cur} {sv:,.0f} "
                     f"(95 % range {row['suggested_low']:,.0f}–{row['suggested_high']:,.0f}, "
                     f"from {n:,} leads that reached it).")
-        out.append(row)
+        out.append(StageEvidence(**row))
     return out
 
 

@@ -133,8 +133,8 @@ def next_steps(data: ReportData, limit: int = 8) -> list[dict[str, str]]:
                 f"It is a conversion in name only: no link to {data.macro_stage}.",
                 "/micro-conversions", "set its role")
     for st in data.stage_values:
-        if st.get("differs"):
-            add(400, f"Review the value of {st['name']}.", st["differs"], "/stages", "edit it")
+        if st.differs:
+            add(400, f"Review the value of {st.name}.", st.differs, "/stages", "edit it")
     for g in data.guardrails:
         if not g.ok:
             add(100, f"{g.title}:", g.sentence, "/stages", "stage mapping")
