@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -404,11 +405,32 @@ def evaluate_frame(
     )
 
 
+class CategoryCodes(TransformerMixin, BaseEstimator):
+    """The registered pipeline's first step: each category value → its code (`with_codes`), so
+    the shipped model is fitted on codes like the evaluation's candidates (the same model as on
+    the strings, fitted faster). Holds each column's sorted values as plain lists: nothing
+    callable goes into the artifact."""
+
+    def __init__(self, vocab: dict[str, list[str]] | None = None) -> None:
+        self.vocab = vocab
+
+    def fit(self, x: pd.DataFrame, y: Any = None) -> CategoryCodes:
+        return self
+
+    def transform(self, x: pd.DataFrame) -> pd.DataFrame:
+        return with_codes(x, {k: pd.Index(v, dtype=object) for k, v in (self.vocab or {}).items()})
+
+
 def fit_final(x: pd.DataFrame, y: np.ndarray, features: list[Feature], chosen: str,
               method: str = "none", random_state: int = 0, threads: int | None = None) -> Any:
     """The registered model: the chosen candidate, fitted on every labelled lead, with the
-    calibration the evaluation kept (one calibrator on shuffled out-of-fold scores)."""
-    model = make_candidates(features, random_state)[chosen]
+    calibration the evaluation kept (one calibrator on shuffled out-of-fold scores), behind
+    the category codes of `x`'s values."""
+    vocab = category_vocabulary(x, features)
+    model = Pipeline([
+        ("codes", CategoryCodes({k: v.tolist() for k, v in vocab.items()})),
+        ("model", calibration.shipped_model(make_candidates(features, random_state)[chosen],
+                                            method, random_state)),
+    ])
     with limited_threads(threads):
-        return calibration.shipped_model(model, method, random_state).fit(
-            x, np.asarray(y, dtype=int))
+        return model.fit(x, np.asarray(y, dtype=int))

@@ -50,6 +50,8 @@ TRUSTED_TYPES = frozenset({
     # holding three numbers, no callable
     "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.utils.validation.check_array",
+    # the pipeline's first step, category values → codes: a dict of value lists, no callable
+    "leadloop.scoring.evaluate.CategoryCodes",
 })
 
 
