@@ -214,7 +214,7 @@ def with_codes(x: pd.DataFrame, vocab: dict[str, pd.Index]) -> pd.DataFrame:
     The codes keep the values' order, so the encoders find the same categories, the same
     infrequent ones and the same order, and every fit and prediction is the one the strings give.
     A value outside `vocab` stays one no encoder saw (-1), as an unseen string would."""
-    out = x.copy()
+    out = x.copy(deep=False)  # copy-on-write: the other columns are shared, not copied
     for name, values in vocab.items():
         out[name] = values.get_indexer(x[name]).astype(np.int64)
     return out
