@@ -89,8 +89,8 @@ def test_lead_value_numbers(engine: Engine, report_ctx: Callable[..., Context]) 
     assert _row(data.by["medium"], "medium", "paid_social")["leads"] == 6
 
     s = data.summary
-    assert (s["leads"], s["qualified"], s["won"], s["revenue"]) == (11, 3, 1, 1000.0)
-    assert (s["accepted"], s["value_uploaded"]) == (4, 1300.0)
+    assert (s.leads, s.qualified, s.won, s.revenue) == (11, 3, 1, 1000.0)
+    assert (s.accepted, s.value_uploaded) == (4, 1300.0)
     assert data.won_stage == "Won" and data.macro_stage == "Qualified"
 
 
@@ -175,7 +175,7 @@ def test_validation_uses_latest_run_only(sqlite_engine: Engine, report_ctx: Call
 def test_since_filters_by_creation(sqlite_engine: Engine, report_ctx: Callable[..., Context]) -> None:
     populate(sqlite_engine)
     data = build_report_data(report_ctx(sqlite_engine), since=datetime(2025, 2, 1))
-    assert data.summary["leads"] == 8 and data.summary["qualified"] == 1
+    assert data.summary.leads == 8 and data.summary.qualified == 1
     assert data.uploads.set_index("destination").loc["meta", "built"] == 1  # only L5's
 
 

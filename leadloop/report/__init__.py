@@ -90,7 +90,7 @@ def report_json(data: ReportData) -> str:
         "currency": data.currency,
         "macro_stage": data.macro_stage,
         "won_stage": data.won_stage,
-        "summary": data.summary,
+        "summary": asdict(data.summary),
         "headlines": headlines(data),
         "next_steps": next_steps(data),
         "stage_values": [asdict(s) for s in data.stage_values],

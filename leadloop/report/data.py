@@ -85,6 +85,25 @@ def clean_landing_page(url: object) -> str | None:
 
 
 @dataclass
+class Summary:
+    """The report's headline counts (rates None when there are no leads)."""
+
+    leads: int
+    qualified: int
+    qualified_rate: float | None
+    qualified_ci: tuple[float, float] | None  # 95 % Wilson interval
+    won: int
+    won_rate: float | None
+    revenue: float
+    revenue_per_lead: float | None
+    scored: int
+    value_uploaded: float
+    accepted: int  # outbox rows the platforms accepted
+    first_lead: pd.Timestamp | None
+    last_lead: pd.Timestamp | None
+
+
+@dataclass
 class StageEvidence:
     """One configured stage's evidence (`stage_evidence`): its leads and rate to the macro stage
     (Wilson interval), median days to it, the configured value and the data-driven one."""
@@ -117,7 +136,7 @@ class ReportData:
     won_stage: str | None
     micro_names: list[str]
     destinations: list[str]
-    summary: dict[str, Any]
+    summary: Summary
     leads: pd.DataFrame  # one row per lead (internal; never written out: no ids in outputs)
     by: dict[str, pd.DataFrame]
     validation: pd.DataFrame
@@ -512,21 +531,21 @@ def build_report_data(ctx: Context, since: datetime | None = None,
     currency = settings.macro_stage.currency
     n = len(df)
     q, w = int(df["qualified"].sum()), int(df["won"].sum())
-    summary = {
-        "leads": n,
-        "qualified": q,
-        "qualified_rate": q / n if n else None,
-        "qualified_ci": wilson(q, n) if n else None,
-        "won": w,
-        "won_rate": w / n if n else None,
-        "revenue": float(df["revenue"].sum()),
-        "revenue_per_lead": float(df["revenue"].sum()) / n if n else None,
-        "scored": int(df["predicted_probability"].notna().sum()),
-        "value_uploaded": float(df["value_uploaded"].sum()),
-        "accepted": int(uploads["sent"].sum()) if not uploads.empty else 0,
-        "first_lead": df["created_at"].min() if n else None,
-        "last_lead": df["created_at"].max() if n else None,
-    }
+    summary = Summary(
+        leads=n,
+        qualified=q,
+        qualified_rate=q / n if n else None,
+        qualified_ci=wilson(q, n) if n else None,
+        won=w,
+        won_rate=w / n if n else None,
+        revenue=float(df["revenue"].sum()),
+        revenue_per_lead=float(df["revenue"].sum()) / n if n else None,
+        scored=int(df["predicted_probability"].notna().sum()),
+        value_uploaded=float(df["value_uploaded"].sum()),
+        accepted=int(uploads["sent"].sum()) if not uploads.empty else 0,
+        first_lead=df["created_at"].min() if n else None,
+        last_lead=df["created_at"].max() if n else None,
+    )
     data = ReportData(
         generated_at=ctx.now(), since=since, currency=currency, macro_stage=settings.macro_stage.name,
         won_stage=won, micro_names=micro_names, destinations=destinations, summary=summary,
@@ -658,9 +677,9 @@ def _apply_spend(data: ReportData, path: Path, since: datetime | None) -> None:
     s = data.summary
     data.spend_summary = {
         "total": total,
-        "cost_per_lead": total / s["leads"] if s["leads"] else None,
-        "cost_per_qualified": total / s["qualified"] if s["qualified"] else None,
-        "roas": s["revenue"] / total if total else None,
+        "cost_per_lead": total / s.leads if s.leads else None,
+        "cost_per_qualified": total / s.qualified if s.qualified else None,
+        "roas": s.revenue / total if total else None,
         "unmatched": unmatched,
         "file": path.name,
     }

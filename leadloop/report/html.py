@@ -66,9 +66,9 @@ def headlines(data: ReportData) -> list[str]:
     s, cur = data.summary, data.currency
     lines: list[str] = []
     src = data.by["source"]
-    src = src[src["leads"] >= max(10, 0.02 * max(s["leads"], 1))]
-    if not src.empty and s["leads"]:
-        by_revenue = s["revenue"] > 0
+    src = src[src["leads"] >= max(10, 0.02 * max(s.leads, 1))]
+    if not src.empty and s.leads:
+        by_revenue = s.revenue > 0
         metric = "revenue_per_lead" if by_revenue else "qualified_rate"
         best = src.sort_values(metric, ascending=False).iloc[0]
         vol = src.sort_values("leads", ascending=False).iloc[0]
@@ -221,7 +221,7 @@ def report_view(data: ReportData) -> dict[str, Any]:
     """Everything the section templates show beyond `ReportData` itself."""
     src = data.by["source"]
     month = data.by["month"]
-    by_revenue = data.summary["revenue"] > 0
+    by_revenue = data.summary.revenue > 0
     card = data.model_card
     v = data.validation
     has_card = bool(card and card.metrics)
