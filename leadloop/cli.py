@@ -433,7 +433,7 @@ def model_show(click_ctx: click.Context, version: str | None, as_json: bool) -> 
 
     ctx = _context(click_ctx)
     if as_json:
-        click.echo(json.dumps(load_card(ctx.settings, version), indent=2, default=str))
+        click.echo(json.dumps(load_card(ctx.settings, version).to_dict(), indent=2, default=str))
     else:
         click.echo(format_model_card(ctx, version))
 

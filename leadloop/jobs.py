@@ -152,11 +152,11 @@ def _score(ctx: Context) -> dict[str, Any]:
     # day, same model, same scores.
     leads = [store_marks(ctx.engine)["leads"], ctx.now().date().isoformat()]
     card = current_card(ctx.settings)
-    if card is not None and card.get("chosen"):
-        inputs = fingerprint(card["version"], leads)
+    if card is not None and card.chosen:
+        inputs = fingerprint(card.version, leads)
         if inputs == last_ok_inputs(ctx.engine, "score"):
             return {"skipped": "no lead changed since the last scoring with this model",
-                    "model_version": card["version"], "inputs": inputs}
+                    "model_version": card.version, "inputs": inputs}
     from leadloop.scoring.model import score_leads  # scikit-learn: only when there is work
 
     counts = score_leads(ctx)
@@ -231,9 +231,9 @@ def _report(ctx: Context) -> dict[str, Any]:
     from leadloop.scoring.registry import current_card
 
     out = Path(ctx.out_dir or ctx.settings.resolve_path(ctx.settings.report.out_dir))
-    card = current_card(ctx.settings) or {}
+    card = current_card(ctx.settings)
     inputs = fingerprint(ctx.settings.model_dump(mode="json"), store_marks(ctx.engine),
-                         card.get("version"), str(out.resolve()))
+                         card.version if card else None, str(out.resolve()))
     if inputs == last_ok_inputs(ctx.engine, "report") and all(
             (out / name).exists() for name in REPORT_FILES):
         return {"skipped": "nothing the report shows changed since it was written",

@@ -19,6 +19,7 @@ from leadloop.crm.base import EventIn, LeadIn, Page, StageIn
 from leadloop.erasure import forget_person
 from leadloop.errors import LeadloopError
 from leadloop.identity import hash_identity
+from leadloop.scoring.card import ModelCard
 from leadloop.store import session_scope
 from leadloop.sync import apply_page
 from leadloop.tables import (
@@ -227,8 +228,8 @@ def test_forget_leaves_no_trace_in_any_file_leadloop_wrote(tmp_path, monkeypatch
                       "visits": rng.integers(0, 9, 300).astype(float)})
     y = (rng.random(300) < 0.3).astype(int)
     feats = [Feature("utm_source", "category", "created"), Feature("visits", "numeric", "created")]
-    registry.register(settings, {"version": "old", "created_at": "2026-01-01", "chosen": "lr",
-                                 "library_versions": registry.library_versions()},
+    registry.register(settings, ModelCard("old", created_at="2026-01-01", chosen="lr",
+                                          library_versions=registry.library_versions()),
                       fit_final(x, y, feats, "logistic_regression"))
 
     def files_holding(needles: set[str]) -> set[str]:
@@ -257,4 +258,4 @@ def test_forget_leaves_no_trace_in_any_file_leadloop_wrote(tmp_path, monkeypatch
     others = {*hash_email("person2@example.com")}
     assert any(p.startswith("dry-run/payloads/") for p in files_holding(others))
     card = registry.load_card(settings, "old")
-    assert card["artifact"] is None and "leadloop forget" in card["fallback_reason"]
+    assert card.artifact is None and "leadloop forget" in (card.fallback_reason or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import stat
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import skops.io as sio
 
 from leadloop.errors import ModelError
 from leadloop.scoring import registry
+from leadloop.scoring.card import ModelCard
 from leadloop.scoring.evaluate import fit_final
 from leadloop.scoring.features import Feature
 from tests.scoring_helpers import demo_context
@@ -29,9 +31,9 @@ def _data(n: int = 400) -> tuple[pd.DataFrame, np.ndarray]:
     return x, y
 
 
-def _register(ctx, model, version: str = "v1") -> dict:
-    card = {"version": version, "created_at": "2026-10-01T00:00:00+00:00",
-            "library_versions": registry.library_versions()}
+def _register(ctx, model, version: str = "v1") -> ModelCard:
+    card = ModelCard(version, created_at="2026-10-01T00:00:00+00:00",
+                     library_versions=registry.library_versions())
     registry.register(ctx.settings, card, model)
     return registry.load_card(ctx.settings, version)
 
@@ -44,8 +46,8 @@ def test_training_writes_only_trusted_types_and_records_the_hash(sqlite_engine, 
     x, y = _data()
     model = fit_final(x, y, FEATURES, candidate, method=method)
     card = _register(ctx, model)
-    artifact = tmp_path / "models" / card["artifact"]
-    assert card["artifact_sha256"] == registry.file_sha256(artifact)
+    artifact = tmp_path / "models" / card.artifact
+    assert card.artifact_sha256 == registry.file_sha256(artifact)
     assert set(sio.get_untrusted_types(file=artifact)) <= registry.TRUSTED_TYPES
     again = registry.load_model(ctx.settings, card)
     np.testing.assert_array_equal(model.predict_proba(x), again.predict_proba(x))
@@ -58,7 +60,7 @@ def test_an_artifact_that_changed_is_refused_with_one_line(sqlite_engine, tmp_pa
     ctx = demo_context(sqlite_engine, tmp_path)
     x, y = _data()
     card = _register(ctx, fit_final(x, y, FEATURES, "logistic_regression"))
-    artifact = tmp_path / "models" / card["artifact"]
+    artifact = tmp_path / "models" / card.artifact
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
@@ -81,10 +83,10 @@ def test_a_pipeline_holding_partial_eval_is_refused_even_with_a_matching_hash(
     pipeline = model.calibrated_classifiers_[0].estimator if hasattr(
         model, "calibrated_classifiers_") else model  # shipped calibrated or as it is
     pipeline.steps[-1][1]._loss = functools.partial(eval, payload)
-    artifact = tmp_path / "models" / card["artifact"]
+    artifact = tmp_path / "models" / card.artifact
     sio.dump(model, artifact)
     card_path = tmp_path / "models" / "v1.json"
-    tampered = {**card, "artifact_sha256": registry.file_sha256(artifact)}
+    tampered = {**card.to_dict(), "artifact_sha256": registry.file_sha256(artifact)}
     card_path.write_text(json.dumps(tampered))
     with pytest.raises(ModelError, match=r"builtins\.eval.*refusing to load it"):
         registry.load_model(ctx.settings, registry.load_card(ctx.settings, "v1"))
@@ -96,6 +98,6 @@ def test_a_card_without_a_hash_or_pointing_elsewhere_is_refused(sqlite_engine, t
     x, y = _data()
     card = _register(ctx, fit_final(x, y, FEATURES, "logistic_regression"))
     with pytest.raises(ModelError, match="records no SHA-256"):
-        registry.load_model(ctx.settings, {k: v for k, v in card.items() if k != "artifact_sha256"})
+        registry.load_model(ctx.settings, replace(card, artifact_sha256=None))
     with pytest.raises(ModelError, match="outside"):
-        registry.load_model(ctx.settings, {**card, "artifact": "../elsewhere.skops"})
+        registry.load_model(ctx.settings, replace(card, artifact="../elsewhere.skops"))

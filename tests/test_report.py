@@ -23,6 +23,7 @@ from leadloop.errors import ConfigError
 from leadloop.report import build_report_data, render_report, write_reports
 from leadloop.report.data import wilson
 from leadloop.report.terminal import print_validation_rows
+from leadloop.scoring.card import ModelCard
 from leadloop.store import session_scope
 from leadloop.tables import Conversion, ConversionStatus
 from tests.test_report_fixture import HOSTILE_CAMPAIGN, NOW, REPORT_SECTIONS, populate
@@ -88,8 +89,8 @@ def test_lead_value_numbers(engine: Engine, report_ctx: Callable[..., Context]) 
     assert _row(data.by["medium"], "medium", "paid_social")["leads"] == 6
 
     s = data.summary
-    assert (s["leads"], s["qualified"], s["won"], s["revenue"]) == (11, 3, 1, 1000.0)
-    assert (s["accepted"], s["value_uploaded"]) == (4, 1300.0)
+    assert (s.leads, s.qualified, s.won, s.revenue) == (11, 3, 1, 1000.0)
+    assert (s.accepted, s.value_uploaded) == (4, 1300.0)
     assert data.won_stage == "Won" and data.macro_stage == "Qualified"
 
 
@@ -174,7 +175,7 @@ def test_validation_uses_latest_run_only(sqlite_engine: Engine, report_ctx: Call
 def test_since_filters_by_creation(sqlite_engine: Engine, report_ctx: Callable[..., Context]) -> None:
     populate(sqlite_engine)
     data = build_report_data(report_ctx(sqlite_engine), since=datetime(2025, 2, 1))
-    assert data.summary["leads"] == 8 and data.summary["qualified"] == 1
+    assert data.summary.leads == 8 and data.summary.qualified == 1
     assert data.uploads.set_index("destination").loc["meta", "built"] == 1  # only L5's
 
 
@@ -233,7 +234,7 @@ def test_model_card_section(sqlite_engine: Engine, report_ctx: Callable[..., Con
                                    {"feature": "micro:pricing_view", "importance": 0.12}],
     }
     fake = types.ModuleType("leadloop.scoring.registry")
-    fake.current_card = lambda settings: card  # type: ignore[attr-defined]
+    fake.current_card = lambda settings: ModelCard.from_dict(card)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "leadloop.scoring.registry", fake)
     populate(sqlite_engine)
     write_reports(report_ctx(sqlite_engine), tmp_path)

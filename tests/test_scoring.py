@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from sqlmodel import Session, func, select
 from leadloop.crm.base import EventIn, Page
 from leadloop.errors import LeakageError, ModelError
 from leadloop.scoring import registry
+from leadloop.scoring.card import ModelCard
 from leadloop.scoring.evaluate import evaluate_frame, fit_final
 from leadloop.scoring.features import (
     Feature,
@@ -125,14 +127,14 @@ def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     result = train_and_register(ctx)
     assert result["model_version"] and result["fallback"] is None
     card = registry.current_card(ctx.settings)
-    assert card is not None and set(card) >= CARD_KEYS
-    assert card["metrics"]["roc_auc"] > card["baseline"]["roc_auc"] + 0.1
-    assert card["metrics"]["ece"] < 0.06
-    assert card["counts"]["n"] == result["leads"] and card["counts"]["undecided"] > 0
-    assert any(f["known_at"] == "event:pricing_view" for f in card["features"])
-    assert {"A", "D"} <= {b["band"] for b in card["value_bands"]}
+    assert card is not None and set(card.to_dict()) >= CARD_KEYS
+    assert card.metrics["roc_auc"] > card.baseline["roc_auc"] + 0.1
+    assert card.metrics["ece"] < 0.06
+    assert card.counts["n"] == result["leads"] and card.counts["undecided"] > 0
+    assert any(f["known_at"] == "event:pricing_view" for f in card.features)
+    assert {"A", "D"} <= {b["band"] for b in card.value_bands}
     out = score_leads(ctx)
-    assert out["scored"] == 3000 and out["model_version"] == card["version"]
+    assert out["scored"] == 3000 and out["model_version"] == card.version
     with Session(ctx.engine) as s:
         assert s.exec(select(func.count()).select_from(Lead)).one() == 3000
         rows = s.exec(select(Score)).all()
@@ -153,7 +155,7 @@ def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     assert score_leads(ctx)["scored"] == 1
     with Session(ctx.engine) as s:
         assert s.exec(select(func.count()).select_from(Score)).one() == 3000
-    assert card["version"] in registry.format_model_list(ctx)
+    assert card.version in registry.format_model_list(ctx)
     assert "roc_auc" in registry.format_model_card(ctx, None)
 
 
@@ -165,16 +167,16 @@ def test_reloaded_artifact_predicts_identically_and_versions_are_checked(sqlite_
     x = pd.DataFrame({"utm_source": rng.choice(["google", "facebook", "x"], 400),
                       "visits": rng.integers(0, 9, 400).astype(float)})
     y = (rng.random(400) < 0.1 + 0.05 * x["visits"]).astype(int).to_numpy()
-    card = {"version": "roundtrip", "created_at": "2026-10-01T00:00:00+00:00",
-            "library_versions": registry.library_versions()}
+    card = ModelCard("roundtrip", created_at="2026-10-01T00:00:00+00:00",
+                     library_versions=registry.library_versions())
     for name, method in (("hist_gradient_boosting", "isotonic"),
                          ("logistic_regression", "sigmoid"), ("logistic_regression", "none")):
         model = fit_final(x, y, feats, name, method)
-        registry.register(ctx.settings, dict(card), model)
+        registry.register(ctx.settings, replace(card), model)
         again = registry.load_model(ctx.settings, registry.load_card(ctx.settings, "roundtrip"))
         np.testing.assert_array_equal(model.predict_proba(x), again.predict_proba(x))
     old = registry.load_card(ctx.settings, "roundtrip")
-    old["library_versions"]["scikit-learn"] = "0.24.2"
+    old.library_versions["scikit-learn"] = "0.24.2"
     with pytest.raises(ModelError, match=r"scikit-learn 0\.24\.2"):
         registry.load_model(ctx.settings, old)
 
@@ -185,9 +187,9 @@ def test_too_little_data_falls_back_to_stage_values(sqlite_engine, tmp_path) -> 
     out = score_leads(ctx)
     assert out["scored"] == 0 and "not enough data" in out["fallback"]
     card = registry.current_card(ctx.settings)
-    assert card["chosen"] is None and card["artifact"] is None
+    assert card.chosen is None and card.artifact is None
     assert not list((tmp_path / "models").glob("*.skops"))
-    assert json.loads((tmp_path / "models" / f"{card['version']}.json").read_text())["counts"]["n"] < 1000
+    assert json.loads((tmp_path / "models" / f"{card.version}.json").read_text())["counts"]["n"] < 1000
 
 
 def test_training_uses_only_the_most_recent_decided_leads_past_the_cap(sqlite_engine, tmp_path
@@ -198,9 +200,40 @@ def test_training_uses_only_the_most_recent_decided_leads_past_the_cap(sqlite_en
     train_and_register(ctx)
     card = registry.current_card(ctx.settings)
     assert card is not None
-    assert card["counts"]["n"] == 1000 < card["counts"]["decided"]
+    assert card.counts["n"] == 1000 < card.counts["decided"]
     with Session(ctx.engine) as s:
         oldest, newest = s.exec(select(func.min(Lead.created_at), func.max(Lead.created_at))).one()
     # the window is the newest decided leads, not the oldest ones
-    assert oldest.isoformat() < card["data_window"]["start"] < card["data_window"]["end"] <= \
+    assert oldest.isoformat() < card.data_window["start"] < card.data_window["end"] <= \
         newest.isoformat()
+
+
+OLD_MODELS = Path(__file__).parent / "old_models"
+
+
+def test_a_model_folder_written_before_the_typed_card_still_loads(sqlite_engine, tmp_path) -> None:
+    """A card written by the release before `ModelCard` (the demo's, commit cebfa6b) loads,
+    reads the same, and written back out is the same JSON text, key order included."""
+    ctx = demo_context(sqlite_engine, tmp_path)
+    old = OLD_MODELS / "20261201T183537Z.json"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / old.name).write_text(old.read_text())
+    (tmp_path / "models" / registry.CURRENT).write_text(old.stem + "\n")
+    card = registry.current_card(ctx.settings)
+    assert card is not None and card.version == old.stem and card.chosen
+    assert card.metrics and card.metrics["roc_auc"] == json.loads(old.read_text())["metrics"]["roc_auc"]
+    assert json.dumps(card.to_dict(), indent=2) + "\n" == old.read_text()
+    assert old.stem in registry.format_model_list(ctx)
+    assert "gate:" in registry.format_model_card(ctx, None)
+
+
+def test_a_card_keeps_keys_it_does_not_know_and_lacks_the_ones_it_never_had() -> None:
+    older = {"version": "v0", "chosen": "hgb", "candidate": {"metrics": {"roc_auc": 0.9}},
+             "metrics": {"roc_auc": 0.8}, "artifact": None, "artifact_sha256": None}
+    card = ModelCard.from_dict(older)
+    assert card.extra == {"candidate": {"metrics": {"roc_auc": 0.9}}}
+    assert card.to_dict() == older and list(card.to_dict()) == [
+        "version", "chosen", "metrics", "artifact", "artifact_sha256", "candidate"]
+    # a card made here writes `model` and `artifact_sha256` only once they are set
+    assert "artifact_sha256" not in ModelCard("v1").to_dict()
+    assert ModelCard("v1", model="logistic_regression").to_dict()["model"] == "logistic_regression"

@@ -148,8 +148,8 @@ def test_scores_are_calibrated_at_every_lead_age(sqlite_engine, tmp_path) -> Non
     load_funnel(ctx, 6000)
     train_and_register(ctx)
     card = registry.current_card(ctx.settings)
-    assert card is not None and card["chosen"] and card["mode"] == "landmark"
-    bands = card["calibration_by_age"]
+    assert card is not None and card.chosen and card.mode == "landmark"
+    bands = card.calibration_by_age
     assert {b["age_days"] for b in bands} == {0, 1, 3, 7, 14, 30, 60}
     for band in bands:
         low, high = band["observed_ci"]
@@ -236,12 +236,12 @@ def test_x_education_through_the_store_is_honest(sqlite_engine, tmp_path) -> Non
     sync_source(ctx, build_source(ctx))
     assert score_leads(ctx)["scored"] == 9240
     card = registry.current_card(ctx.settings)
-    assert card["mode"] == "snapshot" and "creation time" in card["mode_reason"]
-    assert card["counts"]["undecided"] == 0 and card["split"].startswith("stratified")
-    assert 0.87 <= card["metrics"]["roc_auc"] <= 0.92  # data README: honest 0.87-0.91
-    assert card["strongest_feature"]["single_feature_auc"] < 0.9  # no column separates them
-    assert not [s for s in card["suspected_leakage"] if "separates" in s["reason"]]
-    top = [r["feature"] for r in card["permutation_importance"][:3]]
+    assert card.mode == "snapshot" and "creation time" in card.mode_reason
+    assert card.counts["undecided"] == 0 and card.split.startswith("stratified")
+    assert 0.87 <= card.metrics["roc_auc"] <= 0.92  # data README: honest 0.87-0.91
+    assert card.strongest_feature["single_feature_auc"] < 0.9  # no column separates them
+    assert not [s for s in card.suspected_leakage if "separates" in s["reason"]]
+    top = [r["feature"] for r in card.permutation_importance[:3]]
     assert "micro_guide_download" not in top
 
 
@@ -252,8 +252,8 @@ def test_olist_one_won_before_first_contact_costs_only_itself(sqlite_engine, tmp
     out = score_leads(ctx)
     assert out["scored"] == 8000 and out["model_version"]
     card = registry.current_card(ctx.settings)
-    assert card["counts"]["dropped"] == {BAD_ORDER: 1}
-    assert card["mode"] == "landmark"
+    assert card.counts["dropped"] == {BAD_ORDER: 1}
+    assert card.mode == "landmark"
 
 
 def test_model_train_and_show_json_on_the_command_line(sqlite_engine, tmp_path) -> None:

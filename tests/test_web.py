@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from leadloop.cli import cli
 from leadloop.daemon import Daemon
 from leadloop.export.engine import run_export
+from leadloop.scoring.card import ModelCard
 from leadloop.web import create_app
 from leadloop.web.configedit import history_dir, read_log
 from tests.web_helpers import export_context, platforms, sent_store, write_config
@@ -270,7 +271,7 @@ def test_model_card_fields_of_newer_cards_are_shown_when_present(
                                      "observed": 0.1}],
     }
     fake = types.ModuleType("leadloop.scoring.registry")
-    fake.current_card = lambda settings: card  # type: ignore[attr-defined]
+    fake.current_card = lambda settings: ModelCard.from_dict(card)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "leadloop.scoring.registry", fake)
     populate(sqlite_engine)
     write_reports(make_context(sqlite_engine, **REPORT_SECTIONS), tmp_path)

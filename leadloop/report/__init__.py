@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -89,10 +90,10 @@ def report_json(data: ReportData) -> str:
         "currency": data.currency,
         "macro_stage": data.macro_stage,
         "won_stage": data.won_stage,
-        "summary": data.summary,
+        "summary": asdict(data.summary),
         "headlines": headlines(data),
         "next_steps": next_steps(data),
-        "stage_values": data.stage_values,
+        "stage_values": [asdict(s) for s in data.stage_values],
         "maturity": {"days_to_qualify_p90": data.maturity_days,
                      "immature_months": data.immature_months, "note": maturity_note(data)},
         "ad_spend": data.spend_summary,
@@ -100,7 +101,7 @@ def report_json(data: ReportData) -> str:
         "tables": {k: v.rename(columns=lambda c: str(c).replace(":", "_")).to_dict("records")
                    for k, v in _tables(data).items()},
         "validation_run": data.validation_run,
-        "model_card": data.model_card,
+        "model_card": data.model_card.to_dict() if data.model_card else None,
         "model_note": data.model_note,
     }
     return json.dumps(_plain(doc), indent=2, allow_nan=False)

@@ -39,7 +39,7 @@ STATUS_COLOURS = {
     "dead": "#7f1d1d", "withdrawn": GREY,
 }
 
-_STYLE = {
+_STYLE: dict[Any, Any] = {  # matplotlib types its keys as a literal of every rc name
     "svg.fonttype": "none",
     "text.parse_math": False,
     "font.family": "sans-serif",

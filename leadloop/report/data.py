@@ -20,13 +20,14 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
+from sqlmodel import col as orm_col  # `col` names a loop variable below
 
 from leadloop.config import Settings, StageConfig
 from leadloop.context import Context
@@ -41,6 +42,9 @@ from leadloop.tables import (
     StageChange,
     ValidationResult,
 )
+
+if TYPE_CHECKING:
+    from leadloop.scoring.card import ModelCard
 
 Z95 = 1.959963984540054
 DIMENSIONS: dict[str, str] = {
@@ -81,6 +85,47 @@ def clean_landing_page(url: object) -> str | None:
 
 
 @dataclass
+class Summary:
+    """The report's headline counts (rates None when there are no leads)."""
+
+    leads: int
+    qualified: int
+    qualified_rate: float | None
+    qualified_ci: tuple[float, float] | None  # 95 % Wilson interval
+    won: int
+    won_rate: float | None
+    revenue: float
+    revenue_per_lead: float | None
+    scored: int
+    value_uploaded: float
+    accepted: int  # outbox rows the platforms accepted
+    first_lead: pd.Timestamp | None
+    last_lead: pd.Timestamp | None
+
+
+@dataclass
+class StageEvidence:
+    """One configured stage's evidence (`stage_evidence`): its leads and rate to the macro stage
+    (Wilson interval), median days to it, the configured value and the data-driven one."""
+
+    name: str
+    macro: bool
+    reached: int  # leads that reached it (or a deeper stage)
+    rate_to_macro: float
+    rate_low: float
+    rate_high: float
+    median_days: float
+    value: float | str  # as configured: an amount, "deal_amount" or "predicted"
+    currency: str
+    configured: str | float
+    destinations: list[str]
+    suggested: float | None  # `leadloop stages suggest`, with its 95 % range
+    suggested_low: float | None
+    suggested_high: float | None
+    differs: str  # a sentence when the two differ a lot, else ""
+
+
+@dataclass
 class ReportData:
     """The report's content, independent of the output format."""
 
@@ -91,12 +136,12 @@ class ReportData:
     won_stage: str | None
     micro_names: list[str]
     destinations: list[str]
-    summary: dict[str, Any]
+    summary: Summary
     leads: pd.DataFrame  # one row per lead (internal; never written out: no ids in outputs)
     by: dict[str, pd.DataFrame]
     validation: pd.DataFrame
     validation_run: dict[str, Any] | None
-    model_card: dict[str, Any] | None
+    model_card: ModelCard | None
     model_note: str
     uploads: pd.DataFrame
     holds: pd.DataFrame
@@ -105,7 +150,7 @@ class ReportData:
     conversions: pd.DataFrame  # internal, for guardrails
     stage_reach: pd.DataFrame  # internal, for guardrails
     guardrails: list[Any] = field(default_factory=list)
-    stage_values: list[dict[str, Any]] = field(default_factory=list)  # evidence per stage
+    stage_values: list[StageEvidence] = field(default_factory=list)  # evidence per stage
     immature_months: list[str] = field(default_factory=list)  # right-censored: rates still rising
     maturity_days: float = 0.0  # 90 % of leads that qualify do so within this many days
     spend_summary: dict[str, Any] | None = None  # totals when ad spend was given
@@ -126,9 +171,9 @@ def _frame(engine: Engine | Connection, stmt: Any, columns: list[str], **kw: Any
 def _lead_conditions(since: datetime | None) -> list[Any]:
     """The leads a report covers: active or deleted (merged and erased ones are not leads of
     their own any more), created since `since` when given."""
-    cond = [Lead.status.in_([LeadStatus.active, LeadStatus.deleted])]  # type: ignore[attr-defined]
+    cond: list[Any] = [orm_col(Lead.status).in_([LeadStatus.active, LeadStatus.deleted])]
     if since is not None:
-        cond.append(Lead.created_at >= since)  # type: ignore[operator]
+        cond.append(orm_col(Lead.created_at) >= since)
     return cond
 
 
@@ -137,7 +182,7 @@ def _load_leads(engine: Engine, since: datetime | None) -> pd.DataFrame:
         Lead.id, Lead.created_at, Lead.utm_source, Lead.utm_medium, Lead.utm_campaign,
         Lead.landing_page, Lead.consent_ad_user_data, Lead.consent_ad_personalization,
     ]
-    stmt = select(*cols).where(*_lead_conditions(since))
+    stmt = select(*map(orm_col, cols)).where(*_lead_conditions(since))
     df = _frame(engine, stmt, [
         "lead_id", "created_at", "utm_source", "utm_medium", "utm_campaign", "landing_page",
         "consent_ad_user_data", "consent_ad_personalization",
@@ -177,8 +222,9 @@ def _load_stage_reach(engine: Engine, settings: Settings, lead_ids: pd.Series) -
     """One row per (lead, configured stage): first time reached and revenue (sum over deals)."""
     raw = _frame(
         engine,
-        select(StageChange.lead_id, StageChange.field, StageChange.value, StageChange.entered_at,
-               StageChange.deal_id, StageChange.amount, StageChange.is_lost),
+        select(*map(orm_col, [StageChange.lead_id, StageChange.field, StageChange.value,
+                          StageChange.entered_at, StageChange.deal_id, StageChange.amount,
+                          StageChange.is_lost])),
         ["lead_id", "field", "value", "entered_at", "deal_id", "amount", "is_lost"],
         times=["entered_at"], numbers=["amount"], categories=["field", "value"],
         convert=_hash_deal_ids,
@@ -213,7 +259,8 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
     """Which leads did each micro-conversion. Configured micro-conversions are matched on the
     event name (their `name`, or `event` when set); without configuration every event name
     present is reported."""
-    ev = _frame(engine, select(LeadEvent.lead_id, LeadEvent.name).distinct(), ["lead_id", "name"])
+    ev = _frame(engine, select(orm_col(LeadEvent.lead_id), orm_col(LeadEvent.name)).distinct(),
+                ["lead_id", "name"])
     ev = ev[ev["lead_id"].isin(set(lead_ids))]
     if settings.micro_conversions:
         aliases = {}
@@ -235,7 +282,8 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
 def _load_scores(engine: Engine) -> pd.DataFrame:
     df = _frame(
         engine,
-        select(Score.lead_id, Score.probability, Score.expected_value, Score.scored_at, Score.id),
+        select(*map(orm_col, [Score.lead_id, Score.probability, Score.expected_value, Score.scored_at,
+                          Score.id])),
         ["lead_id", "probability", "expected_value", "scored_at", "id"],
         times=["scored_at"], numbers=["probability", "expected_value"],
     )
@@ -263,8 +311,8 @@ def _compact_conversions(part: pd.DataFrame, _shared: Any) -> pd.DataFrame:
     """Enums as their values; order ids and click ids (unique, long, only ever counted) as
     64-bit hashes, 0 for no click id. Kept as strings, a million of them scattered through the
     heap would pin the memory of everything freed around them."""
-    for c in ("status", "kind"):
-        part[c] = part[c].map(lambda s: getattr(s, "value", s))
+    for c in ("status", "kind"):  # once per distinct value, not per row
+        part[c] = part[c].map({s: getattr(s, "value", s) for s in part[c].unique()})
     part["order_id"] = pd.util.hash_pandas_object(part["order_id"], index=False).to_numpy()
     clicks = part["click_id"].fillna("")
     part["click_id"] = np.where(clicks != "", pd.util.hash_pandas_object(clicks, index=False), 0
@@ -295,7 +343,7 @@ def _load_validation(engine: Engine) -> tuple[pd.DataFrame, dict[str, Any] | Non
     return run[VALIDATION_COLUMNS].reset_index(drop=True), info
 
 
-def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
+def _model_card(settings: Settings) -> tuple[ModelCard | None, str]:
     try:
         from leadloop.scoring.registry import current_card
     except ImportError:
@@ -303,8 +351,8 @@ def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
     card = current_card(settings)
     if not card:
         return None, "no model trained yet: leads are valued with the stage-value mapping"
-    if card.get("chosen") is None or card.get("fallback_reason"):
-        reason = card.get("fallback_reason") or "no candidate was chosen"
+    if card.chosen is None or card.fallback_reason:
+        reason = card.fallback_reason or "no candidate was chosen"
         return card, f"no model in use ({reason}): leads are valued with the stage-value mapping"
     return card, ""
 
@@ -312,13 +360,19 @@ def _model_card(settings: Settings) -> tuple[dict[str, Any] | None, str]:
 # -- aggregation ---------------------------------------------------------------------------------
 
 
-def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, micro: pd.DataFrame,
-                scores: pd.DataFrame, conv: pd.DataFrame, settings: Settings,
-                won: str | None, destinations: list[str]) -> pd.DataFrame:
+def _first_reached(reach: pd.DataFrame) -> pd.DataFrame:
+    """Wide: per lead (index), the first time it reached each stage (a column per stage)."""
+    if reach.empty:
+        return pd.DataFrame(index=pd.Index([], name="lead_id"))
+    return reach.pivot_table(index="lead_id", columns="stage", values="entered_at", aggfunc="min")
+
+
+def _lead_frame(leads: pd.DataFrame, reach: pd.DataFrame, reached: pd.DataFrame,
+                micro: pd.DataFrame, scores: pd.DataFrame, conv: pd.DataFrame,
+                settings: Settings, won: str | None, destinations: list[str]) -> pd.DataFrame:
+    """One row per lead; `reached` is `_first_reached(reach)`."""
     df = leads.set_index("lead_id")
     macro = settings.macro_stage.name
-    reached = reach.pivot_table(index="lead_id", columns="stage", values="entered_at",
-                                aggfunc="min") if not reach.empty else pd.DataFrame()
     df["qualified"] = df.index.isin(reached.index[reached[macro].notna()]) \
         if macro in reached else False
     if won and won in reached:
@@ -467,7 +521,8 @@ def build_report_data(ctx: Context, since: datetime | None = None,
     conv = load_conversions(ctx.engine, since)
     destinations = sorted(set(settings.destinations) | set(conv["destination"].unique()))
     won = won_stage_name(settings)
-    df = _lead_frame(leads, reach, micro, scores, conv, settings, won, destinations)
+    first = _first_reached(reach)  # each aggregate once: the lead frame and the stages share it
+    df = _lead_frame(leads, reach, first, micro, scores, conv, settings, won, destinations)
     by = {name: aggregate(df, col, name) for name, col in DIMENSIONS.items()}
     validation, run = _load_validation(ctx.engine)
     card, note = _model_card(settings)
@@ -476,21 +531,21 @@ def build_report_data(ctx: Context, since: datetime | None = None,
     currency = settings.macro_stage.currency
     n = len(df)
     q, w = int(df["qualified"].sum()), int(df["won"].sum())
-    summary = {
-        "leads": n,
-        "qualified": q,
-        "qualified_rate": q / n if n else None,
-        "qualified_ci": wilson(q, n) if n else None,
-        "won": w,
-        "won_rate": w / n if n else None,
-        "revenue": float(df["revenue"].sum()),
-        "revenue_per_lead": float(df["revenue"].sum()) / n if n else None,
-        "scored": int(df["predicted_probability"].notna().sum()),
-        "value_uploaded": float(df["value_uploaded"].sum()),
-        "accepted": int(uploads["sent"].sum()) if not uploads.empty else 0,
-        "first_lead": df["created_at"].min() if n else None,
-        "last_lead": df["created_at"].max() if n else None,
-    }
+    summary = Summary(
+        leads=n,
+        qualified=q,
+        qualified_rate=q / n if n else None,
+        qualified_ci=wilson(q, n) if n else None,
+        won=w,
+        won_rate=w / n if n else None,
+        revenue=float(df["revenue"].sum()),
+        revenue_per_lead=float(df["revenue"].sum()) / n if n else None,
+        scored=int(df["predicted_probability"].notna().sum()),
+        value_uploaded=float(df["value_uploaded"].sum()),
+        accepted=int(uploads["sent"].sum()) if not uploads.empty else 0,
+        first_lead=df["created_at"].min() if n else None,
+        last_lead=df["created_at"].max() if n else None,
+    )
     data = ReportData(
         generated_at=ctx.now(), since=since, currency=currency, macro_stage=settings.macro_stage.name,
         won_stage=won, micro_names=micro_names, destinations=destinations, summary=summary,
@@ -500,8 +555,10 @@ def build_report_data(ctx: Context, since: datetime | None = None,
         stage_reach=reach,
     )
     data.guardrails = evaluate_guardrails(data, settings)
-    data.stage_values = stage_evidence(ctx, settings, df, reach)
-    data.maturity_days, data.immature_months = _maturity(df, reach, settings, by["month"], ctx.now())
+    reached = _reached_at(settings, first, df.index)
+    data.stage_values = stage_evidence(ctx, settings, reached)
+    data.maturity_days, data.immature_months = _maturity(df, reached, settings, by["month"],
+                                                         ctx.now())
     if ad_spend is None and settings.report.ad_spend:
         ad_spend = settings.resolve_path(settings.report.ad_spend)
     if ad_spend is not None:
@@ -514,32 +571,30 @@ def build_report_data(ctx: Context, since: datetime | None = None,
 DIFFERS_RATIO = 1.5  # a configured value this far from the data-driven one (and outside its range)
 
 
-def _reached_at(settings: Settings, reach: pd.DataFrame, lead_ids: pd.Index) -> pd.DataFrame:
+def _reached_at(settings: Settings, first: pd.DataFrame, lead_ids: pd.Index) -> pd.DataFrame:
     """Wide: per lead, the first time it reached each stage *or any deeper one* (a lead that
-    skipped a stage in the CRM has still passed it)."""
+    skipped a stage in the CRM has still passed it); `first` is `_first_reached`."""
     names = [s.name for s in settings.stages]
-    wide = reach.pivot_table(index="lead_id", columns="stage", values="entered_at", aggfunc="min") \
-        if not reach.empty else pd.DataFrame(index=pd.Index([], name="lead_id"))
-    wide = wide.reindex(index=wide.index.intersection(lead_ids), columns=names)
+    wide = first.reindex(index=first.index.intersection(lead_ids), columns=names)
+    wide = wide.apply(pd.to_datetime, utc=True)
     out = pd.DataFrame(index=wide.index)
     for i, name in enumerate(names):
-        out[name] = pd.to_datetime(wide[names[i:]].apply(pd.to_datetime, utc=True).min(axis=1),
-                                   utc=True)
+        out[name] = pd.to_datetime(wide[names[i:]].min(axis=1), utc=True)
     return out
 
 
-def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd.DataFrame
-                   ) -> list[dict[str, Any]]:
+def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
+                   ) -> list[StageEvidence]:
     """Per configured stage: leads that reached it, their rate to the macro stage (Wilson
     interval), median days to the macro stage, the configured value, and the data-driven value
     (`leadloop stages suggest`) with a sentence when the two differ a lot."""
     from leadloop.values import suggest_stage_values
 
     try:
-        suggestions = {s.stage.name: s for s in suggest_stage_values(ctx.engine, settings)}
+        suggested, _cohort = suggest_stage_values(ctx.engine, settings, ctx.now())
+        suggestions = {s.stage.name: s for s in suggested}
     except Exception:  # evidence without suggestions beats no report
         suggestions = {}
-    reached = _reached_at(settings, reach, df.index)
     macro = settings.macro_stage.name
     cur = settings.macro_stage.currency
     out = []
@@ -552,7 +607,7 @@ def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd
         delay = delay[delay >= 0]
         low, high = wilson(k, n)
         sug = suggestions.get(stage.name)
-        row = {
+        row: dict[str, Any] = {
             "name": stage.name, "macro": stage.macro, "reached": n,
             "rate_to_macro": k / n if n else math.nan, "rate_low": low, "rate_high": high,
             "median_days": float(delay.median()) if len(delay) else math.nan,
@@ -574,17 +629,16 @@ def stage_evidence(ctx: Context, settings: Settings, df: pd.DataFrame, reach: pd
                     f"{stage.name} is configured at {cur} {value:,.0f}; the data say {cur} {sv:,.0f} "
                     f"(95 % range {row['suggested_low']:,.0f}–{row['suggested_high']:,.0f}, "
                     f"from {n:,} leads that reached it).")
-        out.append(row)
+        out.append(StageEvidence(**row))
     return out
 
 
-def _maturity(df: pd.DataFrame, reach: pd.DataFrame, settings: Settings, months: pd.DataFrame,
+def _maturity(df: pd.DataFrame, reached: pd.DataFrame, settings: Settings, months: pd.DataFrame,
               now: datetime) -> tuple[float, list[str]]:
     """Days within which 90 % of qualified leads qualified, and the months whose leads have not
     all had that long yet (their rates are right-censored: they will still rise)."""
     if months.empty or not df["qualified"].any():
         return 0.0, []
-    reached = _reached_at(settings, reach, df.index)
     macro_at = reached[settings.macro_stage.name].dropna()
     created = df.loc[macro_at.index, "created_at"]
     days = ((macro_at - created).dt.total_seconds() / 86400).clip(lower=0)
@@ -623,9 +677,9 @@ def _apply_spend(data: ReportData, path: Path, since: datetime | None) -> None:
     s = data.summary
     data.spend_summary = {
         "total": total,
-        "cost_per_lead": total / s["leads"] if s["leads"] else None,
-        "cost_per_qualified": total / s["qualified"] if s["qualified"] else None,
-        "roas": s["revenue"] / total if total else None,
+        "cost_per_lead": total / s.leads if s.leads else None,
+        "cost_per_qualified": total / s.qualified if s.qualified else None,
+        "roas": s.revenue / total if total else None,
         "unmatched": unmatched,
         "file": path.name,
     }

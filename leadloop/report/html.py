@@ -16,6 +16,7 @@ import pandas as pd
 from leadloop.report import charts
 from leadloop.report.data import ReportData
 from leadloop.report.templating import day, environment, integer, money, num, pct, pvalue, when
+from leadloop.scoring.card import ModelCard
 
 __all__ = ["HOLD_RULES", "MAX_ROWS", "headlines", "integer", "maturity_note", "money", "next_steps",
            "num", "pct", "pvalue", "render_html", "report_css", "report_view", "rule_text"]
@@ -65,9 +66,9 @@ def headlines(data: ReportData) -> list[str]:
     s, cur = data.summary, data.currency
     lines: list[str] = []
     src = data.by["source"]
-    src = src[src["leads"] >= max(10, 0.02 * max(s["leads"], 1))]
-    if not src.empty and s["leads"]:
-        by_revenue = s["revenue"] > 0
+    src = src[src["leads"] >= max(10, 0.02 * max(s.leads, 1))]
+    if not src.empty and s.leads:
+        by_revenue = s.revenue > 0
         metric = "revenue_per_lead" if by_revenue else "qualified_rate"
         best = src.sort_values(metric, ascending=False).iloc[0]
         vol = src.sort_values("leads", ascending=False).iloc[0]
@@ -132,8 +133,8 @@ def next_steps(data: ReportData, limit: int = 8) -> list[dict[str, str]]:
                 f"It is a conversion in name only: no link to {data.macro_stage}.",
                 "/micro-conversions", "set its role")
     for st in data.stage_values:
-        if st.get("differs"):
-            add(400, f"Review the value of {st['name']}.", st["differs"], "/stages", "edit it")
+        if st.differs:
+            add(400, f"Review the value of {st.name}.", st.differs, "/stages", "edit it")
     for g in data.guardrails:
         if not g.ok:
             add(100, f"{g.title}:", g.sentence, "/stages", "stage mapping")
@@ -162,36 +163,37 @@ _CARD_SHOWN = frozenset({
 })
 
 
-def _card_view(card: dict[str, Any] | None) -> dict[str, Any] | None:
+def _card_view(card: ModelCard | None) -> dict[str, Any] | None:
     """The model card's facts for people; fields newer cards add (mode, suspected leakage,
-    candidate metrics, calibration by age band) are shown when present."""
-    if not card or not card.get("metrics"):
+    candidate metrics, calibration by age band) are shown when present, and the ones older
+    cards named otherwise (`candidate`, `calibration_by_age_band`) too."""
+    if not card or not card.metrics:
         return None
-    m, b = card.get("metrics") or {}, card.get("baseline") or {}
-    cand = card.get("candidate_metrics") or (card.get("candidate") or {}).get("metrics") or {}
-    window = card.get("data_window") or {}
-    counts = card.get("counts") or {}
-    features = card.get("features") or []
-    facts = [
-        ("version", card.get("version")), ("chosen model", card.get("chosen")),
-        ("trained", when(card.get("created_at"))),
+    m, b, older = card.metrics, card.baseline or {}, card.extra
+    cand = card.candidate_metrics or (older.get("candidate") or {}).get("metrics") or {}
+    window = card.data_window or {}
+    counts = card.counts or {}
+    features = card.features or []
+    facts: list[tuple[str, Any]] = [
+        ("version", card.version), ("chosen model", card.chosen),
+        ("trained", when(card.created_at)),
         ("data window", f"{day(window.get('start'))} → {day(window.get('end'))}"),
         ("leads / positives", f"{counts.get('n', '?')} / {counts.get('positives', '?')}"),
         ("features (known at)", ", ".join(f"{f.get('name')} ({f.get('known_at')})" for f in features
                                           if isinstance(f, dict)) or "–"),
-        ("config hash", card.get("config_hash")),
+        ("config hash", card.config_hash),
     ]
-    for key, value in card.items():  # scalar fields newer cards add (mode, AUCs, …)
+    for key, value in card.to_dict().items():  # scalar fields newer cards add (mode, AUCs, …)
         if key not in _CARD_SHOWN and isinstance(value, str | int | float | bool) and value != "":
             facts.append((key.replace("_", " "), num(value, 3) if isinstance(value, float) else value))
-    leak = card.get("suspected_leakage")
+    leak: Any = card.suspected_leakage  # older cards: True, or a mapping
     if leak is True:
         leak = "yes (see the model card's JSON)"
     if isinstance(leak, list | tuple):
         leak = ", ".join(str(x.get("feature", x) if isinstance(x, dict) else x) for x in leak)
     elif isinstance(leak, dict):
         leak = ", ".join(f"{k}: {v}" for k, v in leak.items())
-    bands = card.get("calibration_by_age_band") or card.get("calibration_by_age") or []
+    bands = older.get("calibration_by_age_band") or card.calibration_by_age or []
     bands = [{"band": r.get("band", r.get("age_band", r.get("age", ""))), "n": r.get("n"),
               "predicted": r.get("predicted", r.get("mean_predicted")),
               "observed": r.get("observed", r.get("observed_rate"))}
@@ -219,10 +221,10 @@ def report_view(data: ReportData) -> dict[str, Any]:
     """Everything the section templates show beyond `ReportData` itself."""
     src = data.by["source"]
     month = data.by["month"]
-    by_revenue = data.summary["revenue"] > 0
-    card = data.model_card or {}
+    by_revenue = data.summary.revenue > 0
+    card = data.model_card
     v = data.validation
-    has_card = bool(card and card.get("metrics"))
+    has_card = bool(card and card.metrics)
     return {
         "labels": {"qualified": _stage_label("Qualified", data.macro_stage),
                    "won": _stage_label("Won", data.won_stage)},
@@ -247,12 +249,12 @@ def report_view(data: ReportData) -> dict[str, Any]:
             "forest": charts.forest(v) if not v.empty else None,
             "uploads": charts.uploads(data.uploads)
             if not data.uploads.empty and data.uploads["built"].sum() else None,
-            "calibration_curve": charts.calibration_curve(card.get("calibration") or [])
-            if has_card else None,
-            "lift_by_decile": charts.lift_by_decile(card.get("lift_by_decile") or [])
-            if has_card else None,
-            "top_features": charts.top_features(card.get("permutation_importance") or [])
-            if has_card else None,
+            "calibration_curve": charts.calibration_curve(card.calibration or [])
+            if card and has_card else None,
+            "lift_by_decile": charts.lift_by_decile(card.lift_by_decile or [])
+            if card and has_card else None,
+            "top_features": charts.top_features(card.permutation_importance or [])
+            if card and has_card else None,
         },
     }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +42,7 @@ class AdSpend:
     notes: list[str] = field(default_factory=list)
 
 
-def _column(headers: list[str], meaning: str) -> str | None:
+def _column(headers: Sequence[str], meaning: str) -> str | None:
     lowered = {h.strip().lower(): h for h in headers}
     for name in _HEADERS[meaning]:
         if name in lowered:
@@ -91,8 +92,8 @@ def load_ad_spend(path: Path, key: str = "report.ad_spend") -> AdSpend:
                           f"(columns: {', '.join(headers) or 'none'})")
     rows, notes = [], []
     for line, rec in enumerate(reader, start=2):
-        month = _month(rec.get(cols["month"]) or "")  # type: ignore[arg-type]
-        spend = _amount(rec.get(cols["spend"]) or "")  # type: ignore[arg-type]
+        month = _month(rec.get(cols["month"]) or "")
+        spend = _amount(rec.get(cols["spend"]) or "")
         if month is None or spend is None:
             what = "month" if month is None else "spend"
             notes.append(f"{path.name} line {line} left out: unreadable {what}")

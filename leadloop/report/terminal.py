@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from leadloop.report.data import ReportData
 from leadloop.report.html import headlines, integer, maturity_note, money, next_steps, num, pct, pvalue
 
 VERDICT_STYLES = {"predictive": "green", "weak": "yellow", "negative": "red", "no signal": "dim",
@@ -41,15 +42,15 @@ def print_validation_rows(rows: list[dict[str, Any]], console: Console | None = 
             console.print(Text(f"  {r['micro']}: {r['reason']}", style="dim"))
 
 
-def print_report(data: Any, console: Console | None = None) -> None:
+def print_report(data: ReportData, console: Console | None = None) -> None:
     """The whole report as rich tables (`leadloop report --format text`)."""
     console = console or Console()
     s, cur = data.summary, data.currency
     console.rule("[bold]Lead value report")
     console.print(
-        f"{integer(s['leads'])} leads · {integer(s['qualified'])} qualified ({pct(s['qualified_rate'])})"
-        f" · {integer(s['won'])} won · revenue {money(s['revenue'], cur)}"
-        f" · value accepted {money(s['value_uploaded'], cur)} ({s['accepted']:,} conversions)",
+        f"{integer(s.leads)} leads · {integer(s.qualified)} qualified ({pct(s.qualified_rate)})"
+        f" · {integer(s.won)} won · revenue {money(s.revenue, cur)}"
+        f" · value accepted {money(s.value_uploaded, cur)} ({s.accepted:,} conversions)",
         markup=False, highlight=False)
     for line in headlines(data):
         console.print(Text(f"• {line}"))
@@ -103,9 +104,9 @@ def print_report(data: Any, console: Console | None = None) -> None:
         console.print(u)
 
     card = data.model_card
-    if card and card.get("metrics"):
-        m = card["metrics"]
-        console.print(f"Model {card.get('version')} ({card.get('chosen')}): ROC AUC "
+    if card and card.metrics:
+        m = card.metrics
+        console.print(f"Model {card.version} ({card.chosen}): ROC AUC "
                       f"{num(m.get('roc_auc'), 3)}, PR AUC {num(m.get('pr_auc'), 3)}, Brier "
                       f"{num(m.get('brier'), 3)}, ECE {num(m.get('ece'), 3)}", markup=False)
     else:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -139,11 +140,16 @@ def value_bands(y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
     return rows
 
 
-def band_of(probability: float, bands: list[dict[str, Any]]) -> str | None:
-    for b in bands:
-        if probability >= b["min_probability"]:
-            return str(b["band"])
-    return str(bands[-1]["band"]) if bands else None
+def bands_of(probabilities: list[float], bands: list[dict[str, Any]]) -> list[str | None]:
+    """Each probability's value band: the first band (in descending `min_probability`) whose
+    minimum it reaches, else the last band; None when there are no bands."""
+    if not bands:
+        return [None] * len(probabilities)
+    p = np.asarray(probabilities, dtype=float)
+    names = np.array([str(b["band"]) for b in bands], dtype=object)
+    passed = np.stack([p >= b["min_probability"] for b in bands])
+    first = np.where(passed.any(axis=0), passed.argmax(axis=0), len(bands) - 1)
+    return names[first].tolist()
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -177,7 +183,7 @@ class Evaluation:
     eval_p: np.ndarray = field(default_factory=lambda: np.array([]))
     # the uncalibrated candidate fitted without the evaluation rows (time split: the training
     # part), to measure it on other rows of the test period (the card's AUC at creation)
-    model: Any = None
+    model: CodedModel | None = None
 
 
 class _NoProgress:
@@ -186,6 +192,43 @@ class _NoProgress:
 
     def set_total(self, total: int | None) -> None:
         pass
+
+
+def category_vocabulary(x: pd.DataFrame, features: list[Feature]) -> dict[str, pd.Index]:
+    """Each category column's values, sorted as the candidates' encoders sort them (columns
+    holding anything but strings are left as they are)."""
+    vocab = {}
+    for f in features:
+        if f.kind == "category" and f.name in x:
+            values = x[f.name].unique()
+            if all(isinstance(v, str) for v in values):
+                vocab[f.name] = pd.Index(sorted(values), dtype=object)
+    return vocab
+
+
+def with_codes(x: pd.DataFrame, vocab: dict[str, pd.Index]) -> pd.DataFrame:
+    """`x` with each category column as its value's position in `vocab` (-1: not in it).
+
+    The candidates are fitted on these codes: their encoders then count and sort integers in
+    numpy instead of strings in a Python loop (45 % of a LogisticRegression fit on 200,000 rows).
+    The codes keep the values' order, so the encoders find the same categories, the same
+    infrequent ones and the same order, and every fit and prediction is the one the strings give.
+    A value outside `vocab` stays one no encoder saw (-1), as an unseen string would."""
+    out = x.copy(deep=False)  # copy-on-write: the other columns are shared, not copied
+    for name, values in vocab.items():
+        out[name] = values.get_indexer(x[name]).astype(np.int64)
+    return out
+
+
+@dataclass
+class CodedModel:
+    """A candidate fitted on `with_codes` frames, predicting on feature frames as they come."""
+
+    model: Any
+    vocab: dict[str, pd.Index]
+
+    def predict_proba(self, x: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self.model.predict_proba(with_codes(x, self.vocab)))
 
 
 def _sample(n: int, cap: int, seed: int) -> np.ndarray:
@@ -327,6 +370,8 @@ def evaluate_frame(
     y = np.asarray(y, dtype=int)
     tracker = tracker or _NoProgress()
     leaks, strongest = suspected_leakage(x, y, random_state)
+    vocab = category_vocabulary(x, features)
+    x = with_codes(x, vocab)
     with limited_threads(threads):
         if times is not None:
             run = _time_split(x, y, features, times, split_at, test_fraction, random_state,
@@ -356,15 +401,36 @@ def evaluate_frame(
         bands=value_bands(run.y, p), importance=imp, suspected_leakage=leaks,
         strongest_feature=strongest, fallback_reason=reason, n_test=len(run.y), best=run.chosen,
         eval_index=x.index[run.rows], eval_y=run.y, eval_p=p,
-        model=run.model if times is not None else None,
+        model=CodedModel(run.model, vocab) if times is not None else None,
     )
+
+
+class CategoryCodes(TransformerMixin, BaseEstimator):
+    """The registered pipeline's first step: each category value → its code (`with_codes`), so
+    the shipped model is fitted on codes like the evaluation's candidates (the same model as on
+    the strings, fitted faster). Holds each column's sorted values as plain lists: nothing
+    callable goes into the artifact."""
+
+    def __init__(self, vocab: dict[str, list[str]] | None = None) -> None:
+        self.vocab = vocab
+
+    def fit(self, x: pd.DataFrame, y: Any = None) -> CategoryCodes:
+        return self
+
+    def transform(self, x: pd.DataFrame) -> pd.DataFrame:
+        return with_codes(x, {k: pd.Index(v, dtype=object) for k, v in (self.vocab or {}).items()})
 
 
 def fit_final(x: pd.DataFrame, y: np.ndarray, features: list[Feature], chosen: str,
               method: str = "none", random_state: int = 0, threads: int | None = None) -> Any:
     """The registered model: the chosen candidate, fitted on every labelled lead, with the
-    calibration the evaluation kept (one calibrator on shuffled out-of-fold scores)."""
-    model = make_candidates(features, random_state)[chosen]
+    calibration the evaluation kept (one calibrator on shuffled out-of-fold scores), behind
+    the category codes of `x`'s values."""
+    vocab = category_vocabulary(x, features)
+    model = Pipeline([
+        ("codes", CategoryCodes({k: v.tolist() for k, v in vocab.items()})),
+        ("model", calibration.shipped_model(make_candidates(features, random_state)[chosen],
+                                            method, random_state)),
+    ])
     with limited_threads(threads):
-        return calibration.shipped_model(model, method, random_state).fit(
-            x, np.asarray(y, dtype=int))
+        return model.fit(x, np.asarray(y, dtype=int))

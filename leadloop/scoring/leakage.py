@@ -47,15 +47,17 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 
 def single_feature_auc(col: pd.Series, y: np.ndarray, seed: int) -> float:
     """ROC AUC of the column alone (cross-fitted smoothed target encoding)."""
-    keys = _keys(col).to_numpy()
+    codes, uniques = pd.factorize(_keys(col).to_numpy())
     out = np.empty(len(y))
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    for fit_idx, apply_idx in folds.split(keys.reshape(-1, 1), y):
+    for fit_idx, apply_idx in folds.split(codes.reshape(-1, 1), y):
         prior = y[fit_idx].mean()
-        stats = pd.DataFrame({"k": keys[fit_idx], "y": y[fit_idx]}).groupby("k")["y"].agg(
-            ["sum", "count"])
-        encoded = (stats["sum"] + prior * _SMOOTHING) / (stats["count"] + _SMOOTHING)
-        out[apply_idx] = pd.Series(keys[apply_idx]).map(encoded).fillna(prior).to_numpy()
+        # per key: its positives and rows among the fit rows (bincount: exact integer sums)
+        positives = np.bincount(codes[fit_idx], weights=y[fit_idx], minlength=len(uniques))
+        rows = np.bincount(codes[fit_idx], minlength=len(uniques))
+        encoded = (positives + prior * _SMOOTHING) / (rows + _SMOOTHING)
+        seen = rows[codes[apply_idx]] > 0
+        out[apply_idx] = np.where(seen, encoded[codes[apply_idx]], prior)
     return _auc(y, out)
 
 

@@ -45,8 +45,9 @@ from leadloop.frames import read_frame
 from leadloop.freshness import fingerprint, store_marks
 from leadloop.progress import track
 from leadloop.scoring import registry
+from leadloop.scoring.card import ModelCard
 from leadloop.scoring.csvframe import frame_from_csv
-from leadloop.scoring.evaluate import band_of, evaluate_frame, fit_final, fit_steps
+from leadloop.scoring.evaluate import bands_of, evaluate_frame, fit_final, fit_steps
 from leadloop.scoring.features import (
     AGE_FEATURE,
     Feature,
@@ -206,49 +207,42 @@ def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
     value, value_source = macro_value(settings, stage_rows)
     now = ctx.now()
     ages = landmarks(cfg.horizon_days)
-    card: dict[str, Any] = {
-        "version": registry.new_version(settings, now),
-        "created_at": now.isoformat(),
-        "chosen": None,
-        "fallback_reason": None,
-        "macro_stage": settings.macro_stage.name,
-        "horizon_days": cfg.horizon_days,
-        "mode": "snapshot" if snapshot else "landmark",
-        "mode_reason": mode_reason or (
+    card = ModelCard(
+        version=registry.new_version(settings, now),
+        created_at=now.isoformat(),
+        macro_stage=settings.macro_stage.name,
+        horizon_days=cfg.horizon_days,
+        mode="snapshot" if snapshot else "landmark",
+        mode_reason=mode_reason or (
             "creation and conversion times are known: each lead is scored at its latest landmark "
             f"age ({', '.join(map(str, ages))} days) before conversion, with its age as a "
             "feature, exactly as the training rows were taken"),
-        "landmark_days": [] if snapshot else ages,
-        "data_window": {"start": None, "end": None},
-        "counts": {"n": n, "positives": positives, "leads_total": len(data.leads),
-                   **other, "dropped": dict(dropped)},
-        "features": [f.as_dict() for f in features],
-        "metrics": None, "baseline": None, "candidates": None, "split": None,
-        "candidate_metrics": None, "calibration_method": None, "gate": None, "selection": None,
-        "metrics_at_creation": None,
-        "calibration": [], "calibration_by_age": [], "lift_by_decile": [],
-        "permutation_importance": [], "suspected_leakage": [], "strongest_feature": None,
-        "value_bands": [],
-        "macro_value": value, "macro_value_source": value_source,
-        "currency": settings.macro_stage.currency,
-        "library_versions": registry.library_versions(),
-        "config_hash": registry.config_hash(settings),
-        "inputs": inputs,
-    }
+        landmark_days=[] if snapshot else ages,
+        data_window={"start": None, "end": None},
+        counts={"n": n, "positives": positives, "leads_total": len(data.leads),
+                **other, "dropped": dict(dropped)},
+        features=[f.as_dict() for f in features],
+        macro_value=value, macro_value_source=value_source,
+        currency=settings.macro_stage.currency,
+        library_versions=registry.library_versions(),
+        config_hash=registry.config_hash(settings),
+        inputs=inputs,
+    )
     for reason, count in dropped.items():
         log.warning("%d lead(s) left out of training: %s", count, reason)
     if n:
         created = data.leads.loc[labelled.index, "created_at"]
-        card["data_window"] = {"start": created.min().isoformat(), "end": created.max().isoformat()}
-    result = {"leads": n, "positives": positives, "model_version": None, "fallback": None}
+        card.data_window = {"start": created.min().isoformat(), "end": created.max().isoformat()}
+    result: dict[str, Any] = {"leads": n, "positives": positives, "model_version": None,
+                              "fallback": None}
     model = None
     if n < cfg.min_leads or positives < cfg.min_conversions:
-        card["fallback_reason"] = (
+        card.fallback_reason = (
             f"not enough data: {n} decided leads to train on and {positives} conversions; the minimum is "
             f"[model] min_leads = {cfg.min_leads} and min_conversions = {cfg.min_conversions}")
         if other["undecided"]:
-            card["fallback_reason"] += (f" ({other['undecided']} leads are younger than "
-                                        f"horizon_days = {cfg.horizon_days} and undecided)")
+            card.fallback_reason += (f" ({other['undecided']} leads are younger than "
+                                     f"horizon_days = {cfg.horizon_days} and undecided)")
     else:
         x, _ = build_features(data, features, labelled["moment"])
         y = labelled["y"].to_numpy()
@@ -260,41 +254,40 @@ def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
                 model = fit_final(x, y, features, ev.chosen, ev.calibration_method["method"],
                                   cfg.random_state, cfg.threads)
             progress.advance()
-        card.update({
-            "model": ev.best, "chosen": ev.chosen, "fallback_reason": ev.fallback_reason,
-            "split": ev.split, "selection": ev.selection, "metrics": ev.metrics,
-            "baseline": ev.baseline, "candidates": ev.candidates,
-            "candidate_metrics": ev.candidate_metrics,
-            "calibration_method": ev.calibration_method, "gate": ev.gate,
-            "calibration": ev.calibration, "lift_by_decile": ev.lift,
-            "permutation_importance": ev.importance,
-            "suspected_leakage": ev.suspected_leakage, "strongest_feature": ev.strongest_feature,
-            "value_bands": ev.bands if cfg.value_bands else [],
-        })
+        card.model, card.chosen, card.fallback_reason = ev.best, ev.chosen, ev.fallback_reason
+        card.split, card.selection = ev.split, ev.selection
+        card.metrics, card.baseline, card.candidates = ev.metrics, ev.baseline, ev.candidates
+        card.candidate_metrics = ev.candidate_metrics
+        card.calibration_method, card.gate = ev.calibration_method, ev.gate
+        card.calibration, card.lift_by_decile = ev.calibration, ev.lift
+        card.permutation_importance = ev.importance
+        card.suspected_leakage, card.strongest_feature = ev.suspected_leakage, ev.strongest_feature
+        card.value_bands = ev.bands if cfg.value_bands else []
         if not snapshot:
-            card["calibration_by_age"] = calibration_by_age(
+            card.calibration_by_age = calibration_by_age(
                 x.loc[ev.eval_index, AGE_FEATURE.name].to_numpy(), ev.eval_y, ev.eval_p)
         if not snapshot and ev.model is not None and len(ev.eval_index):
-            card["metrics_at_creation"] = auc_at_creation(
-                data, macro_at, features, ev.model,
-                test_from=data.leads.loc[ev.eval_index, "created_at"].min(),
-                now=pd.Timestamp(now), horizon_days=cfg.horizon_days)
-        card["counts"]["test"] = ev.n_test
+            with limited_threads(cfg.threads):  # its predictions too, not only the fits
+                card.metrics_at_creation = auc_at_creation(
+                    data, macro_at, features, ev.model,
+                    test_from=data.leads.loc[ev.eval_index, "created_at"].min(),
+                    now=pd.Timestamp(now), horizon_days=cfg.horizon_days)
+        card.counts["test"] = ev.n_test
         for leak in ev.suspected_leakage:
             log.warning("suspected leakage in %s: %s (exclude it with [model] leaky_fields)",
                         leak["feature"], leak["reason"])
     version = registry.register(settings, card, model)
-    if model is None:
-        log.warning("no usable model (%s); the stage-value mapping is used", card["fallback_reason"])
-        result["fallback"] = card["fallback_reason"]
+    if model is None or card.metrics is None or card.baseline is None:
+        log.warning("no usable model (%s); the stage-value mapping is used", card.fallback_reason)
+        result["fallback"] = card.fallback_reason
     else:
         result["model_version"] = version
-        result["roc_auc"] = round(card["metrics"]["roc_auc"], 4)
-        result["baseline_roc_auc"] = round(card["baseline"]["roc_auc"], 4)
+        result["roc_auc"] = round(card.metrics["roc_auc"], 4)
+        result["baseline_roc_auc"] = round(card.baseline["roc_auc"], 4)
     return result, data, stage_rows
 
 
-def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
+def _leads_due(ctx: Context, card: ModelCard) -> set[int]:
     """Active leads with no score from the card's model, changed (re-synced, new stage or
     event) since they were scored, or (landmark mode) past a new landmark age since then. A
     lead's score depends only on its own data and its landmark, so any other lead's score
@@ -303,14 +296,14 @@ def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
     stmt = (
         select(lead.c.id, lead.c.created_at, lead.c.updated_at, score.c.scored_at)
         .select_from(lead.outerjoin(score, (score.c.lead_id == lead.c.id)
-                                    & (score.c.model_version == card["version"])))
+                                    & (score.c.model_version == card.version)))
         .where(lead.c.status == LeadStatus.active)
     )
     cols = ["id", "created_at", "updated_at", "scored_at"]
     with ctx.engine.connect() as conn:
         rows = read_frame(conn, stmt, cols, times=cols[1:])
     due = rows["scored_at"].isna() | (rows["updated_at"] > rows["scored_at"])
-    ages = np.asarray(card.get("landmark_days") or [], dtype=float)
+    ages = np.asarray(card.landmark_days, dtype=float)
     if len(ages):
         def landmark(at: pd.Series) -> np.ndarray:
             return np.searchsorted(ages, (at - rows["created_at"]).dt.total_seconds() / 86400.0,
@@ -319,6 +312,13 @@ def _leads_due(ctx: Context, card: dict[str, Any]) -> set[int]:
         now = pd.Series(pd.Timestamp(ctx.now()), index=rows.index)
         due |= rows["scored_at"].notna() & (landmark(now) != landmark(rows["scored_at"]))
     return set(rows.loc[due, "id"].astype(int))
+
+
+def _active_ids(ctx: Context) -> set[int]:
+    lead = Lead.__table__  # type: ignore[attr-defined]
+    with ctx.engine.connect() as conn:
+        return set(conn.execute(select(lead.c.id).where(lead.c.status == LeadStatus.active))
+                   .scalars())
 
 
 def _narrowed(data: LeadData, stage_rows: pd.DataFrame, ids: set[int]
@@ -337,22 +337,26 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     store or the configuration changed since); upsert their `Score` rows."""
     settings = ctx.settings
     card = registry.current_card(settings)
-    trained, read = None, None
-    if card is None or (not card.get("chosen") and card.get("inputs") != training_inputs(ctx)):
+    trained: dict[str, Any] | None = None
+    read: list[Any] = []  # what training read (leads, stage rows), for scoring right after
+    if card is None or (not card.chosen and card.inputs != training_inputs(ctx)):
         trained, *read = _train(ctx)
         card = registry.current_card(settings)
     assert card is not None
-    if not card.get("chosen"):
-        return {"scored": 0, "model_version": None, "fallback": card.get("fallback_reason"),
+    if not card.chosen:
+        return {"scored": 0, "model_version": None, "fallback": card.fallback_reason,
                 **({"trained": trained["leads"]} if trained else {})}
-    due = _leads_due(ctx, card)
+    # Nothing has a score from a model just trained: every active lead is due (the query of
+    # `_leads_due`, a join with the score table, would find exactly those).
+    due = _active_ids(ctx) if trained else _leads_due(ctx, card)
     if not due:
-        return {"scored": 0, "model_version": card["version"], "fallback": None,
+        return {"scored": 0, "model_version": card.version, "fallback": None,
                 **({"trained": trained["leads"]} if trained else {})}
     model = registry.load_model(settings, card)
-    features = [Feature(f["name"], f["kind"], f["known_at"]) for f in card["features"]]
+    features = [Feature(f["name"], f["kind"], f["known_at"])  # type: ignore[arg-type]
+                for f in card.features]
     if read:  # just trained: the store as training read it, narrowed to the leads due
-        data, stage_rows = _narrowed(*read, due)
+        data, stage_rows = _narrowed(read[0], read[1], due)
         read.clear()  # the full frames go now, not after scoring
     else:
         # A few changed leads: read only those (an IN list); many: one full read is cheaper.
@@ -361,12 +365,12 @@ def score_leads(ctx: Context) -> dict[str, Any]:
         stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
     macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
-    if card.get("mode") == "snapshot":
+    if card.mode == "snapshot":
         moments = snapshot_moments(data.leads["created_at"], now)
     else:
-        moments = scoring_moments(data.leads["created_at"], macro_at, now, card["landmark_days"])
-    value = Decimal(str(round(card["macro_value"], 4)))
-    currency, version, bands = card["currency"], card["version"], card.get("value_bands") or []
+        moments = scoring_moments(data.leads["created_at"], macro_at, now, card.landmark_days)
+    value, cent = Decimal(str(round(card.macro_value, 4))), Decimal("0.0001")
+    currency, version, bands = card.currency, card.version, card.value_bands or []
     scored = 0
     ids = data.leads.index[data.leads.index.isin(due)].to_numpy()
     with limited_threads(settings.model.threads), \
@@ -374,13 +378,13 @@ def score_leads(ctx: Context) -> dict[str, Any]:
         for start in range(0, len(ids), SCORE_BATCH):
             part = moments.loc[ids[start:start + SCORE_BATCH]]
             x, _ = build_features(data, features, part)
-            p = model.predict_proba(frame_for(x, features))[:, 1]
-            rows = [{"lead_id": int(i), "model_version": version, "probability": float(pi),
-                     "expected_value": (Decimal(str(round(float(pi), 6))) * value).quantize(
-                         Decimal("0.0001")),
-                     "currency": currency, "value_band": band_of(float(pi), bands),
-                     "scored_at": ctx.now()}
-                    for i, pi in zip(part.index, p, strict=True)]
+            p = model.predict_proba(frame_for(x, features))[:, 1].tolist()
+            scored_at = ctx.now()
+            rows = [{"lead_id": i, "model_version": version, "probability": pi,
+                     "expected_value": (Decimal(str(round(pi, 6))) * value).quantize(cent),
+                     "currency": currency, "value_band": band, "scored_at": scored_at}
+                    for i, pi, band in zip(part.index.tolist(), p, bands_of(p, bands),
+                                           strict=True)]
             with session_scope(ctx.engine) as session:
                 upsert(session, Score, rows, conflict=("lead_id", "model_version"))
             scored += len(rows)

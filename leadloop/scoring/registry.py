@@ -29,6 +29,7 @@ from leadloop.config import Settings
 from leadloop.context import Context
 from leadloop.errors import ModelError
 from leadloop.files import private_dir, private_file
+from leadloop.scoring.card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ TRUSTED_TYPES = frozenset({
     # holding three numbers, no callable
     "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.utils.validation.check_array",
+    # the pipeline's first step, category values → codes: a dict of value lists, no callable
+    "leadloop.scoring.evaluate.CategoryCodes",
 })
 
 
@@ -82,23 +85,23 @@ def new_version(settings: Settings, now: datetime) -> str:
     return version
 
 
-def register(settings: Settings, card: dict[str, Any], model: Any | None) -> str:
+def register(settings: Settings, card: ModelCard, model: Any | None) -> str:
     """Write the artifact (if any) and the card, then point CURRENT at it."""
     d = models_dir(settings)
     private_dir(d)
-    version = card["version"]
+    version = card.version
     if model is not None:
         import skops.io as sio
 
         artifact = d / f"{version}.skops"
         with private_file(artifact).open("wb") as f:
             sio.dump(model, f)
-        card["artifact"] = artifact.name
-        card["artifact_sha256"] = file_sha256(artifact)
+        card.artifact = artifact.name
+        card.artifact_sha256 = file_sha256(artifact)
     else:
-        card["artifact"] = None
+        card.artifact = None
     private_file(d / f"{version}.json").write_text(
-        json.dumps(card, indent=2, default=_json_default) + "\n")
+        json.dumps(card.to_dict(), indent=2, default=_json_default) + "\n")
     tmp = private_file(d / f".{CURRENT}.tmp")
     tmp.write_text(version + "\n")
     tmp.replace(d / CURRENT)  # atomic: a reader never sees a half-written pointer
@@ -121,14 +124,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def _read_card(d: Path, version: str) -> dict[str, Any]:
+def _read_card(d: Path, version: str) -> ModelCard:
     path = d / f"{version}.json"
     if not path.is_file():
         raise ModelError(f"no model card {version!r} in {d}", hint="see `leadloop model list`")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"model card {path.name} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("version"), str):
+        raise ModelError(f"model card {path.name} is not a model card (no version)")
+    return ModelCard.from_dict(raw)
 
 
 def current_version(settings: Settings) -> str | None:
@@ -136,13 +142,13 @@ def current_version(settings: Settings) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def current_card(settings: Settings) -> dict[str, Any] | None:
+def current_card(settings: Settings) -> ModelCard | None:
     """The newest model card (a fallback card has `chosen = None` and a `fallback_reason`)."""
     version = current_version(settings)
     return _read_card(models_dir(settings), version) if version else None
 
 
-def load_card(settings: Settings, version: str | None = None) -> dict[str, Any]:
+def load_card(settings: Settings, version: str | None = None) -> ModelCard:
     version = version or current_version(settings)
     if not version:
         raise ModelError("no model has been trained yet", hint="run `leadloop score` or the "
@@ -150,47 +156,47 @@ def load_card(settings: Settings, version: str | None = None) -> dict[str, Any]:
     return _read_card(models_dir(settings), version)
 
 
-def list_cards(settings: Settings) -> list[dict[str, Any]]:
+def list_cards(settings: Settings) -> list[ModelCard]:
     d = models_dir(settings)
     if not d.is_dir():
         return []
     cards = [_read_card(d, p.stem) for p in d.glob("*.json")]
-    return sorted(cards, key=lambda c: c.get("created_at", ""), reverse=True)
+    return sorted(cards, key=lambda c: c.created_at, reverse=True)
 
 
-def check_versions(card: dict[str, Any]) -> None:
+def check_versions(card: ModelCard) -> None:
     """Refuse another scikit-learn minor version; warn on a patch difference."""
-    saved = card.get("library_versions", {}).get("scikit-learn", "")
+    saved = card.library_versions.get("scikit-learn", "")
     running = installed_version("scikit-learn")
     if saved == running:
         return
     if saved.split(".")[:2] != running.split(".")[:2]:
         raise ModelError(
-            f"model {card['version']} was trained with scikit-learn {saved or 'unknown'}, "
+            f"model {card.version} was trained with scikit-learn {saved or 'unknown'}, "
             f"this is {running}; its predictions cannot be trusted",
             hint="retrain: `leadloop score` after removing it, or run the retrain job",
         )
     log.warning("model %s was trained with scikit-learn %s, running %s (patch difference)",
-                card["version"], saved, running)
+                card.version, saved, running)
 
 
-def load_model(settings: Settings, card: dict[str, Any]) -> Any:
+def load_model(settings: Settings, card: ModelCard) -> Any:
     """Load a card's artifact: only when its SHA-256 is the one the card recorded when it was
     written, and it holds only skops' default types and `TRUSTED_TYPES`."""
-    if not card.get("artifact"):
-        raise ModelError(f"model card {card['version']} has no artifact "
-                         f"({card.get('fallback_reason') or 'no model chosen'})")
+    if not card.artifact:
+        raise ModelError(f"model card {card.version} has no artifact "
+                         f"({card.fallback_reason or 'no model chosen'})")
     check_versions(card)
     d = models_dir(settings)
-    path = d / card["artifact"]
+    path = d / card.artifact
     if path.resolve().parent != d.resolve() or path.suffix != ".skops":
-        raise ModelError(f"model card {card['version']} names an artifact outside {d}; "
+        raise ModelError(f"model card {card.version} names an artifact outside {d}; "
                          "refusing to load it")
     if not path.is_file():
         raise ModelError(f"model artifact {path} is missing")
-    expected = card.get("artifact_sha256")
+    expected = card.artifact_sha256
     if not expected:
-        raise ModelError(f"model card {card['version']} records no SHA-256 of its artifact "
+        raise ModelError(f"model card {card.version} records no SHA-256 of its artifact "
                          "(written by an older leadloop); refusing to load it",
                          hint=f"retrain: delete {d / CURRENT} and run `leadloop score` (it "
                               "trains a new model), or let the scheduled retrain job run")
@@ -218,12 +224,12 @@ def format_model_list(ctx: Context) -> str:
     lines = [f"{'':1} {'version':<20} {'chosen':<24} {'n':>8} {'pos':>7} {'roc_auc':>8} "
              f"{'baseline':>8}  note"]
     for c in cards:
-        m, b = c.get("metrics") or {}, c.get("baseline") or {}
+        m, b = c.metrics or {}, c.baseline or {}
         lines.append(
-            f"{'*' if c['version'] == current else ' ':1} {c['version']:<20} "
-            f"{c.get('chosen') or '(fallback)':<24} {c['counts']['n']:>8} "
-            f"{c['counts']['positives']:>7} {_f(m.get('roc_auc')):>8} {_f(b.get('roc_auc')):>8}  "
-            f"{c.get('fallback_reason') or ''}"
+            f"{'*' if c.version == current else ' ':1} {c.version:<20} "
+            f"{c.chosen or '(fallback)':<24} {c.counts['n']:>8} "
+            f"{c.counts['positives']:>7} {_f(m.get('roc_auc')):>8} {_f(b.get('roc_auc')):>8}  "
+            f"{c.fallback_reason or ''}"
         )
     return "\n".join(lines)
 
@@ -234,63 +240,63 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def format_model_card(ctx: Context, version: str | None) -> str:
     c = load_card(ctx.settings, version)
-    lines = [f"model {c['version']}  created {c['created_at']}",
-             f"chosen:    {c.get('chosen') or '(none: falling back to the stage values)'}"]
-    if c.get("fallback_reason"):
-        lines.append(f"why:       {c['fallback_reason']}")
-    w = c.get("data_window") or {}
-    lines += [f"label:     reached {c.get('macro_stage')} within {c.get('horizon_days')} days",
-              f"mode:      {c.get('mode') or '-'}: {c.get('mode_reason') or ''}",
-              f"data:      {c['counts']['n']} leads, {c['counts']['positives']} converted, "
+    lines = [f"model {c.version}  created {c.created_at}",
+             f"chosen:    {c.chosen or '(none: falling back to the stage values)'}"]
+    if c.fallback_reason:
+        lines.append(f"why:       {c.fallback_reason}")
+    w = c.data_window or {}
+    lines += [f"label:     reached {c.macro_stage} within {c.horizon_days} days",
+              f"mode:      {c.mode or '-'}: {c.mode_reason or ''}",
+              f"data:      {c.counts['n']} leads, {c.counts['positives']} converted, "
               f"{w.get('start')} .. {w.get('end')}",
-              f"split:     {c.get('split') or '-'}"]
-    for reason, count in (c["counts"].get("dropped") or {}).items():
+              f"split:     {c.split or '-'}"]
+    for reason, count in (c.counts.get("dropped") or {}).items():
         lines.append(f"dropped:   {count} lead(s): {reason}")
-    if c.get("selection"):
-        lines.append(f"selection: {c['selection']}")
-    if c.get("metrics"):
-        cand = c.get("candidate_metrics") or {}
+    if c.selection:
+        lines.append(f"selection: {c.selection}")
+    if c.metrics:
+        cand = c.candidate_metrics or {}
         lines.append(f"{'':11}{'shipped':>9} {'candidate':>9} {'baseline':>9}")
         for k in ("roc_auc", "pr_auc", "brier", "log_loss", "ece"):
-            lines.append(f"  {k:<9}{_f(c['metrics'].get(k), 4):>9} {_f(cand.get(k), 4):>9} "
-                         f"{_f(c['baseline'].get(k), 4):>9}")
-    if c.get("metrics_at_creation"):
-        a = c["metrics_at_creation"]
+            lines.append(f"  {k:<9}{_f(c.metrics.get(k), 4):>9} {_f(cand.get(k), 4):>9} "
+                         f"{_f((c.baseline or {}).get(k), 4):>9}")
+    if c.metrics_at_creation:
+        a = c.metrics_at_creation
         lines.append(f"  at creation (age 0, every decided lead of the test period): ROC AUC "
                      f"{a['roc_auc']:.4f} on {a['n']} leads, {a['positives']} converted "
                      "(the overall figure pools the landmark ages; the age alone separates some)")
-    if c.get("calibration_method"):
-        cm = c["calibration_method"]
+    if c.calibration_method:
+        cm = c.calibration_method
         lines.append(f"calibrated: {cm['method']} ({cm['why']})")
-    if c.get("gate"):
-        g = c["gate"]
+    if c.gate:
+        g = c.gate
         lines.append(f"gate:      AUC gain {g['auc_gain']:+.3f} (90 % CI {g['auc_gain_ci'][0]:+.3f}"
                      f" to {g['auc_gain_ci'][1]:+.3f}), Brier skill {g['brier_skill']:+.3f} "
                      f"(90 % CI {g['brier_skill_ci'][0]:+.3f} to {g['brier_skill_ci'][1]:+.3f})"
                      f": {'passed' if g['passed'] else 'failed'}")
-    for leak in c.get("suspected_leakage") or []:
+    for leak in c.suspected_leakage or []:
         lines.append(f"suspect:   {leak['feature']}: {leak['reason']}")
-    if c.get("calibration_by_age"):
+    if c.calibration_by_age:
         lines.append("calibration by age (days: predicted → observed [95 % CI], n, ROC AUC):")
         lines += [f"  {r['age_days']:>4g}  {r['predicted']:.3f} → {r['observed']:.3f} "
                   f"[{r['observed_ci'][0]:.3f}, {r['observed_ci'][1]:.3f}]  {r['n']}  "
                   f"{_f(r.get('roc_auc'))}"
-                  for r in c["calibration_by_age"]]
-    if c.get("calibration"):
+                  for r in c.calibration_by_age]
+    if c.calibration:
         lines.append("calibration (predicted → observed, n):")
         lines += [f"  {r['bin']:<8} {r['predicted']:.3f} → {r['observed']:.3f}  {r['n']}"
-                  for r in c["calibration"]]
-    if c.get("lift_by_decile"):
+                  for r in c.calibration]
+    if c.lift_by_decile:
         lines.append("lift by decile: " + "  ".join(f"{r['decile']}:{r['lift']:.2f}"
-                                                    for r in c["lift_by_decile"]))
-    if c.get("permutation_importance"):
+                                                    for r in c.lift_by_decile))
+    if c.permutation_importance:
         lines.append("permutation importance (ROC AUC drop):")
         lines += [f"  {r['feature']:<28} {r['importance']:+.4f}"
-                  for r in c["permutation_importance"][:10]]
-    if c.get("value_bands"):
+                  for r in c.permutation_importance[:10]]
+    if c.value_bands:
         lines.append("value bands: " + "  ".join(
             f"{b['band']}≥{b['min_probability']:.3f} ({b['observed_rate']:.1%})"
-            for b in c["value_bands"]))
-    lines.append("features:  " + ", ".join(f"{f['name']}@{f['known_at']}" for f in c["features"]))
-    lines.append(f"versions:  {c['library_versions']}  config {c['config_hash']}")
+            for b in c.value_bands))
+    lines.append("features:  " + ", ".join(f"{f['name']}@{f['known_at']}" for f in c.features))
+    lines.append(f"versions:  {c.library_versions}  config {c.config_hash}")
     return "\n".join(lines)

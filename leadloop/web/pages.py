@@ -85,7 +85,7 @@ async def stages(request: Request) -> Response:
     return render(
         request, "stages.html", status_code=422 if context["errors"] or context["general_errors"]
         else 200, data=data, view=view, settings=settings,
-        forms=_stage_forms(settings, context["edits"]), evidence={s["name"]: s for s in
+        forms=_stage_forms(settings, context["edits"]), evidence={s.name: s for s in
                                                                  data.stage_values},
         version=configedit.file_version(wb.config_path), history=configedit.read_log(wb.config_path),
         effect_labels=EFFECT_LABELS, effects=EFFECTS, **context)
