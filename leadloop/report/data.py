@@ -16,6 +16,7 @@ Definitions used throughout (also printed in the report's footnotes):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,8 @@ from leadloop.tables import (
     StageChange,
     ValidationResult,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from leadloop.scoring.card import ModelCard
@@ -593,7 +596,9 @@ def stage_evidence(ctx: Context, settings: Settings, reached: pd.DataFrame
     try:
         suggested, _cohort = suggest_stage_values(ctx.engine, settings, ctx.now())
         suggestions = {s.stage.name: s for s in suggested}
-    except Exception:  # evidence without suggestions beats no report
+    except Exception as exc:  # evidence without suggestions beats no report, but say so
+        log.warning("the report shows stage evidence without suggested values: working them out "
+                    "failed (%s, a bug: please report it)", type(exc).__name__)
         suggestions = {}
     macro = settings.macro_stage.name
     cur = settings.macro_stage.currency
