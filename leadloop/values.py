@@ -203,18 +203,20 @@ def suggest_stage_values(engine: Engine, settings: Settings, now: datetime
     horizon = settings.model.horizon_days
     lead = table_of(Lead)
     with engine.connect() as conn:
-        rows = conn.execute(select(lead.c.id, lead.c.created_at).where(
-            lead.c.status.in_([LeadStatus.active, LeadStatus.deleted]))).all()
-    created = pd.to_datetime(pd.Series([r[1] for r in rows], index=[r[0] for r in rows],
-                                       dtype="object"), utc=True)
-    old_enough = created <= pd.Timestamp(now) - pd.Timedelta(days=horizon)
+        leads = read_frame(conn, select(lead.c.id, lead.c.created_at).where(
+            lead.c.status.in_([LeadStatus.active, LeadStatus.deleted])), ["id", "created_at"],
+            times=["created_at"])
+    old_enough = (leads["created_at"] <= pd.Timestamp(now) - pd.Timedelta(days=horizon)).to_numpy()
     cohort = SuggestionCohort(now=now, horizon_days=horizon, leads=int(old_enough.sum()),
                               younger=int((~old_enough).sum()))
+    old_ids = leads["id"].to_numpy()[old_enough]
+    del leads
     stage_rows = load_stage_rows(engine, settings)
-    stage_rows = stage_rows[stage_rows["lead_id"].isin(created.index[old_enough])]
+    stage_rows = stage_rows[stage_rows["lead_id"].isin(old_ids)]
     reached = first_reached(stage_rows)
     won_name = won_stage(settings).name
-    won_ids = set(reached.index[reached[won_name].notna()]) if won_name in reached else set()
+    won = (reached[won_name].notna() if won_name in reached
+           else pd.Series(False, index=reached.index))
     values = won_values(settings, stage_rows).dropna()
     mean_won = float(values.mean()) if len(values) else None
     won_low: float | None
@@ -228,8 +230,8 @@ def suggest_stage_values(engine: Engine, settings: Settings, now: datetime
     for stage in settings.stages:
         # reaching a deeper stage implies passing this one
         cols = [c for c in stages_at_or_after(settings, stage.name) if c in reached]
-        ids = set(reached.index[reached[cols].notna().any(axis=1)]) if cols else set()
-        n, k = len(ids), len(ids & won_ids)
+        at = reached[cols].notna().any(axis=1) if cols else won & False
+        n, k = int(at.sum()), int((at & won).sum())
         p = k / n if n else 0.0
         lo, hi = wilson_interval(k, n)
         out.append(StageSuggestion(
