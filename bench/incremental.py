@@ -1,7 +1,7 @@
 """The incremental cycle on a large store: sync with nothing new, then an export dry run (#17).
 
     .venv/bin/python bench/incremental.py --leads 1000000 --db /tmp/incr-1m.db [--repeat 3]
-        [--profile] [--statements]
+        [--profile] [--statements] [--postgres]
 
 A first run loads N simulated leads straight into the SQLite store at `--db` (as
 `bench/job_memory.py` does, no HTTP), sets each HubSpot stream's cursor to the funnel's end (as a
@@ -12,7 +12,9 @@ Each repeat then times, on that store, what `bench/cycle.py`'s incremental cycle
 the fake HubSpot (same funnel, served by a child process without limits; it re-reads the
 look-back window and finds nothing changed) and an export dry run. `--profile` prints the
 top functions of each under cProfile; `--statements` the SQL statements that took longest, with
-SQLite's query plan of each.
+SQLite's query plan of each. With `--postgres` the store is `LEADLOOP_BENCH_POSTGRES_URL`
+instead (loaded when it has no leads; `--db` then only names nothing) and the plans are
+PostgreSQL's `EXPLAIN ANALYZE`.
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ class _Statements:
         for stmt, (seconds, calls) in sorted(self.total.items(), key=lambda kv: -kv[1][0])[:top]:
             print(f"   {seconds:7.3f} s {calls:4d}x  {' '.join(stmt.split())[:300]}")
             if stmt.lstrip().upper().startswith("SELECT") and stmt in self.params:
+                explain = ("EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite"
+                           else "EXPLAIN ANALYZE ")
                 with engine.connect() as conn:
-                    plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt,
-                                                self.params[stmt]).all()
+                    plan = conn.exec_driver_sql(explain + stmt, self.params[stmt]).all()
                 for row in plan:
                     print(f"{'':22}{row[-1]}")
         self.total.clear()
@@ -120,10 +123,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--statements", action="store_true")
+    ap.add_argument("--postgres", action="store_true")
     args = ap.parse_args()
 
-    fresh = not args.db.exists()
-    db_url = f"sqlite:///{args.db.resolve()}"
+    if args.postgres:
+        db_url = os.environ["LEADLOOP_BENCH_POSTGRES_URL"]
+        with session_scope(make_engine(db_url)) as session:
+            fresh = session.execute(select(SyncState.object_type)).first() is None
+    else:
+        fresh = not args.db.exists()
+        db_url = f"sqlite:///{args.db.resolve()}"
     if fresh:
         end = datetime.now(UTC).replace(microsecond=0)
     else:
@@ -147,7 +156,7 @@ def main() -> None:
                 c, HubSpotSource(c, search_per_second=1e6))),
             "export (dry run)": lambda: run_job(ctx, "export"),
         }
-        print(f"store {args.db} ({args.leads:,} leads), funnel end {end.isoformat()}")
+        print(f"store {db_url.rsplit('/', 1)[-1]} ({args.leads:,} leads), funnel end {end.isoformat()}")
         for i in range(args.repeat):
             for name, run in stages.items():
                 profiler = cProfile.Profile() if args.profile and i == args.repeat - 1 else None
