@@ -497,7 +497,7 @@ def _sync_stream(run: _Run, stream: str, since: Cursor | None) -> bool:
     # on the database, and the two overlap.
     # Pages are screened in the reader thread too, while the previous one is written.
     # The connector reads in its own thread and never touches the store: what it needs to
-    # know of the store is read here and handed over.
+    # know of the store is handed over as a lookup that reads with its own sessions.
     stored = (_StoredLeads(ctx, source.name, read_all=since is None)
               if stream in source.needs_stored_ids else no_stored_ids)
     fetched = source.fetch(stream, since, started_at=run.started_at, stored_ids=stored)
