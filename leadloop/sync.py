@@ -15,7 +15,8 @@ the CRM's search-index lag, and the upserts deduplicate what is read twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,7 +29,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlmodel import Session, col
 
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, CrmSource, Cursor, LeadIn, Page
+from leadloop.crm.base import (
+    ATTRIBUTION_FIELDS,
+    CrmSource,
+    Cursor,
+    LeadIn,
+    Page,
+    no_stored_ids,
+)
 from leadloop.crm.screening import PiiActions, Problem, clean_text, duplicate_ids, screen_page
 from leadloop.erasure import drop_erased
 from leadloop.identity import hash_identity
@@ -489,9 +497,9 @@ def _sync_stream(run: _Run, stream: str, since: Cursor | None) -> bool:
     # on the database, and the two overlap.
     # Pages are screened in the reader thread too, while the previous one is written.
     # The connector reads in its own thread and never touches the store: what it needs to
-    # know of the store is read here and handed over.
-    stored = _stored_crm_ids(ctx, source.name) if stream in source.needs_stored_ids else (
-        frozenset())
+    # know of the store is handed over as a lookup that reads with its own sessions.
+    stored = (_StoredLeads(ctx, source.name, read_all=since is None)
+              if stream in source.needs_stored_ids else no_stored_ids)
     fetched = source.fetch(stream, since, started_at=run.started_at, stored_ids=stored)
     pages = prefetched(_screened(ctx, fetched), name=f"sync-{source.name}-{stream}")
     seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
@@ -518,11 +526,25 @@ def _finish_stream(ctx: Context, source: str, stream: str) -> None:
             session.add(state)
 
 
-def _stored_crm_ids(ctx: Context, source: str) -> frozenset[str]:
-    """The CRM ids of every lead stored for `source`."""
-    with session_scope(ctx.engine) as session:
-        return frozenset(session.execute(
-            select(col(Lead.crm_id)).where(col(Lead.source) == source)).scalars())
+class _StoredLeads:
+    """Which CRM ids are stored as leads of `source` (a connector's `StoredIds`). A backfill
+    asks about most of the leads, so they are read all at once, here; an incremental sync asks
+    about a few hundred, each page's with one keyed read (reading every CRM id of a million-lead
+    store cost most of an incremental sync). Called from the reader thread: its own sessions."""
+
+    def __init__(self, ctx: Context, source: str, *, read_all: bool) -> None:
+        self.engine, self.source = ctx.engine, source
+        self.every: frozenset[str] | None = None
+        if read_all:
+            with session_scope(ctx.engine) as session:
+                self.every = frozenset(session.execute(
+                    select(col(Lead.crm_id)).where(col(Lead.source) == source)).scalars())
+
+    def __call__(self, crm_ids: Collection[str]) -> AbstractSet[str]:
+        if self.every is not None:
+            return self.every.intersection(crm_ids)
+        with session_scope(self.engine) as session:
+            return lead_ids(session, self.source, crm_ids).keys()
 
 
 def _with_pii_summary(totals: dict[str, Any], pii: PiiActions) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlmodel import Session, func, select
 
 from leadloop.crm.base import Page, StageIn
@@ -81,3 +82,36 @@ def test_a_build_in_small_lead_ranges_equals_one_in_a_single_range(tmp_path, mon
 
     small, whole = build("small", 7), build("whole", 1_000_000)
     assert small == whole and len(whole) > 100
+
+
+@pytest.mark.parametrize("keyed", [0, 5_000])
+def test_an_incremental_build_narrowed_by_ids_or_by_query_leaves_a_full_build_nothing(
+        tmp_path, monkeypatch, keyed):
+    """The changed leads of a build step are read by their ids when few (`_KEYED_LEADS`), else
+    through the changed-leads query: either way the build does all a full build would."""
+    from leadloop.export import outbox
+    from leadloop.store import make_engine
+
+    monkeypatch.setattr(outbox, "_LEAD_CHUNK", 40)
+    monkeypatch.setattr(outbox, "_KEYED_LEADS", keyed)
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    ctx = demo_context(engine, tmp_path)
+    load_funnel(ctx, 300)
+    destinations: dict[str, bool | frozenset[str]] = {"google_data_manager": False, "meta": False}
+    with session_scope(engine) as session:
+        build_outbox(session, ctx.settings, destinations, SIM_END)
+    with Session(engine) as s:
+        crm_ids = s.exec(select(Lead.crm_id).where(Lead.current_stage == "lead")).all()[::3]
+    later = SIM_END + timedelta(minutes=10)
+    ctx.now = lambda: later
+    with session_scope(engine) as session:
+        apply_page(session, ctx, "hubspot", "contacts", Page(stages=[
+            StageIn(c, "lifecyclestage", "salesqualifiedlead", SIM_END) for c in crm_ids]))
+    with session_scope(engine) as session:
+        incremental = build_outbox(session, ctx.settings, destinations, later,
+                                   changed_since=SIM_END + timedelta(minutes=5))
+    assert incremental["built"] == 2 * len(crm_ids) > 20  # Sales qualified -> Google and Meta
+    with session_scope(engine) as session:
+        full = build_outbox(session, ctx.settings, destinations, later)
+    assert (full["built"], full["revisions"], full["refreshed"], full["withdrawn"]) == (0, 0, 0, 0)
+    engine.dispose()

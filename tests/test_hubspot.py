@@ -270,6 +270,31 @@ def test_deal_whose_contact_is_not_synced_brings_the_contact_along(engine, make_
     assert count(engine, Lead) == len(with_deals)
 
 
+def test_incremental_deal_sync_reads_only_the_contacts_the_store_lacks(engine, make_settings,
+                                                                        fake, clock, env) -> None:
+    """An incremental sync asks the store about the contacts of its deals (a keyed read), not
+    for every stored CRM id; a contact it holds is not read from HubSpot again."""
+    ctx = make_ctx(engine, make_settings, fake, clock, objects=["deals"])
+    sync_source(ctx, source(ctx))
+    stored = {c for c, o in fake.contacts.items() if o.assoc}
+    unstored = sorted(set(fake.contacts) - stored, key=int)
+    clock.tick()
+    old_deal = fake.add_deal(sorted(stored, key=int)[0], "appointmentscheduled", 100.0)
+    new_deal = fake.add_deal(unstored[0], "appointmentscheduled", 200.0)
+    clock.tick()
+    fake.received.clear()
+    sync_source(ctx, source(ctx))
+    read = [i["id"] for r in fake.received if r.path.endswith("/objects/contacts/batch/read")
+            for i in r.json()["inputs"]]
+    assert read == [unstored[0]]
+    with session_scope(engine) as s:
+        by_deal = {r.deal_id: lead for r, lead in s.exec(
+            select(StageChange, Lead).join(Lead).where(
+                StageChange.deal_id.in_([old_deal, new_deal])))}  # type: ignore[attr-defined]
+    assert {d: lead.crm_id for d, lead in by_deal.items()} == {
+        old_deal: sorted(stored, key=int)[0], new_deal: unstored[0]}
+
+
 class SimulatedTime:
     """A monotonic clock that moves only when the limiter sleeps: what the limiter grants is then
     a function of its configuration alone, not of how fast (or loaded) the machine is."""

@@ -116,12 +116,25 @@ class Page:
         return len(self.leads) + len(self.stages) + len(self.events) + len(self.rejects)
 
 
+class StoredIds(Protocol):
+    """Which of `crm_ids` the store holds as leads of this source. The engine gives it to a
+    `needs_stored_ids` stream's `fetch`; it may be called from the thread that reads the CRM
+    (the engine answers it with its own connection: the connector never touches the store)."""
+
+    def __call__(self, crm_ids: Collection[str]) -> AbstractSet[str]: ...
+
+
+def no_stored_ids(crm_ids: Collection[str]) -> AbstractSet[str]:
+    """The `StoredIds` of a stream that does not ask (`needs_stored_ids` does not list it)."""
+    return frozenset()
+
+
 class CrmSource(Protocol):
     """A CRM connector. Implementations live in `leadloop/crm/<kind>.py`."""
 
     name: str  # the source name stored on each lead
     # Streams whose records refer to leads an earlier sync may have stored (HubSpot deals name
-    # contacts): for these the engine passes the stored leads' CRM ids to `fetch`.
+    # contacts): for these the engine passes `fetch` a `StoredIds` lookup of the stored leads.
     needs_stored_ids: Collection[str]
 
     def streams(self) -> Sequence[str]:
@@ -129,10 +142,10 @@ class CrmSource(Protocol):
         ...
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
-              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+              stored_ids: StoredIds = no_stored_ids) -> Iterator[Page]:
         """Yield pages of records modified at or after `since` (None: backfill everything).
-        `stored_ids`: the CRM ids of this source's stored leads, for `needs_stored_ids` streams
-        (empty for the others)."""
+        `stored_ids`: which CRM ids the store holds as this source's leads, for
+        `needs_stored_ids` streams (none for the others)."""
         ...
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -37,7 +36,16 @@ import pandas as pd
 
 from leadloop.config import CsvMapping
 from leadloop.context import Context
-from leadloop.crm.base import ATTRIBUTION_FIELDS, Cursor, EventIn, LeadIn, Page, StageIn
+from leadloop.crm.base import (
+    ATTRIBUTION_FIELDS,
+    Cursor,
+    EventIn,
+    LeadIn,
+    Page,
+    StageIn,
+    StoredIds,
+    no_stored_ids,
+)
 from leadloop.csvio import detect_delimiter, detect_encoding, read_csv, undecodable
 from leadloop.errors import ConfigError, RecordRejected
 from leadloop.expr import ExpressionError
@@ -150,7 +158,7 @@ class CsvSource:
                 yield reader.line_num, dict(zip(header, fields, strict=True)), None
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
-              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+              stored_ids: StoredIds = no_stored_ids) -> Iterator[Page]:
         if stream != "rows":
             raise ValueError(f"unknown CSV stream {stream!r}")
         file_time = datetime.fromtimestamp(self.path.stat().st_mtime, UTC)

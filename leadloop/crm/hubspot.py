@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -51,7 +50,9 @@ from leadloop.crm.base import (
     LeadIn,
     Page,
     StageIn,
+    StoredIds,
     as_reject,
+    no_stored_ids,
     record_id,
     record_key,
 )
@@ -194,7 +195,8 @@ class HubSpotSource:
         self.search_limiter = RateLimiter(0.95 * search_per_second, 1.0, burst=1.0)
         self.api = HubSpotApi(ctx, limiter)
         self._stages: dict[str, DealStage] | None = None
-        self._stored: set[str] = set()  # contacts the store holds (given by the engine) or will
+        self._stored_ids: StoredIds = no_stored_ids  # which contacts the store holds (the engine's)
+        self._stored: set[str] = set()  # contacts this sync's deal pages carry: stored with them
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -209,11 +211,11 @@ class HubSpotSource:
         return out
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
-              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+              stored_ids: StoredIds = no_stored_ids) -> Iterator[Page]:
         if stream == "contacts":
             yield from self._search_pages("contacts", "lastmodifieddate", since, self.contact_page)
         elif stream == "deals":
-            self._stored = set(stored_ids)
+            self._stored_ids, self._stored = stored_ids, set()
             yield from self._search_pages("deals", "hs_lastmodifieddate", since, self._deal_page)
         elif stream == "contacts_archived":
             yield from self._archived_pages()
@@ -490,7 +492,9 @@ class HubSpotSource:
         stage_prop = self.crm.deal_stage_property
         contacts = self.associated("deals", "contacts", [str(r["id"]) for r in results])
         needed = sorted({c for ids in contacts.values() for c in ids}, key=int)
-        missing = [c for c in needed if c not in self._stored]
+        unread = [c for c in needed if c not in self._stored]
+        stored = self._stored_ids(unread) if unread else frozenset()
+        missing = [c for c in unread if c not in stored]
         for lo in range(0, len(missing), BATCH_READ_MAX):
             data = self._call("POST", self._path("objects", "contacts/batch/read"), body={
                 "inputs": [{"id": c} for c in missing[lo:lo + BATCH_READ_MAX]],

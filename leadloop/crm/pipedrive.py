@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +33,9 @@ from leadloop.crm.base import (
     LeadIn,
     Page,
     StageIn,
+    StoredIds,
     as_reject,
+    no_stored_ids,
     parse_decimal,
     record_id,
     record_key,
@@ -184,7 +185,7 @@ class PipedriveSource:
     # -- streams ----------------------------------------------------------------------------
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
-              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+              stored_ids: StoredIds = no_stored_ids) -> Iterator[Page]:
         if stream == "persons":
             for data, cursor in self._list("/persons", since):
                 page = Page(cursor=cursor)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -37,7 +36,9 @@ from leadloop.crm.base import (
     LeadIn,
     Page,
     StageIn,
+    StoredIds,
     as_reject,
+    no_stored_ids,
     parse_decimal,
     record_id,
     record_key,
@@ -272,7 +273,7 @@ class SalesforceSource:
                             sobject, soql_datetime(start))
 
     def fetch(self, stream: str, since: Cursor | None, *, started_at: datetime,
-              stored_ids: AbstractSet[str] = frozenset()) -> Iterator[Page]:
+              stored_ids: StoredIds = no_stored_ids) -> Iterator[Page]:
         if stream == "Lead":
             yield from self._fetch_leads(since)
         elif stream == "Opportunity":
