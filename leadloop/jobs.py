@@ -20,6 +20,7 @@ from sqlmodel import select
 
 from leadloop.context import Context, JobResult
 from leadloop.errors import LeadloopError
+from leadloop.memory import release_freed_memory
 from leadloop.processes import gone_on_this_host
 from leadloop.redact import redact_text
 from leadloop.store import session_scope
@@ -56,6 +57,8 @@ def record_run(ctx: Context, name: str, body: Callable[[Context], dict[str, Any]
         _finish(ctx, run_id, outcome, result.counts, error)
         ctx.job_run_id = previous
         raise
+    finally:
+        release_freed_memory()  # a daemon should not idle on the last job's peak
     _finish(ctx, run_id, outcome, result.counts, error)
     ctx.job_run_id = previous
     log.info("job %s %s %s", name, outcome.value, result.counts, extra={"job": name,
