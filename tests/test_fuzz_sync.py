@@ -227,8 +227,20 @@ def _check(kind: str, recs: list[tuple[bool, Any]], page_of: Any) -> None:
     good_ids = {str(raw.get("id") or raw.get("Id")) for ok, raw in recs if ok}
     assert good_ids <= stored, source_name
     # nothing is dropped silently: every record is stored, or kept as a reject with its reason
-    assert len(stored) + len(rejects) >= len(recs)
+    # (records repeating an id are one CRM record read twice, as on overlapping pages)
+    assert len(stored) + len(rejects) >= _distinct_records(recs)
     assert counts["rejected"] == len(rejects) and all(r.reason for r in rejects)
+
+
+def _distinct_records(recs: list[tuple[bool, Any]]) -> int:
+    """How many different records `recs` are: one per id given as text or a number (the same id
+    twice is one record), one per record without such an id."""
+    keys = set()
+    for i, (_, raw) in enumerate(recs):
+        rid = next((raw[k] for k in ("id", "Id") if k in raw), None) if isinstance(raw, dict) else None
+        usable = isinstance(rid, str | int) and not isinstance(rid, bool) and str(rid).strip()
+        keys.add(str(rid) if usable else f"record {i}")
+    return len(keys)
 
 
 def _salesforce_page(source: Any, raws: list[Any]) -> Page:
