@@ -30,6 +30,7 @@ from sqlalchemy import ARRAY, JSON, PickleType
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 
 PARTITION = 20_000
+ID_LIKE = 10_000  # distinct strings in one column of a partition (see `SharedStrings.column`)
 
 # Kinds of column (`infer_dtype`, missing values skipped) that hold neither text nor containers.
 _PLAIN_KINDS = frozenset({"empty", "integer", "floating", "mixed-integer-float", "decimal",
@@ -57,12 +58,17 @@ class SharedStrings:
 
     def column(self, values: Sequence[Any] | pd.Series | np.ndarray) -> Any:
         """`values` with each string replaced by its shared object (a list, or an object array
-        when every value is text or missing: pandas makes the same column of either)."""
+        when every value is text or missing: pandas makes the same column of either).
+
+        Ids (over ID_LIKE distinct strings in `values`: order ids, click ids) are shared among
+        `values` only: kept for the whole read, a million of them would stay alive after a
+        `convert` step had reduced them to hashes, and looking each up costs more than it
+        saves."""
         if infer_dtype(values, skipna=True) != "string":
             return [self(v) for v in values]
         arr = np.asarray(values, dtype=object)
         codes, uniques = pd.factorize(arr)
-        out = _lookup(codes, [self(u) for u in uniques])
+        out = _lookup(codes, uniques if len(uniques) > ID_LIKE else [self(u) for u in uniques])
         missing = codes < 0
         if missing.any():
             out[missing] = arr[missing]  # None or NaN, as it came

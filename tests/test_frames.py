@@ -289,3 +289,14 @@ def test_shared_strings_column_keeps_missing_values_and_shares_text() -> None:
     assert out[0] is out[2] and out[1] is None and np.isnan(out[3])
     assert shared.column([1, True, a])[2] is a  # not text only: value by value, 1 stays 1
     assert shared.column([1, True, a])[:2] == [1, True]
+
+
+def test_ids_are_shared_within_a_partition_only() -> None:
+    """A column of over ID_LIKE distinct strings is not remembered for the rest of the read."""
+    shared = SharedStrings()
+    ids = [f"order-{i}" for i in range(frames.ID_LIKE + 1)]
+    out = shared.column([*ids, "".join(["order-", "0"])])
+    assert out[-1] is out[0] and list(out) == [*ids, "order-0"]
+    assert shared("".join(["order-", "1"])) is not out[1]
+    few = shared.column(["".join(["utm", "x"]) for _ in range(3)])
+    assert shared("".join(["utm", "x"])) is few[0]
