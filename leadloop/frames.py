@@ -21,6 +21,7 @@ import gc
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -114,10 +115,19 @@ def _column(values: Sequence[Any], process: Process | None, how: How,
 
 
 def _times(values: Sequence[Any]) -> pd.Series:
+    first = next((v for v in values if v is not None), None)
+    if isinstance(first, datetime) and first.tzinfo is not None:
+        # PostgreSQL's: aware, all in the session's zone, which pandas takes as one array at a
+        # time (`to_datetime` looks at each value's zone: three times slower)
+        try:
+            index = pd.DatetimeIndex(values)
+        except ValueError:  # zones differ
+            pass
+        else:
+            return pd.Series(index.tz_convert(UTC))
+    # SQLite's text (naive UTC, as UTCDateTime writes it) parsed at once, or mixed zones
     raw = pd.Series(values, dtype=object)
-    text = isinstance(next((v for v in values if v is not None), None), str)
-    # SQLite's text (naive UTC, as UTCDateTime writes it) parsed at once, or the driver's times
-    return pd.to_datetime(raw, utc=True, format="ISO8601" if text else None)
+    return pd.to_datetime(raw, utc=True, format="ISO8601" if isinstance(first, str) else None)
 
 
 def _numbers(values: Sequence[Any]) -> pd.Series:

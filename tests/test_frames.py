@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
@@ -300,3 +301,16 @@ def test_ids_are_shared_within_a_partition_only() -> None:
     assert shared("".join(["order-", "1"])) is not out[1]
     few = shared.column(["".join(["utm", "x"]) for _ in range(3)])
     assert shared("".join(["utm", "x"])) is few[0]
+
+
+def test_driver_times_in_one_zone_or_several_become_utc() -> None:
+    """PostgreSQL hands back aware datetimes in the session's zone (not always UTC)."""
+    berlin = ZoneInfo("Europe/Berlin")
+    one_zone = (datetime(2026, 3, 29, 1, 30, tzinfo=berlin), None,
+                datetime(2026, 3, 29, 3, 30, 0, 7, tzinfo=berlin))
+    mixed = (one_zone[0], datetime(2026, 3, 29, 1, 30, tzinfo=UTC))
+    for vals in (one_zone, mixed):
+        new = frames._times(vals)
+        pd.testing.assert_series_equal(
+            new, pd.to_datetime(pd.Series(vals, dtype=object), utc=True), check_exact=True)
+        assert new.dt.tz == UTC
