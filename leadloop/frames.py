@@ -22,12 +22,12 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from pandas.api.types import infer_dtype
-from sqlalchemy import ARRAY, JSON, PickleType
+from sqlalchemy import ARRAY, JSON, PickleType, Select, Text, cast
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 
 PARTITION = 20_000
@@ -40,10 +40,9 @@ _PLAIN_KINDS = frozenset({"empty", "integer", "floating", "mixed-integer-float",
 # Whose driver values repeat, so their processor runs once per distinct value.
 _HASHED_KINDS = frozenset({"string", "integer", "boolean"})
 # Types whose processed values are mutable: each row gets its own.
-_MUTABLE_TYPES = (ARRAY, PickleType)
+_MUTABLE_TYPES = (JSON, ARRAY, PickleType)
 
 Process = Callable[[Any], Any]
-How = Literal["distinct", "each", "json"]  # how a column's processor runs (`_processed`)
 
 
 class SharedStrings:
@@ -88,24 +87,21 @@ def _lookup(codes: np.ndarray, table: Sequence[Any], missing: Any = None) -> np.
     return values[codes]
 
 
-def _processed(values: Sequence[Any], process: Process, kind: str, how: How) -> Any:
+def _processed(values: Sequence[Any], process: Process, kind: str, per_value: bool) -> Any:
     """`values` through the type's result processor: once per distinct value where that is
-    the same thing (hashable driver values, immutable results), JSON texts all at once, else
-    once per value."""
-    if how == "json" and kind in ("string", "empty"):
-        return _json_texts(values)
-    if how != "distinct" or kind not in _HASHED_KINDS:
+    the same thing (hashable driver values, immutable results), else once per value."""
+    if per_value or kind not in _HASHED_KINDS:
         return [process(v) for v in values]
     codes, uniques = pd.factorize(np.asarray(values, dtype=object))
     return _lookup(codes, [process(u) for u in uniques], process(None))
 
 
-def _column(values: Sequence[Any], process: Process | None, how: How,
+def _column(values: Sequence[Any], process: Process | None, per_value: bool,
             shared: SharedStrings) -> pd.Series:
     """One column of driver values as a Series: processed, strings shared, dtype inferred."""
     kind = infer_dtype(values, skipna=True)
     if process is not None:
-        values = _processed(values, process, kind, how)
+        values = _processed(values, process, kind, per_value)
         kind = infer_dtype(values, skipna=True)
     if kind == "string" or (kind not in _PLAIN_KINDS and any(isinstance(v, str) for v in values)):
         return pd.Series(shared.column(values))
@@ -137,21 +133,39 @@ def _numbers(values: Sequence[Any]) -> pd.Series:
     return pd.Series(np.array(values, dtype=float))
 
 
-def _reader(type_: Any, type_code: Any, dialect: Dialect, shared: SharedStrings
+def _reader(name: str, type_: Any, type_code: Any, dialect: Dialect, shared: SharedStrings, *,
+            times: Sequence[str], numbers: Sequence[str], json_text: set[str]
             ) -> Callable[[Sequence[Any]], pd.Series]:
-    """How one column of `type_` is made a Series, given its driver's type code."""
+    """How column `name` of `type_` is made a Series, given its driver's type code."""
+    if name in times:
+        return _times
+    if name in numbers:
+        return _numbers
+    if name in json_text:
+        return lambda values: _column(_json_texts(values), None, False, shared)
     process = type_.dialect_impl(dialect).result_processor(dialect, type_code)
-    how: How = "distinct"
-    if isinstance(type_, JSON):  # on SQLite, text for json.loads, unless the engine has its own
-        how = "each" if getattr(dialect, "_json_deserializer", None) else "json"
-    elif isinstance(type_, _MUTABLE_TYPES):
-        how = "each"
-    return lambda values: _column(values, process, how, shared)
+    per_value = isinstance(type_, _MUTABLE_TYPES)
+    return lambda values: _column(values, process, per_value, shared)
+
+
+def _json_as_text(stmt: Any, columns: Sequence[str], dialect: Dialect) -> tuple[Any, set[str]]:
+    """`stmt` with its JSON columns selected as text, and their names, for `_json_texts`:
+    psycopg would decode each value in Python, SQLite's JSON type each through a processor. Not
+    when the engine was given a JSON deserializer of its own (its type then decodes)."""
+    if getattr(dialect, "_json_deserializer", None) or not isinstance(stmt, Select):
+        return stmt, set()
+    selected = list(stmt.selected_columns)
+    names = {n for c, n in zip(selected, columns, strict=True) if isinstance(c.type, JSON)}
+    if not names:
+        return stmt, names
+    as_text = [cast(c, Text).label(n) if n in names else c
+               for c, n in zip(selected, columns, strict=True)]
+    return stmt.with_only_columns(*as_text, maintain_column_froms=True), names
 
 
 def _json_texts(values: Sequence[Any]) -> list[Any]:
-    """SQLite's JSON texts decoded in one `json.loads` of them all (the C scanner once, instead
-    of a Python call per value); NULL and JSON null are None, as the JSON type returns them."""
+    """JSON texts decoded in one `json.loads` of them all (the C scanner once, instead of a
+    Python call per value); NULL and JSON null are None, as the JSON type returns them."""
     return json.loads("[" + ",".join(["null" if v is None else v for v in values]) + "]")
 
 
@@ -189,14 +203,15 @@ def read_frame(conn: Connection, stmt: Any, columns: Sequence[str], *,
     shared = SharedStrings()
     parts = []
     dialect = conn.dialect
+    stmt, json_text = _json_as_text(stmt, columns, dialect)
     # A server-side cursor on PostgreSQL (rows come PARTITION at a time, not all into the
     # client's memory); SQLite's cursor steps through the result anyway. An option of this
     # statement's, not of `conn`, which the caller may go on using.
     result = conn.execute(stmt, execution_options={
         "stream_results": dialect.supports_server_side_cursors})
     with result, _collector_paused():
-        readers = [_times if name in times else _numbers if name in numbers
-                   else _reader(col.type, desc[1], dialect, shared)
+        readers = [_reader(name, col.type, desc[1], dialect, shared, times=times,
+                           numbers=numbers, json_text=json_text)
                    for name, col, desc in zip(columns, stmt.selected_columns,
                                               result.cursor.description, strict=True)]
         for rows in _raw_partitions(result):
