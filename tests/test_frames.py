@@ -4,6 +4,7 @@ SQLAlchemy's own (processed) rows, column kind by column kind, on SQLite and Pos
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +15,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import String, Table, literal, select, text, type_coerce
+from sqlalchemy import String, Table, create_engine, literal, select, text, type_coerce
 from sqlalchemy.engine import Connection, Engine
 
 import leadloop.report.data as report_data
@@ -314,3 +315,23 @@ def test_driver_times_in_one_zone_or_several_become_utc() -> None:
         pd.testing.assert_series_equal(
             new, pd.to_datetime(pd.Series(vals, dtype=object), utc=True), check_exact=True)
         assert new.dt.tz == UTC
+
+
+def test_an_engine_with_its_own_json_deserializer_keeps_it(engine: Engine,
+                                                           small_partitions: None) -> None:
+    """JSON columns are read as text and decoded at once only with the default `json.loads`;
+    an engine given a deserializer decodes through it, each row getting its own object."""
+    _fill(engine)
+    own = create_engine(engine.url.render_as_string(hide_password=False),
+                        json_deserializer=lambda text_: {"decoded": json.loads(text_)})
+    lead = table_of(Lead)
+    stmt = select(lead.c.id, lead.c.attributes).order_by(lead.c.id)
+    try:
+        with own.connect() as conn:
+            new = read_frame(conn, stmt, ["id", "attributes"])
+            ref = _reference_frame(conn, stmt, ["id", "attributes"])
+    finally:
+        own.dispose()
+    _assert_same(new, ref)
+    assert new["attributes"][0] == {"decoded": ATTRIBUTES[0]}
+    assert new["attributes"][0] is not new["attributes"][len(ATTRIBUTES)]  # same text, own dict
