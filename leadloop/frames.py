@@ -11,8 +11,9 @@ It reads the driver's rows itself, column by column, instead of SQLAlchemy's row
 runs each value through its type's result processor one row at a time (an enum member looked up,
 a 0/1 made a bool, a time parsed, a number made a Decimal), about half of a large read. Here a
 column's processor runs once per distinct value where values repeat, times and numbers skip it
-(pandas and numpy convert the driver's values a column at a time), and strings are shared by
-hashing in C (`pd.factorize`) rather than by a Python call per value.
+(pandas and numpy convert the driver's values a column at a time), JSON arrives as text decoded a
+partition at a time, and strings are shared by hashing in C (`pd.factorize`) rather than by a
+Python call per value. The cyclic garbage collector waits while a read runs.
 """
 
 from __future__ import annotations
