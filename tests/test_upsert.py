@@ -9,6 +9,7 @@ and the stored values are compared as SQLite holds them (text of times, 0/1, JSO
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -16,13 +17,21 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pandas as pd
 import pytest
 from sqlalchemy import or_
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, select
 
-from leadloop.store import _uniform, make_engine, session_scope, upsert
+from leadloop.store import (
+    _bind_processor,
+    _sqlite_utc_text,
+    _uniform,
+    make_engine,
+    session_scope,
+    upsert,
+)
 from leadloop.tables import (
     Conversion,
     ConversionKind,
@@ -263,3 +272,34 @@ def _read_back(engine: Engine) -> dict[str, list[dict[str, Any]]]:
                     for row in conn.execute(select(table)).mappings()]
             out[table.name] = sorted(rows, key=repr)
     return out
+
+
+def test_utc_times_on_sqlite_bind_as_the_type_binds_them(tmp_path: Path) -> None:
+    """`_sqlite_utc_text` writes SQLite's DATETIME text itself: the same text as the type's
+    own binding for every kind of time (zones, folds, microseconds, first and last years),
+    the same error for a naive one, and anything not a plain datetime left to the type."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'times'}.db")
+    try:
+        column = Lead.__table__.c.created_at  # type: ignore[attr-defined]
+        fast = _bind_processor(column.type, engine.dialect)
+        process = column.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+    finally:
+        engine.dispose()
+    assert fast.func is _sqlite_utc_text
+    rng = random.Random(17)
+    zones = [UTC, CET, BERLIN, ZoneInfo("America/New_York"), ZoneInfo("Asia/Kolkata"),
+             timezone(timedelta(hours=-12)), timezone(timedelta(hours=14, minutes=-1))]
+    times = [datetime(2, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+             datetime(1000, 1, 1, 12, tzinfo=CET), datetime(2026, 1, 1, tzinfo=UTC),
+             datetime(2026, 10, 25, 2, 30, tzinfo=BERLIN),
+             datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=BERLIN)]
+    for _ in range(5000):
+        instant = datetime(1, 1, 2, tzinfo=UTC) + timedelta(
+            seconds=rng.randrange(0, 315_000_000_000), microseconds=rng.choice(
+                [0, rng.randrange(1_000_000)]))
+        times.append(instant.astimezone(rng.choice(zones)).replace(fold=rng.randint(0, 1)))
+    assert [fast(t) for t in times] == [process(t) for t in times]
+    assert fast(pd.Timestamp("2026-03-01 12:00:00.5", tz="CET")) == "2026-03-01 11:00:00.500000"
+    assert fast(None) is None
+    with pytest.raises(ValueError, match="naive datetime"):
+        fast(datetime(2026, 1, 1))
