@@ -13,6 +13,8 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache, partial
+from itertools import repeat
+from operator import is_, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +188,7 @@ def _uniform(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     if not rows:
         return rows
     first = rows[0].keys()
-    if all(r.keys() == first for r in rows):
+    if all(map(first.__eq__, map(dict.keys, rows))):
         return rows
     keys: dict[str, None] = {}
     for r in rows:
@@ -215,12 +217,7 @@ def upsert(
         return
     table = model.__table__  # type: ignore[attr-defined]
     cols = update if update is not None else [k for k in rows[0] if k not in conflict]
-    by_key: dict[tuple, dict[str, Any]] = {}
-    for row in rows:
-        key = tuple(row.get(c) for c in conflict)  # a column left out takes one default
-        if cols or key not in by_key:
-            by_key[key] = row
-    rows = list(by_key.values())
+    rows = _one_per_key(rows, conflict, last=bool(cols))
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         names = _copy_to_staging(session, table, rows)
@@ -235,11 +232,36 @@ def upsert(
     keys = list(rows[0])
     filled = _omitted_defaults(table, keys)
     n = len(rows)
-    columns = {f"v_{k}": _bound(session, table.c[k], [row[k] for row in rows]) for k in keys}
+    columns = {f"v_{k}": _bound(session, table.c[k], values)
+               for k, values in zip(keys, _by_column(rows, keys), strict=True)}
     columns.update({f"v_{k}": _bound(session, table.c[k], [value]) * n
                     for k, value in filled.items()})
     _executemany(session, _upsert_statement(table, dialect, (*keys, *filled), tuple(conflict),
                                             tuple(cols), tuple(when_changed)), columns)
+
+
+def _one_per_key(rows: list[dict[str, Any]], conflict: Sequence[str], *, last: bool
+                 ) -> list[dict[str, Any]]:
+    """`rows` with one row per key of the `conflict` columns, in the order the keys first
+    come: the key's last row (`last`) or its first."""
+    given = [c for c in conflict if c in rows[0]]  # a column left out takes one default
+    key_of: Any = itemgetter(*given) if given else (lambda _row: ())
+    keys = list(map(key_of, rows))
+    if len(set(keys)) == len(rows):
+        return rows
+    if last:
+        return list(dict(zip(keys, rows, strict=True)).values())
+    firsts: dict[Any, dict[str, Any]] = {}
+    for key, row in zip(keys, rows, strict=True):
+        firsts.setdefault(key, row)
+    return list(firsts.values())
+
+
+def _by_column(rows: list[dict[str, Any]], keys: list[str]) -> list[list[Any]]:
+    """The values of `rows` (dicts holding `keys`), one list per key."""
+    if len(keys) == 1:
+        return [[row[keys[0]] for row in rows]]
+    return list(map(list, zip(*map(itemgetter(*keys), rows), strict=True)))
 
 
 def _omitted_defaults(table: Any, keys: Collection[str]) -> dict[str, Any]:
@@ -287,6 +309,8 @@ def _bound(session: Session, column: Any, values: list[Any], memo: dict[Any, Any
         return values
     base = column.type.impl_instance if isinstance(column.type, TypeDecorator) else column.type
     if not isinstance(base, String | Boolean | Numeric):
+        if values and all(map(is_, values, repeat(values[0]))):  # a write's time, say
+            return [process(values[0])] * len(values)
         return list(map(process, values))
     if memo is None:
         memo = {}
@@ -361,7 +385,8 @@ def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -
     filled = _omitted_defaults(table, keys)
     names = keys + list(filled)
     n = len(rows)
-    columns = [_bound(session, table.c[k], [row[k] for row in rows]) for k in keys]
+    columns = [_bound(session, table.c[k], values)
+               for k, values in zip(keys, _by_column(rows, keys), strict=True)]
     columns += [_bound(session, table.c[k], [value]) * n for k, value in filled.items()]
     name = _staging_name(table)
     session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} AS "
