@@ -21,6 +21,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
@@ -134,9 +135,11 @@ def _lead_row(source: str, lead: LeadIn, region: str, now: datetime
         "updated_at": now,
         **identity.as_columns(),
     }
-    for name in ATTRIBUTION_FIELDS:
-        row[name] = getattr(lead, name)
+    row.update(zip(ATTRIBUTION_FIELDS, _attribution(lead), strict=True))
     return row, problems
+
+
+_attribution = attrgetter(*ATTRIBUTION_FIELDS)  # a lead's values of them, in their order
 
 
 def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) -> int:
@@ -190,9 +193,8 @@ def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[StageKey, Stor
     return out
 
 
-def _stage_differs(row: dict[str, Any], stored: dict[StageKey, StoredStage], stand_in: bool
-                   ) -> bool:
-    old = stored.get((row["lead_id"], row["field"], row["value"], row["deal_id"]))
+def _stage_differs(row: dict[str, Any], old: StoredStage | None, stand_in: bool) -> bool:
+    """Whether `row` differs from its stored row `old` (None: not stored)."""
     if old is None:
         return True
     entered_at, amount, currency, is_lost = old
@@ -351,33 +353,32 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
                   ) -> tuple[int, set[int]]:
     """Write the page's stage rows that are new or differ; returns (stage rows read, ids of
     the leads whose stages changed). A stage of a lead not synced is kept as a reject."""
-    stage_rows: list[dict[str, Any]] = []
-    stage_estimated: dict[StageKey, bool] = {}
+    # one entry per stage row's key, the last read winning: its row and whether its time is
+    # a stand-in
+    stage_rows: dict[StageKey, tuple[dict[str, Any], bool]] = {}
     for s in page.stages:
         lead_id = ids.get(s.crm_id)
         if lead_id is None:
             reject(f"{s.deal_id or s.crm_id}", f"stage {s.field}={s.value}: lead {s.crm_id} "
                    "is not synced", {"lead": s.crm_id, "field": s.field, "value": s.value})
             continue
-        stage_rows.append({
+        stage_rows[(lead_id, s.field, s.value, s.deal_id)] = ({
             "lead_id": lead_id, "field": s.field, "value": s.value, "entered_at": s.entered_at,
             "deal_id": s.deal_id, "amount": s.amount, "currency": s.currency,
             "is_lost": s.is_lost,
-        })
-        stage_estimated[(lead_id, s.field, s.value, s.deal_id)] = s.time_estimated
-    stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
-                       for r in stage_rows}.values())
+        }, s.time_estimated)
     # Only stage rows that are new or differ are written. They are compared here rather than
     # found with RETURNING, which made psycopg re-parse a long multi-row statement per page.
-    stored = _stored_stages(session, {r["lead_id"] for r in stage_rows})
+    stored = _stored_stages(session, {key[0] for key in stage_rows})
+    parts: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for key, (row, stand_in) in stage_rows.items():
+        if _stage_differs(row, stored.get(key), stand_in):
+            parts[stand_in].append(row)
     changed_stages = []
-    for stand_in in (False, True):
+    for stand_in, part in parts.items():
         # A stand-in entered_at is kept once stored: only the deal's facts may change.
         stage_cols = ["amount", "currency", "is_lost"] if stand_in else [
             "entered_at", "amount", "currency", "is_lost"]
-        part = [r for r in stage_rows
-                if stage_estimated[(r["lead_id"], r["field"], r["value"], r["deal_id"])] is stand_in
-                and _stage_differs(r, stored, stand_in)]
         upsert(session, StageChange, part, conflict=("lead_id", "field", "value", "deal_id"),
                update=stage_cols)
         changed_stages += part
