@@ -21,6 +21,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
@@ -39,7 +40,7 @@ from leadloop.crm.base import (
 )
 from leadloop.crm.screening import PiiActions, Problem, clean_text, duplicate_ids, screen_page
 from leadloop.erasure import drop_erased
-from leadloop.identity import hash_identity
+from leadloop.identity import HashedIdentity, hash_identity
 from leadloop.prefetch import prefetched
 from leadloop.progress import track
 from leadloop.redact import redact_text, scrub_payload
@@ -116,9 +117,10 @@ def _chunks(values: Sequence[_T]) -> Iterator[list[_T]]:
         yield list(values[i : i + _CHUNK])
 
 
-def _lead_row(source: str, lead: LeadIn, region: str, now: datetime
+def _lead_row(source: str, lead: LeadIn, region: str, now: datetime, identities: Identities
               ) -> tuple[dict[str, Any], list[str]]:
-    identity, problems = hash_identity(lead.email, lead.phone, region)
+    identity, problems = (identities.get((lead.email, lead.phone))
+                          or hash_identity(lead.email, lead.phone, region))
     row: dict[str, Any] = {
         "source": source,
         "crm_id": lead.crm_id,
@@ -134,9 +136,27 @@ def _lead_row(source: str, lead: LeadIn, region: str, now: datetime
         "updated_at": now,
         **identity.as_columns(),
     }
-    for name in ATTRIBUTION_FIELDS:
-        row[name] = getattr(lead, name)
+    row.update(zip(ATTRIBUTION_FIELDS, _attribution(lead), strict=True))
     return row, problems
+
+
+_attribution = attrgetter(*ATTRIBUTION_FIELDS)  # a lead's values of them, in their order
+
+# A lead's (e-mail, phone) -> its hashed identity and what could not be hashed
+Identities = dict[tuple[str | None, str | None], tuple[HashedIdentity, list[str]]]
+
+
+def _hashed_identities(leads: Sequence[LeadIn], region: str) -> Identities:
+    """The hashed identity of each (e-mail, phone) of `leads`. The sync works them out in its
+    reader thread, while the previous page is written: phone parsing was the largest part of
+    the writing thread's own work (3.4 of 30 s at 100,000 leads), and much of the writing
+    is SQLite's, which lets other Python threads run."""
+    out: Identities = {}
+    for lead in leads:
+        pair = (lead.email, lead.phone)
+        if pair not in out:
+            out[pair] = hash_identity(lead.email, lead.phone, region)
+    return out
 
 
 def _withdraw_unsent(session: Session, lead_ids_: Sequence[int], reason: str) -> int:
@@ -190,9 +210,8 @@ def _stored_stages(session: Session, lead_ids_: set[int]) -> dict[StageKey, Stor
     return out
 
 
-def _stage_differs(row: dict[str, Any], stored: dict[StageKey, StoredStage], stand_in: bool
-                   ) -> bool:
-    old = stored.get((row["lead_id"], row["field"], row["value"], row["deal_id"]))
+def _stage_differs(row: dict[str, Any], old: StoredStage | None, stand_in: bool) -> bool:
+    """Whether `row` differs from its stored row `old` (None: not stored)."""
     if old is None:
         return True
     entered_at, amount, currency, is_lost = old
@@ -218,7 +237,7 @@ def _stored_events(session: Session, lead_ids_: set[int]) -> set[tuple[int, str,
 def apply_page(
     session: Session, ctx: Context, source: str, object_type: str, page: Page, *,
     pii: PiiActions | None = None, duplicates: Sequence[str] = (),
-    screened: Sequence[Problem] | None = None,
+    screened: Sequence[Problem] | None = None, identities: Identities | None = None,
 ) -> PageCounts:
     """Write one page: upsert leads, mark deletes and merges, add stages and events, keep
     rejects. Runs inside the caller's transaction; returns counts.
@@ -226,7 +245,9 @@ def apply_page(
     The page is screened first (`leadloop.crm.screening`): values the store cannot hold cost
     only their field or record, and identity found in attributes is hashed or dropped (`pii`
     collects which). `duplicates`: CRM ids this export already gave, reported here.
-    `screened`: the page was screened already (by the sync's reader thread); its problems."""
+    `screened`: the page was screened already (by the sync's reader thread); its problems.
+    `identities`: its leads' identities hashed already (`_hashed_identities`); those it does
+    not hold are hashed here."""
     now = ctx.now()
     if screened is None:
         page, problems, found_pii = screen_page(page, now)
@@ -259,7 +280,8 @@ def apply_page(
         reject(crm_id, f"CRM id {crm_id} appears more than once in this export; the last one "
                "read is kept", kind=f"{object_type}.duplicate")
     region = ctx.settings.crm.default_region
-    written = _write_leads(session, source, object_type, page.leads, region, now, reject)
+    written = _write_leads(session, source, object_type, page.leads, region, now, reject,
+                           identities or {})
     counts["leads"] = len(written)
 
     referenced = {s.crm_id for s in page.stages} | {e.crm_id for e in page.events}
@@ -291,12 +313,13 @@ def apply_page(
 
 
 def _write_leads(session: Session, source: str, object_type: str, leads: Sequence[LeadIn],
-                 region: str, now: datetime, reject: Reject) -> set[str]:
+                 region: str, now: datetime, reject: Reject, identities: Identities
+                 ) -> set[str]:
     """Upsert the page's leads (identity hashed); returns their CRM ids."""
     rows = []
     estimated = {lead.crm_id: lead.time_estimated for lead in leads}  # the later row wins
     for lead in leads:
-        row, problems = _lead_row(source, lead, region, now)
+        row, problems = _lead_row(source, lead, region, now, identities)
         rows.append(row)
         for problem in problems:
             # The lead is kept; only the unusable identifier is left out.
@@ -351,33 +374,32 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
                   ) -> tuple[int, set[int]]:
     """Write the page's stage rows that are new or differ; returns (stage rows read, ids of
     the leads whose stages changed). A stage of a lead not synced is kept as a reject."""
-    stage_rows: list[dict[str, Any]] = []
-    stage_estimated: dict[StageKey, bool] = {}
+    # one entry per stage row's key, the last read winning: its row and whether its time is
+    # a stand-in
+    stage_rows: dict[StageKey, tuple[dict[str, Any], bool]] = {}
     for s in page.stages:
         lead_id = ids.get(s.crm_id)
         if lead_id is None:
             reject(f"{s.deal_id or s.crm_id}", f"stage {s.field}={s.value}: lead {s.crm_id} "
                    "is not synced", {"lead": s.crm_id, "field": s.field, "value": s.value})
             continue
-        stage_rows.append({
+        stage_rows[(lead_id, s.field, s.value, s.deal_id)] = ({
             "lead_id": lead_id, "field": s.field, "value": s.value, "entered_at": s.entered_at,
             "deal_id": s.deal_id, "amount": s.amount, "currency": s.currency,
             "is_lost": s.is_lost,
-        })
-        stage_estimated[(lead_id, s.field, s.value, s.deal_id)] = s.time_estimated
-    stage_rows = list({(r["lead_id"], r["field"], r["value"], r["deal_id"]): r
-                       for r in stage_rows}.values())
+        }, s.time_estimated)
     # Only stage rows that are new or differ are written. They are compared here rather than
     # found with RETURNING, which made psycopg re-parse a long multi-row statement per page.
-    stored = _stored_stages(session, {r["lead_id"] for r in stage_rows})
+    stored = _stored_stages(session, {key[0] for key in stage_rows})
+    parts: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for key, (row, stand_in) in stage_rows.items():
+        if _stage_differs(row, stored.get(key), stand_in):
+            parts[stand_in].append(row)
     changed_stages = []
-    for stand_in in (False, True):
+    for stand_in, part in parts.items():
         # A stand-in entered_at is kept once stored: only the deal's facts may change.
         stage_cols = ["amount", "currency", "is_lost"] if stand_in else [
             "entered_at", "amount", "currency", "is_lost"]
-        part = [r for r in stage_rows
-                if stage_estimated[(r["lead_id"], r["field"], r["value"], r["deal_id"])] is stand_in
-                and _stage_differs(r, stored, stand_in)]
         upsert(session, StageChange, part, conflict=("lead_id", "field", "value", "deal_id"),
                update=stage_cols)
         changed_stages += part
@@ -495,7 +517,8 @@ def _sync_stream(run: _Run, stream: str, since: Cursor | None) -> bool:
     ctx, source = run.ctx, run.source
     # The next page is read while this one is written: reading waits on the CRM, writing
     # on the database, and the two overlap.
-    # Pages are screened in the reader thread too, while the previous one is written.
+    # Pages are screened (and their identities hashed) in the reader thread too, while the
+    # previous one is written.
     # The connector reads in its own thread and never touches the store: what it needs to
     # know of the store is handed over as a lookup that reads with its own sessions.
     stored = (_StoredLeads(ctx, source.name, read_all=since is None)
@@ -504,11 +527,11 @@ def _sync_stream(run: _Run, stream: str, since: Cursor | None) -> bool:
     pages = prefetched(_screened(ctx, fetched), name=f"sync-{source.name}-{stream}")
     seen: set[str] = set()  # CRM ids of a whole-export stream (a CSV file) read so far
     with track(f"sync {source.name} {stream}") as progress, closing(pages):
-        for page, problems, found_pii in pages:
+        for page, problems, found_pii, identities in pages:
             run.pii.merge(found_pii)
             repeated = duplicate_ids(page.leads, seen) if page.cursor is None else []
             run.add(_store_page(ctx, source.name, stream, page, run.started_at, repeated,
-                                problems))
+                                problems, identities))
             if page.total is not None:
                 progress.set_total(page.total)
             progress.advance(len(page.leads) or page.size)
@@ -565,10 +588,12 @@ _UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError,
 
 
 def _screened(ctx: Context, pages: Iterator[Page]
-              ) -> Iterator[tuple[Page, list[Problem], PiiActions]]:
+              ) -> Iterator[tuple[Page, list[Problem], PiiActions, Identities]]:
+    region = ctx.settings.crm.default_region
     try:
         for page in pages:
-            yield screen_page(page, ctx.now())
+            screened, problems, found_pii = screen_page(page, ctx.now())
+            yield screened, problems, found_pii, _hashed_identities(screened.leads, region)
     finally:
         close = getattr(pages, "close", None)
         if close is not None:
@@ -576,14 +601,15 @@ def _screened(ctx: Context, pages: Iterator[Page]
 
 
 def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: datetime,
-                duplicates: Sequence[str], problems: Sequence[Problem]) -> PageCounts:
+                duplicates: Sequence[str], problems: Sequence[Problem],
+                identities: Identities) -> PageCounts:
     """Write a page with its cursor in one transaction. When the store refuses it, the page is
     written in halves (each a transaction; the cursor moves with the last), down to the single
     record it refuses, which is kept in `rejected_record`: one poison record costs itself."""
     try:
         with session_scope(ctx.engine) as session:
             counts = apply_page(session, ctx, source, stream, page, duplicates=duplicates,
-                                screened=problems)
+                                screened=problems, identities=identities)
             _advance_stream(session, source, stream, page.cursor, started_at)
         return counts
     except _UNREACHABLE:
@@ -600,7 +626,7 @@ def _store_page(ctx: Context, source: str, stream: str, page: Page, started_at: 
     totals = PageCounts()
     for part in parts:
         _add_counts(totals, _store_page(ctx, source, stream, part, started_at, duplicates,
-                                        problems))
+                                        problems, identities))
         duplicates, problems = (), ()  # reported with the first half
     return totals
 

@@ -53,7 +53,7 @@ from leadloop.config import Settings, StageConfig
 from leadloop.export import transitions
 from leadloop.export.base import OutRow
 from leadloop.export.registry import click_preference
-from leadloop.store import among, insert_ignore
+from leadloop.store import _bound, _executemany, among, insert_ignore
 from leadloop.tables import (
     Conversion,
     ConversionKind,
@@ -617,44 +617,7 @@ def _prepared(session: Session) -> Iterator[None]:
         driver.prepare_threshold = was
 
 
-def _bound(session: Session, column: Any, values: list[Any], memo: dict[Any, Any] | None = None
-           ) -> list[Any]:
-    """`values` of `column` as the driver takes them (the type's bind processing: UTC times,
-    enums, JSON, numbers), each distinct hashable value processed once (`memo`: those done so
-    far); None stays NULL."""
-    dialect = session.get_bind().dialect
-    process = column.type.dialect_impl(dialect).bind_processor(dialect)
-    if process is None:
-        return values
-    if memo is None:
-        memo = {}
-    out: list[Any] = []
-    for v in values:
-        if v is None:
-            out.append(None)
-            continue
-        key = v if v.__hash__ is not None else repr(v)  # a JSON dict: by its text
-        done = memo.get(key, _MISSING)
-        if done is _MISSING:
-            done = memo[key] = process(v)
-        out.append(done)
-    return out
-
-
 _MISSING = object()
-
-
-def _executemany(session: Session, stmt: Any, columns: dict[str, list[Any]]) -> None:
-    """Run compiled `stmt` once per row of `columns` (bind name -> driver-ready values) in one
-    DBAPI executemany, with no per-row work in SQLAlchemy."""
-    compiled = stmt.compile(dialect=session.get_bind().dialect)
-    if compiled.positional:
-        params: list[Any] = list(zip(*(columns[n] for n in compiled.positiontup), strict=True))
-    else:
-        names = list(columns)
-        params = [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
-    if params:
-        session.connection().exec_driver_sql(str(compiled), params)
 
 
 def load_rows(session: Session, destination: str, statuses: Sequence[ConversionStatus],
