@@ -12,6 +12,7 @@ import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import lru_cache, partial
 from itertools import repeat
 from operator import is_, itemgetter
@@ -33,7 +34,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
@@ -215,29 +215,51 @@ def upsert(
     rows = _uniform(rows)
     if not rows:
         return
-    table = model.__table__  # type: ignore[attr-defined]
     cols = update if update is not None else [k for k in rows[0] if k not in conflict]
     rows = _one_per_key(rows, conflict, last=bool(cols))
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        names = _copy_to_staging(session, table, rows)
-        session.execute(_upsert_statement(table, dialect, names, tuple(conflict), tuple(cols),
-                                          tuple(when_changed)))
-        session.execute(text(f"TRUNCATE {_staging_name(table)}"))
-        return
-    # SQLite: the rows' values converted column by column and run in one executemany of the
-    # driver. SQLAlchemy's own executemany built a parameter dict per row and ran each value
-    # through its column's bind processing: more time than SQLite spent writing (7 of the
-    # 13.5 s a 100,000-lead sync spent in this function).
     keys = list(rows[0])
-    filled = _omitted_defaults(table, keys)
-    n = len(rows)
-    columns = {f"v_{k}": _bound(session, table.c[k], values)
-               for k, values in zip(keys, _by_column(rows, keys), strict=True)}
-    columns.update({f"v_{k}": _bound(session, table.c[k], [value]) * n
-                    for k, value in filled.items()})
-    _executemany(session, _upsert_statement(table, dialect, (*keys, *filled), tuple(conflict),
-                                            tuple(cols), tuple(when_changed)), columns)
+    upsert_columns(session, model, dict(zip(keys, _by_column(rows, keys), strict=True)),
+                   conflict=conflict, update=cols, when_changed=when_changed)
+
+
+def upsert_columns(
+    session: Session,
+    model: type[SQLModel],
+    columns: dict[str, list[Any]],
+    *,
+    shared: dict[str, Any] | None = None,
+    conflict: Sequence[str],
+    update: Sequence[str],
+    when_changed: Sequence[str] = (),
+    memos: dict[str, dict[Any, Any]] | None = None,
+) -> None:
+    """`upsert` of rows given column by column: `columns` maps a column to its value in each
+    row (at most one row per key of `conflict`), `shared` a column to the value every row has.
+    `memos`: per column, its values converted so far (`bind_values`), for a caller writing
+    several chunks.
+
+    The values are converted column by column (SQLAlchemy's own executemany built a parameter
+    dict per row and ran each value through its column's bind processing: more time than the
+    database spent writing) and sent as one statement: on PostgreSQL one array per column, on
+    SQLite one executemany of the driver."""
+    table = model.__table__  # type: ignore[attr-defined]
+    n = len(next(iter(columns.values())))
+    if not n:
+        return
+    shared = dict(shared or {})
+    shared.update(_omitted_defaults(table, [*columns, *shared]))
+    memos = memos or {}
+    bound = {f"v_{k}": bind_values(session, table.c[k], values, memos.get(k))
+             for k, values in columns.items()}
+    bound.update({f"v_{k}": bind_values(session, table.c[k], [value]) * n
+                  for k, value in shared.items()})
+    dialect = session.get_bind().dialect.name
+    stmt = _upsert_statement(table, dialect, (*columns, *shared), tuple(conflict), tuple(update),
+                             tuple(when_changed))
+    if dialect == "postgresql":
+        session.execute(stmt, {name: _one_type(values) for name, values in bound.items()})
+    else:
+        executemany(session, stmt, bound)
 
 
 def _one_per_key(rows: list[dict[str, Any]], conflict: Sequence[str], *, last: bool
@@ -276,12 +298,11 @@ def _omitted_defaults(table: Any, keys: Collection[str]) -> dict[str, Any]:
 def _upsert_statement(table: Any, dialect: str, names: tuple[str, ...], conflict: tuple[str, ...],
                       cols: tuple[str, ...], when_changed: tuple[str, ...]) -> Any:
     """The INSERT ... ON CONFLICT statement, built once per shape (building it per page cost
-    more than running it) of the columns `names`: on PostgreSQL inserted from the staging table
-    of that name, on SQLite bound as `v_<name>` (see `_executemany`)."""
+    more than running it) of the columns `names`, each bound as `v_<name>`: on PostgreSQL one
+    array per column (`_unnested`), on SQLite one value per row (see `executemany`)."""
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     if dialect == "postgresql":
-        source = table_clause(_staging_name(table), *(column(n) for n in names))
-        insert = insert.from_select(list(names), select(*source.c))
+        insert = insert.from_select(list(names), _unnested(table, names))
     else:
         insert = insert.values({n: bindparam(f"v_{n}") for n in names})
     if not cols:
@@ -292,8 +313,38 @@ def _upsert_statement(table: Any, dialect: str, names: tuple[str, ...], conflict
         index_elements=list(conflict), set_={c: insert.excluded[c] for c in cols}, where=differs)
 
 
-def _bound(session: Session, column: Any, values: list[Any], memo: dict[Any, Any] | None = None
-           ) -> list[Any]:
+def _one_type(values: list[Any]) -> list[Any]:
+    """`values` as one array can hold them: psycopg refuses a list of mixed types (a CRM's
+    amounts as int, float and Decimal). Mixed numbers become Decimals of what each prints (what
+    psycopg would send for each alone), anything else mixed its text; the column's cast then
+    reads them as one value each would have been read (or refuses the write, naming the row's
+    page, as it would have refused the value alone)."""
+    kinds = set(map(type, values))
+    kinds.discard(type(None))
+    if len(kinds) < 2:
+        return values
+    if kinds <= {int, float, Decimal}:
+        return [None if v is None else v if v.__class__ is Decimal else Decimal(repr(v))
+                for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
+def _unnested(table: Any, names: tuple[str, ...]) -> Any:
+    """PostgreSQL: the rows given as one array per column (`v_<name>`, values as `bind_values`
+    makes them), each cast to its column's type, turned back into rows by `unnest`.
+
+    One statement a write: the COPY into a staging table it replaces took four round trips
+    (create if missing, copy, insert from it, truncate; a temporary table's TRUNCATE makes a new
+    file each time) and wrote every row twice."""
+    pg = postgresql.dialect()
+    quote = pg.identifier_preparer.quote
+    arrays = ", ".join(f"CAST(:v_{n} AS {table.c[n].type.compile(dialect=pg)}[])" for n in names)
+    return text(f"SELECT * FROM unnest({arrays}) AS given({', '.join(map(quote, names))})"
+                ).columns(*(column(n) for n in names))
+
+
+def bind_values(session: Session, column: Any, values: list[Any],
+                memo: dict[Any, Any] | None = None) -> list[Any]:
     """`values` of `column` as the driver takes them: what SQLAlchemy's bind processing of the
     column's type makes of each (UTC times, enums, JSON, numbers; None included: JSON binds it
     as `null`).
@@ -348,9 +399,9 @@ def _sqlite_utc_text(value: Any, process: Any) -> Any:
     return process(value)
 
 
-def _executemany(session: Session, stmt: Any, columns: dict[str, list[Any]]) -> None:
-    """Run `stmt` once per row of `columns` (bind name -> driver-ready values, see `_bound`) in
-    one executemany of the driver, with no per-row work in SQLAlchemy."""
+def executemany(session: Session, stmt: Any, columns: dict[str, list[Any]]) -> None:
+    """Run `stmt` once per row of `columns` (bind name -> driver-ready values, see
+    `bind_values`) in one executemany of the driver, with no per-row work in SQLAlchemy."""
     sql, order = _compiled(stmt, session.get_bind().dialect)
     if order is not None:
         params: list[Any] = list(zip(*(columns[n] for n in order), strict=True))
@@ -367,35 +418,6 @@ def _compiled(stmt: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None]:
     (compiled once for the statements `_upsert_statement` keeps)."""
     compiled = stmt.compile(dialect=dialect)
     return str(compiled), tuple(compiled.positiontup) if compiled.positional else None
-
-
-def _staging_name(table: Any) -> str:
-    return f"staging_{table.name}"
-
-
-def _copy_to_staging(session: Session, table: Any, rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    """PostgreSQL: COPY `rows` into a temporary table shaped like `table`, to be inserted from
-    with one set-based statement; returns the columns copied. Per-row INSERTs spent more time
-    in the drivers (binding, pipelining) than the server spent writing: about 80 µs a row,
-    against a few for COPY.
-
-    COPY bypasses SQLAlchemy, so this applies what an INSERT would: the column types' bind
-    processing (UTC times, enums, JSON) and the Python-side defaults of omitted columns."""
-    keys = list(rows[0])
-    filled = _omitted_defaults(table, keys)
-    names = keys + list(filled)
-    n = len(rows)
-    columns = [_bound(session, table.c[k], values)
-               for k, values in zip(keys, _by_column(rows, keys), strict=True)]
-    columns += [_bound(session, table.c[k], [value]) * n for k, value in filled.items()]
-    name = _staging_name(table)
-    session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} AS "
-                         f"SELECT * FROM {table.name} WITH NO DATA"))
-    cursor = session.connection().connection.cursor()
-    with cursor.copy(f"COPY {name} ({', '.join(names)}) FROM STDIN") as copy:
-        for values in zip(*columns, strict=True):
-            copy.write_row(values)
-    return tuple(names)
 
 
 def _as_text(column: Any) -> Any:

@@ -250,7 +250,8 @@ def test_upsert_stores_what_sqlalchemy_stored_binding_each_row(tmp_path: Path) -
 
 
 def test_both_dialects_read_back_the_same_rows(engine: Engine, tmp_path: Path) -> None:
-    """PostgreSQL's path (COPY through a staging table) stores what SQLite's does."""
+    """PostgreSQL's path (one array per column, unnested) stores what SQLite's does, mixed
+    number types in one column included."""
     reference = make_engine(f"sqlite:///{tmp_path / 'reference'}.db")
     try:
         _write_all(reference, upsert)

@@ -46,14 +46,13 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Select, and_, bindparam, func, or_, select, union, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from leadloop.config import Settings, StageConfig
 from leadloop.export import transitions
 from leadloop.export.base import OutRow
 from leadloop.export.registry import click_preference
-from leadloop.store import _bound, _executemany, among, insert_ignore
+from leadloop.store import among, bind_values, executemany, upsert_columns
 from leadloop.tables import (
     Conversion,
     ConversionKind,
@@ -464,25 +463,10 @@ class _NewRows:
 def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[str, Any],
                 memos: dict[str, dict[Any, Any]]) -> None:
     """Insert new outbox rows (`columns`, plus the values every row has in `shared`), skipping
-    an order id already there (`ON CONFLICT DO NOTHING`): COPY through a staging table on
-    PostgreSQL (`insert_ignore`), one driver-level executemany of column-wise converted values
-    on SQLite (`memos`: each column's values converted so far)."""
-    n = len(columns["order_id"])
-    if session.get_bind().dialect.name != "sqlite":
-        names = [*columns, *shared]
-        every = [[value] * n for value in shared.values()]
-        insert_ignore(session, Conversion, [dict(zip(names, row, strict=True))
-                                            for row in zip(*columns.values(), *every, strict=True)],
-                      conflict=("order_id",))
-        return
-    conv = Conversion.__table__  # type: ignore[attr-defined]
-    stmt = sqlite_insert(conv).values({n: bindparam(f"v_{n}") for n in [*columns, *shared]}
-                                      ).on_conflict_do_nothing(index_elements=["order_id"])
-    bound = {f"v_{name}": _bound(session, conv.c[name], values, memos[name])
-             for name, values in columns.items()}
-    bound.update({f"v_{name}": _bound(session, conv.c[name], [value]) * n
-                  for name, value in shared.items()})
-    _executemany(session, stmt, bound)
+    an order id already there (`ON CONFLICT DO NOTHING`), written column by column
+    (`store.upsert_columns`; `memos`: each column's values converted so far)."""
+    upsert_columns(session, Conversion, columns, shared=shared, conflict=("order_id",), update=(),
+                   memos=memos)
 
 
 def _adjustment(stage: StageConfig, last_sent: Any, retract: bool, value: Decimal | None
@@ -586,11 +570,11 @@ def bulk_update(session: Session, updates: list[dict[str, Any]], job_run_id: int
             {k: bindparam(f"v_{k}") for k in (*keys, "job_run_id")})
         for i in range(0, len(group), _INSERT_CHUNK):
             part = group[i : i + _INSERT_CHUNK]
-            columns = {f"v_{k}": _bound(session, conv.c[k], [u[k] for u in part]) for k in keys}
+            columns = {f"v_{k}": bind_values(session, conv.c[k], [u[k] for u in part]) for k in keys}
             columns["v_job_run_id"] = [job_run_id] * len(part)
             columns["row_id"] = [u["id"] for u in part]
             with _prepared(session):
-                _executemany(session, stmt, columns)
+                executemany(session, stmt, columns)
 
 
 # Whether `bulk_update` prepares its statement on PostgreSQL (bench/outbox_update.py turns it off
