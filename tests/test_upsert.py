@@ -250,8 +250,7 @@ def test_upsert_stores_what_sqlalchemy_stored_binding_each_row(tmp_path: Path) -
 
 
 def test_both_dialects_read_back_the_same_rows(engine: Engine, tmp_path: Path) -> None:
-    """PostgreSQL's path (one array per column, unnested) stores what SQLite's does, mixed
-    number types in one column included."""
+    """PostgreSQL's path (COPY through a staging table) stores what SQLite's does."""
     reference = make_engine(f"sqlite:///{tmp_path / 'reference'}.db")
     try:
         _write_all(reference, upsert)
