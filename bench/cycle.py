@@ -17,6 +17,9 @@ The floor is the simplest loop that does the same I/O as the sync: the very requ
 made, replayed with `requests` against the same fake, each page's results bulk-inserted with
 `executemany` into one key/JSON table. The ratio printed is sync time / floor time.
 
+`--latency-ms` delays each of the fake's answers as a real CRM's round trip would (the floor's
+requests too): what reading the next page ahead hides (`leadloop.crm.rest.follow_pages`).
+
 A second cycle then runs with nothing changed in the CRM (the incremental case), timed per stage.
 Before it, the export runs once for real against platforms that accept every row (not timed): a
 dry run leaves the store as it was, so without it the second dry run would build the whole outbox
@@ -61,15 +64,16 @@ PG_URL = os.environ.get("LEADLOOP_BENCH_POSTGRES_URL",
 Call = tuple[str, str, bytes]  # method, path?query, body
 
 
-def _serve(n: int, seed: int, conn: Any) -> None:
-    """Child process: simulate the funnel, serve it without limits, answer control messages."""
+def _serve(n: int, seed: int, conn: Any, latency: float = 0.0) -> None:
+    """Child process: simulate the funnel, serve it without limits (each answer `latency`
+    seconds late), answer control messages."""
     from leadloop.sandbox.fake_hubspot import FakeHubSpot
     from leadloop.sandbox.simulator import simulate
 
     t = time.perf_counter()
     funnel = simulate(n, seed=seed, end=datetime.now(UTC).replace(microsecond=0))
     fake = FakeHubSpot(funnel, token=TOKEN, requests_per_window=None, search_per_second=None,
-                       daily_limit=None)
+                       daily_limit=None, latency=latency)
     with fake:
         conn.send((fake.base_url, time.perf_counter() - t))
         while True:
@@ -211,13 +215,18 @@ def main() -> None:
     ap.add_argument("--leads", type=int, default=100_000)
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="add this to each of the fake's answers, as a real CRM's round trip "
+                         "would (the floor pays it too)")
     args = ap.parse_args()
 
     parent, child = mp.get_context("fork").Pipe()
-    server = mp.get_context("fork").Process(target=_serve, args=(args.leads, args.seed, child))
+    server = mp.get_context("fork").Process(target=_serve,
+                                         args=(args.leads, args.seed, child, args.latency_ms / 1000))
     server.start()
     base_url, sim_s = parent.recv()
     print(f"leads {args.leads:,}  db {args.db}  cores {os.cpu_count()}  "
+          f"latency {args.latency_ms:g} ms  "
           f"(fake HubSpot in pid {server.pid}, funnel simulated and loaded in {sim_s:.1f} s)")
     os.environ[TOKEN_ENV] = TOKEN
     with tempfile.TemporaryDirectory(prefix="leadloop-bench-") as tmpdir:

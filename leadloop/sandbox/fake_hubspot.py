@@ -165,8 +165,10 @@ class FakeHubSpot:
         oauth_client: tuple[str, str, str] | None = None,
         token_ttl: float = 1800.0,
         seed: int = 0,
+        latency: float = 0.0,
     ) -> None:
         self.server = LocalServer()
+        self.latency = latency  # seconds added to each answer: a real API's round trip
         self.tokens = {token}
         self.now = now
         self.requests_per_window = requests_per_window
@@ -418,6 +420,8 @@ class FakeHubSpot:
     def _guard(self, handler: Callable[[Request], Reply], *, search: bool = False
                ) -> Callable[[Request], Reply]:
         def serve(req: Request) -> Reply:
+            if self.latency:
+                time.sleep(self.latency)  # outside the lock, as the network would be
             auth = req.header("authorization") or ""
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
             with self._lock:
