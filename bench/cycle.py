@@ -18,7 +18,8 @@ made, replayed with `requests` against the same fake, each page's results bulk-i
 `executemany` into one key/JSON table. The ratio printed is sync time / floor time.
 
 `--latency-ms` delays each of the fake's answers as a real CRM's round trip would (the floor's
-requests too): what reading the next page ahead hides (`leadloop.crm.rest.follow_pages`).
+requests too): the sync reads the next page while it writes this one, so it pays the latency
+once per page where the floor pays it on top of its writes.
 
 A second cycle then runs with nothing changed in the CRM (the incremental case), timed per stage.
 Before it, the export runs once for real against platforms that accept every row (not timed): a

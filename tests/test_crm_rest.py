@@ -3,10 +3,7 @@ against a loopback server, for a minimal connector that declares only what the l
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import closing
 
 import pytest
 import requests
@@ -134,7 +131,6 @@ def test_the_token_is_sent_and_an_oauth_token_refused_early_is_renewed_once(serv
 def _server_pages(answers: list[tuple[list[int], str | None]]):
     """fetch(token) answering from `answers` in order; records which tokens were asked."""
     asked: list[str | None] = []
-    answers = list(answers)  # a parametrized list is shared between the cases
 
     def fetch(token: str | None) -> dict:
         asked.append(token)
@@ -144,7 +140,6 @@ def _server_pages(answers: list[tuple[list[int], str | None]]):
     return fetch, asked
 
 
-@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize(("answers", "yielded", "asked"), [
     # plain paging
     ([([1, 2], "a"), ([3], None)], [[1, 2], [3]], [None, "a"]),
@@ -153,83 +148,16 @@ def _server_pages(answers: list[tuple[list[int], str | None]]):
     # the same records under a new token: read again with the token that was sent
     ([([1, 2], "a"), ([1, 2], "b"), ([3], None)], [[1, 2], [3]], [None, "a", "a"]),
 ])
-def test_follow_pages_reads_a_repeated_page_again(answers, yielded, asked, read_ahead) -> None:
+def test_follow_pages_reads_a_repeated_page_again(answers, yielded, asked) -> None:
     fetch, tokens = _server_pages(answers)
     pages = follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list",
-                         same_records=lambda d: d["ids"], read_ahead=read_ahead)
+                         same_records=lambda d: d["ids"])
     assert [d["ids"] for d, _ in pages] == yielded
     assert tokens == asked
 
 
-@pytest.mark.parametrize("read_ahead", [False, True])
-def test_follow_pages_gives_up_on_a_server_that_loops(read_ahead) -> None:
+def test_follow_pages_gives_up_on_a_server_that_loops() -> None:
     fetch, tokens = _server_pages([([1], "a")] + [([2], "a")] * (MAX_REPEATS + 1))
-    pages = follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list",
-                         read_ahead=read_ahead)
-    assert next(pages)[0]["ids"] == [1]  # the pages before the failure come first
     with pytest.raises(RetriableSourceError, match="kept repeating the list page after a"):
-        list(pages)
+        list(follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list"))
     assert tokens == [None] + ["a"] * (MAX_REPEATS + 1)
-
-
-def test_read_ahead_asks_for_the_next_page_while_this_one_is_handled() -> None:
-    fetch, tokens = _server_pages([([1], "a"), ([2], "b"), ([3], None)])
-    second_asked = threading.Event()
-
-    def watched(token: str | None) -> dict:
-        answer = fetch(token)
-        if token == "a":
-            second_asked.set()
-        return answer
-
-    with closing(follow_pages(watched, lambda d: d["next"], vendor="ExampleCRM", what="list",
-                              read_ahead=True)) as pages:
-        first, _ = next(pages)
-        # still holding the first page: the second was asked for meanwhile
-        assert first["ids"] == [1] and second_asked.wait(5)
-        assert [d["ids"] for d, _ in pages] == [[2], [3]]
-    assert tokens == [None, "a", "b"]
-
-
-def test_read_ahead_stops_asking_once_closed() -> None:
-    fetch, tokens = _server_pages([([i], str(i + 1)) for i in range(50)])
-    pages = follow_pages(fetch, lambda d: d["next"], vendor="ExampleCRM", what="list",
-                         read_ahead=True)
-    assert next(pages)[0]["ids"] == [0]
-    pages.close()  # joins the reading thread
-    asked = len(tokens)
-    time.sleep(0.05)
-    assert asked == len(tokens) <= 3  # the page in hand and at most two read ahead
-
-
-def test_requests_from_several_threads_are_sent_one_at_a_time(monkeypatch) -> None:
-    """A page read ahead asks from its own thread while the connector may ask for something
-    else (a deal's associations): one exchange at a time, every response counted."""
-    in_flight, most = [0], [0]
-    lock = threading.Lock()
-
-    def slow(request: object) -> Reply:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        time.sleep(0.02)
-        with lock:
-            in_flight[0] -= 1
-        return Reply(200, {"ok": 1})
-
-    srv = LocalServer()
-    srv.route("GET", "/things", slow)
-    srv.start()
-    try:
-        api = _api(srv, monkeypatch)
-        answers: list[object] = []
-        threads = [threading.Thread(target=lambda: answers.extend(
-            api.request("GET", "/things") for _ in range(4))) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        srv.stop()
-    assert answers == [{"ok": 1}] * 12 and api.requests == 12
-    assert most[0] == 1

@@ -33,8 +33,7 @@ A page the server repeats (same cursor back) is detected and read again, never y
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -127,16 +126,10 @@ def _bool(value: Any) -> bool | None:
     return True if s in _TRUE else False if s in _FALSE else None
 
 
-def _paged(fetch: Any, what: str, *, cap: int | None = None
-           ) -> Generator[tuple[dict[str, Any], str | None], None, None]:
-    """HubSpot's paging: `paging.next.after`, a page known again by its records' ids; read
-    ahead (the next page is asked for while this one is converted and written). `cap`: no page
-    is asked for from that offset on (search's 10k limit)."""
-    def next_after(data: dict[str, Any]) -> str | None:
-        after = (data.get("paging") or {}).get("next", {}).get("after")
-        return None if after and cap is not None and int(after) + SEARCH_PAGE > cap else after
-
-    return follow_pages(fetch, next_after, vendor="HubSpot", what=what, read_ahead=True,
+def _paged(fetch: Any, what: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """HubSpot's paging: `paging.next.after`, a page known again by its records' ids."""
+    return follow_pages(fetch, lambda data: (data.get("paging") or {}).get("next", {}).get("after"),
+                        vendor="HubSpot", what=what,
                         same_records=lambda data: [r["id"] for r in data.get("results", [])])
 
 
@@ -390,9 +383,10 @@ class HubSpotSource:
             body = dict(request, after=after) if after else request
             return self._call("POST", path, body=body, search=True)
 
-        with closing(_paged(fetch, "search", cap=SEARCH_CAP)) as pages:
-            for data, _ in pages:
-                yield data.get("results", []), int(data.get("total") or 0)
+        for data, nxt in _paged(fetch, "search"):
+            yield data.get("results", []), int(data.get("total") or 0)
+            if nxt and int(nxt) + SEARCH_PAGE > SEARCH_CAP:
+                return
 
     def _list_pages(self, object_type: str, params: dict[str, Any]) -> Iterator[list[dict]]:
         path = self._path("objects", object_type)
@@ -400,9 +394,8 @@ class HubSpotSource:
         def fetch(after: str | None) -> dict[str, Any]:
             return self._call("GET", path, params={**params, **({"after": after} if after else {})})
 
-        with closing(_paged(fetch, "list")) as pages:
-            for data, _ in pages:
-                yield data.get("results", [])
+        for data, _ in _paged(fetch, "list"):
+            yield data.get("results", [])
 
     def _archived_pages(self) -> Iterator[Page]:
         params = {"archived": "true", "limit": LIST_PAGE, "properties": "hs_object_id"}

@@ -19,8 +19,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -166,25 +165,22 @@ class PipedriveSource:
             params["updated_since"] = rfc3339(since.updated_at)
         if path == "/deals":
             params["status"] = "open,won,lost"
-        with closing(self._pages(path, params, read_ahead=True)) as pages:
-            for body, _ in pages:
-                data = body.get("data") or []
-                cursor = None
-                for rec in reversed(data):
-                    stamp = parse_time(rec.get("update_time"))
-                    if stamp is not None:
-                        cursor = Cursor(stamp, str(rec.get("id")))
-                        break
-                yield data, cursor
+        for body, _ in self._pages(path, params):
+            data = body.get("data") or []
+            cursor = None
+            for rec in reversed(data):
+                stamp = parse_time(rec.get("update_time"))
+                if stamp is not None:
+                    cursor = Cursor(stamp, str(rec.get("id")))
+                    break
+            yield data, cursor
 
-    def _pages(self, path: str, params: dict[str, Any], *, read_ahead: bool = False
-               ) -> Generator[tuple[dict, str | None], None, None]:
-        """Cursor paging (`additional_data.next_cursor`); a replayed page is read again;
-        `read_ahead`: see `follow_pages`."""
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[tuple[dict, str | None]]:
+        """Cursor paging (`additional_data.next_cursor`); a replayed page is read again."""
         return follow_pages(
             lambda cursor: self._get(path, {**params, **({"cursor": cursor} if cursor else {})}),
             lambda body: (body.get("additional_data") or {}).get("next_cursor"),
-            vendor="Pipedrive", what=path, read_ahead=read_ahead)
+            vendor="Pipedrive", what=path)
 
     # -- streams ----------------------------------------------------------------------------
 

@@ -16,19 +16,13 @@ here, once, in `error_for()`:
 
 Messages describe the response with secrets and e-mails masked (`describe_response`); a token is
 never part of one.
-
-Pages can be read ahead (`follow_pages(..., read_ahead=True)`): the next page is requested while
-the connector converts this one and the sync writes it, so the CRM is not left waiting on us
-between pages. One `RestApi` sends one request at a time whatever the thread asking, so the
-request count, the rate limiter's pacing and a token refresh stay as they are in line.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import requests
@@ -37,7 +31,6 @@ from leadloop.config import Settings
 from leadloop.errors import FatalSourceError, QuotaExhaustedError, RetriableSourceError
 from leadloop.http import RateLimiter, describe_response
 from leadloop.oauth import OAuthTokenProvider
-from leadloop.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +110,6 @@ class RestApi:
         self.sleep = sleep
         self.requests = 0  # responses received
         self.throttled = 0  # short waits taken on the API's request
-        self._one_at_a_time = threading.Lock()  # a page read ahead asks from another thread
 
     @property
     def auth(self) -> Auth:
@@ -133,15 +125,7 @@ class RestApi:
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 body: Any = None, limiter: RateLimiter | None = None) -> Any:
         """Send `method path` (a path under `base_url`) and return the decoded JSON answer, or
-        raise the error `error_for()` gives the response. Requests from several threads are
-        sent one after the other; their answers are decoded at once."""
-        with self._one_at_a_time:
-            response = self._exchange(method, path, params, body, limiter)
-        return response.json()
-
-    def _exchange(self, method: str, path: str, params: dict[str, Any] | None, body: Any,
-                  limiter: RateLimiter | None) -> requests.Response:
-        """Send until the answer is a success (returned) or an error (raised)."""
+        raise the error `error_for()` gives the response."""
         refreshed = False
         throttled = 0
         while True:
@@ -162,7 +146,7 @@ class RestApi:
             self.observe(response)
             status = response.status_code
             if status in self.ok_statuses:
-                return response
+                return response.json()
             if status in self.auth_statuses and not refreshed and self.auth.refresh(credentials):
                 log.info("%s refused the access token (%s); refreshing it once", self.vendor, status)
                 refreshed = True
@@ -228,25 +212,12 @@ def json_body(response: requests.Response) -> Any:
 
 
 def follow_pages(fetch: Callable[[Token | None], Any], next_token: Callable[[Any], Token | None],
-                 *, vendor: str, what: str, same_records: Callable[[Any], Any] | None = None,
-                 read_ahead: bool = False) -> Generator[tuple[Any, Token | None], None, None]:
+                 *, vendor: str, what: str, same_records: Callable[[Any], Any] | None = None
+                 ) -> Iterator[tuple[Any, Token | None]]:
     """Yield (answer, next token) for each page: `fetch(None)` first, then `fetch(token)` until
     `next_token` gives None. A page the server sends again (its own token back, or the same
     records as the page before, by `same_records`) is read again, never yielded twice; sent
-    again more than MAX_REPEATS times in a row, the sync fails as retriable.
-
-    `read_ahead`: `fetch` runs in a thread, the next page requested as soon as this one's token
-    is known (the same requests in the same order; closing the iterator early leaves at most two
-    pages read for nothing). Close the iterator (`contextlib.closing`) to stop that thread."""
-    pages = _follow(fetch, next_token, vendor=vendor, what=what, same_records=same_records)
-    if read_ahead:
-        return prefetched(pages, name=f"{vendor}-{what}-pages")
-    return pages
-
-
-def _follow(fetch: Callable[[Token | None], Any], next_token: Callable[[Any], Token | None],
-            *, vendor: str, what: str, same_records: Callable[[Any], Any] | None
-            ) -> Generator[tuple[Any, Token | None], None, None]:
+    again more than MAX_REPEATS times in a row, the sync fails as retriable."""
     token: Token | None = None
     previous: Any = None
     repeats = 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -241,12 +240,11 @@ class SalesforceSource:
     def _records(self, soql: str, *, all_rows: bool = False) -> Iterator[tuple[list[dict], int]]:
         """Yield (records, totalSize) per batch, following nextRecordsUrl."""
         first = self.client.query_path(soql, all_rows=all_rows)
-        with closing(follow_pages(
+        for body, _ in follow_pages(
                 lambda next_url: self.client.get(next_url or first),
                 lambda body: None if body.get("done", True) else body.get("nextRecordsUrl"),
-                vendor="Salesforce", what="query", read_ahead=True)) as batches:
-            for body, _ in batches:
-                yield body.get("records", []), int(body.get("totalSize", 0))
+                vendor="Salesforce", what="query"):
+            yield body.get("records", []), int(body.get("totalSize", 0))
 
     def _query_all(self, soql: str) -> list[dict]:
         return [r for batch, _ in self._records(soql) for r in batch]
