@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -373,8 +374,12 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     currency, version, bands = card.currency, card.version, card.value_bands or []
     scored = 0
     ids = data.leads.index[data.leads.index.isin(due)].to_numpy()
+    # A batch's scores are written (its own transaction) while the next batch is scored: the
+    # database works while the model predicts. One write at a time, in order.
+    writing: Future[None] | None = None
     with limited_threads(settings.model.threads), \
-            track("score leads", total=len(ids)) as progress:
+            track("score leads", total=len(ids)) as progress, \
+            ThreadPoolExecutor(1, thread_name_prefix="score-write") as writer:
         for start in range(0, len(ids), SCORE_BATCH):
             part = moments.loc[ids[start:start + SCORE_BATCH]]
             x, _ = build_features(data, features, part)
@@ -385,16 +390,24 @@ def score_leads(ctx: Context) -> dict[str, Any]:
                      "currency": currency, "value_band": band, "scored_at": scored_at}
                     for i, pi, band in zip(part.index.tolist(), p, bands_of(p, bands),
                                            strict=True)]
-            with session_scope(ctx.engine) as session:
-                upsert(session, Score, rows, conflict=("lead_id", "model_version"))
+            if writing is not None:
+                writing.result()  # the previous batch is stored (or its error raised here)
+            writing = writer.submit(_write_scores, ctx, rows)
             scored += len(rows)
             progress.advance(len(rows))
             if ctx.stopping:
                 break
+        if writing is not None:
+            writing.result()
     out: dict[str, Any] = {"scored": scored, "model_version": version, "fallback": None}
     if trained:
         out["trained"] = trained["leads"]
     return out
+
+
+def _write_scores(ctx: Context, rows: list[dict[str, Any]]) -> None:
+    with session_scope(ctx.engine) as session:
+        upsert(session, Score, rows, conflict=("lead_id", "model_version"))
 
 
 def evaluate_csv(path: str | Path, *, label: str, positive: str | None = None,
