@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -307,105 +306,102 @@ def _build_part(session: Session, settings: Settings, stages: list[StageConfig],
     visited: set[tuple[str, int, str]] = set()  # keys with existing rows that were built
 
     new = _NewRows(now, job_run_id)
-    try:
-        updates: list[dict[str, Any]] = []
-        for stage in stages:
-            stage_facts = facts[stage.name]
-            values: dict[int, tuple[Decimal | None, str, str | None]] = {}  # the same for every destination
-            for dest, action in stage.destinations.items():
-                if dest not in destinations:
+    updates: list[dict[str, Any]] = []
+    for stage in stages:
+        stage_facts = facts[stage.name]
+        values: dict[int, tuple[Decimal | None, str, str | None]] = {}  # the same for every destination
+        for dest, action in stage.destinations.items():
+            if dest not in destinations:
+                continue
+            clicks = [(name, LEAD_FIELDS.index(name))
+                      for name in click_preference(settings.destination_kind(dest))]
+            takes = destinations[dest]
+            adjustable = ALL_ADJUSTMENTS if takes is True else (takes or frozenset())
+            decide = rules.get(dest) if rules is not None else None
+            keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
+            for lead_id in keys:
+                lead = leads.get(lead_id)
+                if lead is None:
                     continue
-                clicks = [(name, LEAD_FIELDS.index(name))
-                          for name in click_preference(settings.destination_kind(dest))]
-                takes = destinations[dest]
-                adjustable = ALL_ADJUSTMENTS if takes is True else (takes or frozenset())
-                decide = rules.get(dest) if rules is not None else None
-                keys = set(stage_facts) | {k[1] for k in existing if k[0] == dest and k[2] == stage.name}
-                for lead_id in keys:
-                    lead = leads.get(lead_id)
-                    if lead is None:
+                fact = stage_facts.get(lead_id)
+                gone = lead.status != _ACTIVE
+                retract = gone or fact is None or fact.lost_after
+                value, currency, hold = (None, stage.currency, None)
+                if fact is not None:
+                    known = values.get(lead_id)
+                    if known is None:
+                        known = values[lead_id] = _value(stage, fact, scores, lead_id)
+                    value, currency, hold = known
+                click_kind, click_id = _click(clicks, lead.row)
+                rows = existing.get((dest, lead_id, stage.name))
+                if not rows:
+                    if retract:
                         continue
-                    fact = stage_facts.get(lead_id)
-                    gone = lead.status != _ACTIVE
-                    retract = gone or fact is None or fact.lost_after
-                    value, currency, hold = (None, stage.currency, None)
-                    if fact is not None:
-                        known = values.get(lead_id)
-                        if known is None:
-                            known = values[lead_id] = _value(stage, fact, scores, lead_id)
-                        value, currency, hold = known
-                    click_kind, click_id = _click(clicks, lead.row)
-                    rows = existing.get((dest, lead_id, stage.name))
-                    if not rows:
+                    assert fact is not None
+                    oid = order_id(dest, lead.source, lead.crm_id, stage.name, 0)
+                    stored_currency = currency if value is not None else None
+                    rule = hold
+                    if decide is not None and hold is None:
+                        rule = decide(OutRow(0, oid, oid, _CONVERSION, 0,
+                                             stage.name, action, fact.entered_at, value,
+                                             stored_currency, now, *lead.row), now)
+                    new.add(session, oid, dest, lead_id, stage.name, 0, _CONVERSION, action,
+                            fact.entered_at, value, stored_currency, click_kind, click_id,
+                            _HELD if rule else _PENDING, rule)
+                    counts["built"] += 1
+                    continue
+                visited.add((dest, lead_id, stage.name))
+                latest = rows[-1]
+                sent = [r for r in rows if r.status == ConversionStatus.sent]
+                last_sent = sent[-1] if sent else None
+                wanted = None
+                if last_sent is not None and adjustable:
+                    wanted = _adjustment(stage, last_sent, retract, value)
+                    if wanted is not None and wanted[0] not in adjustable:
+                        wanted = None  # e.g. Data Manager restates but cannot retract
+                if latest.status in UNSENT:
+                    if last_sent is None:
                         if retract:
-                            continue
-                        assert fact is not None
-                        oid = order_id(dest, lead.source, lead.crm_id, stage.name, 0)
-                        stored_currency = currency if value is not None else None
-                        rule = hold
-                        if decide is not None and hold is None:
-                            rule = decide(OutRow(0, oid, oid, _CONVERSION, 0,
-                                                 stage.name, action, fact.entered_at, value,
-                                                 stored_currency, now, *lead.row), now)
-                        new.add(session, oid, dest, lead_id, stage.name, 0, _CONVERSION, action,
-                                fact.entered_at, value, stored_currency, click_kind, click_id,
-                                _HELD if rule else _PENDING, rule)
-                        counts["built"] += 1
-                        continue
-                    visited.add((dest, lead_id, stage.name))
-                    latest = rows[-1]
-                    sent = [r for r in rows if r.status == ConversionStatus.sent]
-                    last_sent = sent[-1] if sent else None
-                    wanted = None
-                    if last_sent is not None and adjustable:
-                        wanted = _adjustment(stage, last_sent, retract, value)
-                        if wanted is not None and wanted[0] not in adjustable:
-                            wanted = None  # e.g. Data Manager restates but cannot retract
-                    if latest.status in UNSENT:
-                        if last_sent is None:
-                            if retract:
-                                updates.append(_withdraw(latest, "lead gone or stage no longer true"))
-                                counts["withdrawn"] += 1
-                                continue
-                            assert fact is not None
-                            change = _refresh(latest, action, fact.entered_at, value, currency, hold,
-                                              click_kind, click_id)
-                        elif wanted is None:
-                            updates.append(_withdraw(latest, "adjustment no longer needed"))
+                            updates.append(_withdraw(latest, "lead gone or stage no longer true"))
                             counts["withdrawn"] += 1
                             continue
-                        else:
-                            change = _refresh(latest, latest.conversion_action,
-                                              latest.conversion_time, wanted[1],
-                                              currency if wanted[1] is not None else None, None,
-                                              click_kind, click_id)
-                            if latest.kind != wanted[0]:
-                                change = {**(change or {"id": latest.id}), "kind": wanted[0]}
-                        if change:
-                            counts["refreshed"] += 1
-                        if decide is not None:
-                            change = _checked(decide, now, latest, change, lead,
-                                              order_id(dest, lead.source, lead.crm_id, stage.name, 0))
-                        if change:
-                            updates.append(change)
-                    elif latest.status == ConversionStatus.sent and wanted is not None:
-                        first = rows[0]
-                        rev = latest.revision + 1
-                        oid = order_id(dest, lead.source, lead.crm_id, stage.name, rev)
-                        stored_currency = currency if wanted[1] is not None else None
-                        rule = None
-                        if decide is not None:
-                            rule = decide(OutRow(0, oid, first.order_id, wanted[0], rev, stage.name,
-                                                 first.conversion_action, first.conversion_time,
-                                                 wanted[1], stored_currency, now, *lead.row), now)
-                        new.add(session, oid, dest, lead_id, stage.name, rev, wanted[0],
-                                first.conversion_action, first.conversion_time, wanted[1],
-                                stored_currency, click_kind, click_id,
-                                _HELD if rule else _PENDING, rule)
-                        counts["revisions"] += 1
-        new.finish(session)
-    finally:
-        new.close()  # a write still running ends before the session is used again
+                        assert fact is not None
+                        change = _refresh(latest, action, fact.entered_at, value, currency, hold,
+                                          click_kind, click_id)
+                    elif wanted is None:
+                        updates.append(_withdraw(latest, "adjustment no longer needed"))
+                        counts["withdrawn"] += 1
+                        continue
+                    else:
+                        change = _refresh(latest, latest.conversion_action,
+                                          latest.conversion_time, wanted[1],
+                                          currency if wanted[1] is not None else None, None,
+                                          click_kind, click_id)
+                        if latest.kind != wanted[0]:
+                            change = {**(change or {"id": latest.id}), "kind": wanted[0]}
+                    if change:
+                        counts["refreshed"] += 1
+                    if decide is not None:
+                        change = _checked(decide, now, latest, change, lead,
+                                          order_id(dest, lead.source, lead.crm_id, stage.name, 0))
+                    if change:
+                        updates.append(change)
+                elif latest.status == ConversionStatus.sent and wanted is not None:
+                    first = rows[0]
+                    rev = latest.revision + 1
+                    oid = order_id(dest, lead.source, lead.crm_id, stage.name, rev)
+                    stored_currency = currency if wanted[1] is not None else None
+                    rule = None
+                    if decide is not None:
+                        rule = decide(OutRow(0, oid, first.order_id, wanted[0], rev, stage.name,
+                                             first.conversion_action, first.conversion_time,
+                                             wanted[1], stored_currency, now, *lead.row), now)
+                    new.add(session, oid, dest, lead_id, stage.name, rev, wanted[0],
+                            first.conversion_action, first.conversion_time, wanted[1],
+                            stored_currency, click_kind, click_id,
+                            _HELD if rule else _PENDING, rule)
+                    counts["revisions"] += 1
+    new.flush(session)
     bulk_update(session, updates, job_run_id)
     if rules is not None:
         for key, key_rows in existing.items():
@@ -437,13 +433,7 @@ def _checked(decide: Decide, now: datetime, latest: Any, change: dict[str, Any] 
 
 class _NewRows:
     """New outbox rows, inserted every `_INSERT_CHUNK` rows in the build's transaction (bounded
-    memory) column by column. The columns all new rows share are bound once.
-
-    A chunk is written in a thread while the build goes on making the next one: the database
-    inserts (into a table with seven indexes) while Python builds, instead of each waiting for
-    the other. One write at a time, in order, on the build's session; the session is not used
-    by the build meanwhile (building rows reads nothing), and `finish`/`close` wait for the last
-    write before the caller uses it again."""
+    memory) column by column. The columns all new rows share are bound once."""
 
     COLUMNS = ("order_id", "destination", "lead_id", "stage", "revision", "kind",
                "conversion_action", "conversion_time", "value", "currency", "click_id_kind",
@@ -456,43 +446,18 @@ class _NewRows:
         # driver-ready values by column, kept across chunks of this build step: a stage's time
         # comes back for each of its destinations, chunks apart
         self.memos: dict[str, dict[Any, Any]] = {name: {} for name in self.COLUMNS}
-        self._writer: ThreadPoolExecutor | None = None
-        self._writing: Future[None] | None = None
 
     def add(self, session: Session, *values: Any) -> None:
         """One row: its values in `COLUMNS` order."""
         self.rows.append(values)
         if len(self.rows) >= _INSERT_CHUNK:
-            self._wait()
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="outbox-insert")
-            self._writing = self._writer.submit(_insert_new, session, self._columns(),
-                                                self.shared, self.memos)
+            self.flush(session)
 
-    def finish(self, session: Session) -> None:
-        """Write the rows left and wait for every write (an error of one is raised here)."""
-        self._wait()
+    def flush(self, session: Session) -> None:
         if self.rows:
-            _insert_new(session, self._columns(), self.shared, self.memos)
-
-    def close(self) -> None:
-        """Wait for a write still running (after an error elsewhere: its own error is dropped)."""
-        if self._writing is not None:
-            wait([self._writing])
-            self._writing = None
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
-
-    def _wait(self) -> None:
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            writing.result()
-
-    def _columns(self) -> dict[str, list[Any]]:
-        """The rows gathered so far, column by column (and the gathering starts again)."""
-        rows, self.rows = self.rows, []
-        return dict(zip(self.COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
+            columns = dict(zip(self.COLUMNS, map(list, zip(*self.rows, strict=True)), strict=True))
+            _insert_new(session, columns, self.shared, self.memos)
+        self.rows.clear()
 
 
 def _insert_new(session: Session, columns: dict[str, list[Any]], shared: dict[str, Any],
