@@ -18,6 +18,7 @@ from operator import is_, itemgetter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -37,6 +38,7 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.pool import Pool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -261,7 +263,6 @@ def upsert_columns(
     if dialect == "postgresql":
         _copy_to_staging(session, table, bound)
         session.execute(stmt)
-        session.execute(text(f"TRUNCATE {_staging_name(table)}"))
     else:
         executemany(session, stmt, bound)
 
@@ -403,15 +404,64 @@ def _copy_to_staging(session: Session, table: Any, bound: dict[str, list[Any]]) 
     """PostgreSQL: COPY the rows (`v_<column>` -> its values, as `bind_values` makes them) into
     a temporary table shaped like `table`, to be inserted from with one set-based statement.
     Per-row INSERTs spent more time in the drivers (binding, pipelining) than the server spent
-    writing: about 80 µs a row, against a few for COPY."""
+    writing: about 80 µs a row, against a few for COPY.
+
+    The staging table is created once per connection, `ON COMMIT DELETE ROWS`: each commit
+    empties it in place, so it is emptied by statement (TRUNCATE) only when written twice in one
+    transaction. A sync page wrote three tables, each with a CREATE ... IF NOT EXISTS and a
+    TRUNCATE (a new file and a catalog row each time): six of its twenty round trips. What the
+    connection holds is tracked in its `info` (the listeners below)."""
     names = [k.removeprefix("v_") for k in bound]
     name = _staging_name(table)
-    session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} AS "
-                         f"SELECT * FROM {table.name} WITH NO DATA"))
-    cursor = session.connection().connection.cursor()
+    conn = session.connection()
+    created = conn.info.setdefault(_STAGING_CREATED, set())
+    written = conn.info.setdefault(_STAGING_WRITTEN, set())
+    if name not in created:
+        session.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} ON COMMIT DELETE ROWS "
+                             f"AS SELECT * FROM {table.name} WITH NO DATA"))
+        created.add(name)
+    if name in written:  # rows of an earlier write in this transaction are still there
+        session.execute(text(f"TRUNCATE {name}"))
+    written.add(name)
+    cursor = conn.connection.cursor()
     with cursor.copy(f"COPY {name} ({', '.join(names)}) FROM STDIN") as copy:
         for values in zip(*bound.values(), strict=True):
             copy.write_row(values)
+
+
+_STAGING_CREATED = "leadloop_staging_created"  # staging tables this connection has
+_STAGING_WRITTEN = "leadloop_staging_written"  # ... written in its open transaction
+
+
+# Each connection's record of its staging tables (`_copy_to_staging`) is kept true for every
+# engine: a commit empties them; a rollback may also undo their creation (so may a savepoint's,
+# which leaves the rows written before it); a connection the pool rolls back with a
+# transaction still open (not through its Connection) is forgotten whole.
+
+
+@event.listens_for(Engine, "commit")
+def _staging_committed(conn: Any) -> None:
+    conn.info.pop(_STAGING_WRITTEN, None)
+
+
+@event.listens_for(Engine, "rollback")
+def _staging_rolled_back(conn: Any) -> None:
+    conn.info.pop(_STAGING_WRITTEN, None)
+    conn.info.pop(_STAGING_CREATED, None)
+
+
+@event.listens_for(Engine, "rollback_savepoint")
+def _staging_savepoint_rolled_back(conn: Any, _name: Any, _context: Any) -> None:
+    conn.info.pop(_STAGING_CREATED, None)
+
+
+@event.listens_for(Pool, "reset")
+def _staging_reset(dbapi_conn: Any, record: Any, state: Any) -> None:
+    # The pool rolls back every connection it takes back, most with nothing open (committed).
+    status = getattr(getattr(dbapi_conn, "info", None), "transaction_status", None)
+    if not state.transaction_was_reset and status != psycopg.pq.TransactionStatus.IDLE:
+        record.info.pop(_STAGING_WRITTEN, None)
+        record.info.pop(_STAGING_CREATED, None)
 
 
 def _as_text(column: Any) -> Any:
