@@ -261,6 +261,9 @@ class RejectedRecord(SQLModel, table=True):
     """Whatever could not be ingested or sent, with its reason; payload has no clear PII."""
 
     __tablename__ = "rejected_record"
+    # Each synced page with rejects looks up those already kept by (source, record_ref)
+    # (`rejects.keep_rejects`): without an index, a scan of every reject kept so far.
+    __table_args__ = (Index("ix_rejected_record_ref", "source", "record_ref"),)
 
     id: int | None = Field(default=None, primary_key=True)
     job_run_id: int | None = Field(default=None, index=True)
