@@ -237,3 +237,29 @@ def test_a_card_keeps_keys_it_does_not_know_and_lacks_the_ones_it_never_had() ->
     # a card made here writes `model` and `artifact_sha256` only once they are set
     assert "artifact_sha256" not in ModelCard("v1").to_dict()
     assert ModelCard("v1", model="logistic_regression").to_dict()["model"] == "logistic_regression"
+
+
+@pytest.mark.slow
+def test_a_score_write_that_fails_fails_the_job(engine, tmp_path, monkeypatch) -> None:
+    """Batches are written in a thread while the next is scored: a write's error must reach
+    the job (raised, not lost in the thread), and the batches before it stay stored."""
+    from leadloop.scoring import model
+
+    ctx = demo_context(engine, tmp_path, model={"min_leads": 500, "min_conversions": 60})
+    load_funnel(ctx, 3000)
+    monkeypatch.setattr(model, "SCORE_BATCH", 1000)
+    write = model._write_scores
+    calls = []
+
+    def failing_second(ctx_: object, rows: list[dict]) -> None:
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise RuntimeError("the store refused the batch")
+        write(ctx_, rows)
+
+    monkeypatch.setattr(model, "_write_scores", failing_second)
+    with pytest.raises(RuntimeError, match="refused the batch"):
+        score_leads(ctx)
+    with Session(ctx.engine) as s:
+        assert s.exec(select(func.count()).select_from(Score)).one() == 1000
+    assert calls == [1000, 1000]  # the third batch is not written after the failure
