@@ -165,11 +165,16 @@ class StageChange(SQLModel, table=True):
 
 
 class Score(SQLModel, table=True):
+    """A lead's latest score and the model version that made it: one row per lead, replaced
+    when a newer model (or the same one, the lead having changed) scores it again. Superseded
+    scores were never read (the report and the export take each lead's latest) and grew the
+    table by one row per active lead at every weekly retrain."""
+
     __tablename__ = "score"
-    __table_args__ = (UniqueConstraint("lead_id", "model_version", name="uq_score"),)
+    __table_args__ = (UniqueConstraint("lead_id", name="uq_score_lead"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    lead_id: int = Field(foreign_key="lead.id")  # indexed first in uq_score
+    lead_id: int = Field(foreign_key="lead.id")  # indexed by uq_score_lead
     model_version: str
     probability: float
     expected_value: Decimal | None = _money()

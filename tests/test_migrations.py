@@ -191,6 +191,32 @@ def test_the_outbox_watermark_moves_to_its_own_table_with_its_value(db_url, tmp_
         engine.dispose()
 
 
+def test_superseded_scores_go_and_each_lead_keeps_its_latest(db_url):
+    """Stores before 0004 kept a score per lead and model version; the upgrade keeps each lead's
+    latest (by `scored_at`, then `id`: what the report and the export read) and nothing else."""
+    _build_old_store(db_url, PREVIOUS_RELEASE)
+    engine = _bare_engine(db_url)
+    with engine.begin() as conn:
+        old = MetaData()
+        old.reflect(conn, only=["score"])
+        conn.execute(old.tables["score"].insert(), [
+            {"id": 2, "lead_id": 1, "model_version": "m0", "probability": 0.1, "scored_at": T0},
+            {"id": 3, "lead_id": 2, "model_version": "m0", "probability": 0.3, "scored_at": T1},
+            {"id": 4, "lead_id": 2, "model_version": "m1", "probability": 0.4, "scored_at": T1},
+        ])
+    engine.dispose()
+    engine = make_engine(db_url, check_schema=False)
+    try:
+        schema.upgrade(engine)
+        with Session(engine) as session:
+            kept = {(s.lead_id, s.model_version, s.probability)
+                    for s in session.exec(select(tables.Score))}
+        _assert_schema_matches_tables(engine)
+    finally:
+        engine.dispose()
+    assert kept == {(1, "m1", 0.25), (2, "m1", 0.4)}
+
+
 def test_a_store_from_before_the_previous_release_loses_its_retired_indexes(db_url):
     _build_old_store(db_url, FOUNDATION)
     engine = make_engine(db_url, check_schema=False)

@@ -93,8 +93,6 @@ def populate(engine: Engine) -> dict[str, int]:
             LeadEvent(lead_id=lid("7"), name="page_view", occurred_at=feb),
         ])
         s.add_all([
-            Score(lead_id=lid("1"), model_version="v0", probability=0.1,
-                  expected_value=Decimal("10"), scored_at=jan),
             Score(lead_id=lid("1"), model_version="v1", probability=0.8,
                   expected_value=Decimal("80"), scored_at=feb),
             Score(lead_id=lid("2"), model_version="v1", probability=0.6,

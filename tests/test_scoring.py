@@ -155,6 +155,14 @@ def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     assert score_leads(ctx)["scored"] == 1
     with Session(ctx.engine) as s:
         assert s.exec(select(func.count()).select_from(Score)).one() == 3000
+    # the weekly retrain: the new model's scores replace the old ones, one row per lead
+    ctx.now = lambda: SIM_END + timedelta(days=7)
+    retrained = train_and_register(ctx)["model_version"]
+    assert retrained not in (None, card.version)
+    assert score_leads(ctx)["scored"] == 3000
+    with Session(ctx.engine) as s:
+        assert s.exec(select(Score.model_version, func.count()).group_by(Score.model_version)
+                      ).all() == [(retrained, 3000)]
     assert card.version in registry.format_model_list(ctx)
     assert "roc_auc" in registry.format_model_card(ctx, None)
 

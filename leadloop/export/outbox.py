@@ -155,13 +155,10 @@ def _stage_facts(session: Session, settings: Settings, stage: StageConfig, scope
 
 
 def _latest_scores(session: Session, scope: Scope) -> dict[int, tuple[Decimal | None, str | None]]:
-    out: dict[int, tuple[Decimal | None, str | None]] = {}
+    """Each lead's latest expected value and its currency (the store keeps one score per lead)."""
     stmt = select(Score.lead_id, Score.expected_value, Score.currency  # type: ignore[call-overload]
                   ).where(scope(Score.lead_id))
-    rows = _fetch(session, stmt.order_by(Score.scored_at, Score.id))
-    for lead_id, ev, cur in rows:
-        out[lead_id] = (ev, cur)
-    return out
+    return {lead_id: (ev, cur) for lead_id, ev, cur in _fetch(session, stmt)}
 
 
 def _in_bounds(stage: StageConfig, value: Decimal | None) -> bool:

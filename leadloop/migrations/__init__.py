@@ -3,4 +3,4 @@
 One file per revision in `versions/`; a revision never imports `leadloop.tables`, which
 describes the current schema only, so that an old revision keeps meaning what it did."""
 
-HEAD = "0003_rejected_record_ref"  # the newest revision in versions/ (tests/test_migrations.py checks it)
+HEAD = "0004_one_score_per_lead"  # the newest revision in versions/ (tests/test_migrations.py checks it)

@@ -284,17 +284,13 @@ def _load_micro_flags(engine: Engine, settings: Settings, lead_ids: pd.Series
 
 
 def _load_scores(engine: Engine) -> pd.DataFrame:
-    df = _frame(
+    """Each lead's latest score (the store keeps one per lead)."""
+    return _frame(
         engine,
-        select(*map(orm_col, [Score.lead_id, Score.probability, Score.expected_value, Score.scored_at,
-                          Score.id])),
-        ["lead_id", "probability", "expected_value", "scored_at", "id"],
-        times=["scored_at"], numbers=["probability", "expected_value"],
+        select(*map(orm_col, [Score.lead_id, Score.probability, Score.expected_value])),
+        ["lead_id", "probability", "expected_value"],
+        numbers=["probability", "expected_value"],
     )
-    if df.empty:
-        return pd.DataFrame(columns=["lead_id", "probability", "expected_value"])
-    df = df.sort_values(["scored_at", "id"]).drop_duplicates("lead_id", keep="last")
-    return df[["lead_id", "probability", "expected_value"]]
 
 
 def load_conversions(engine: Engine | Connection, since: datetime | None) -> pd.DataFrame:

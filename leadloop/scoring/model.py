@@ -407,7 +407,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
 
 def _write_scores(ctx: Context, rows: list[dict[str, Any]]) -> None:
     with session_scope(ctx.engine) as session:
-        upsert(session, Score, rows, conflict=("lead_id", "model_version"))
+        upsert(session, Score, rows, conflict=("lead_id",))  # a newer version's score replaces
 
 
 def evaluate_csv(path: str | Path, *, label: str, positive: str | None = None,
