@@ -18,7 +18,7 @@ creation or conversion times) the export itself. Only what was known by then is 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -72,6 +72,14 @@ class LeadData:
 
     leads: pd.DataFrame
     events: pd.DataFrame  # lead_id, name, occurred_at
+    _named: dict[str, pd.DataFrame] = field(default_factory=dict, init=False, repr=False,
+                                            compare=False)
+
+    def events_named(self, name: str) -> pd.DataFrame:
+        """The events called `name`: found once, not once per batch of leads scored."""
+        if name not in self._named:
+            self._named[name] = self.events[self.events["name"] == name]
+        return self._named[name]
 
     def attributes(self) -> pd.DataFrame:
         """The CRM attributes under their own names."""
@@ -206,9 +214,10 @@ def build_features(data: LeadData, features: list[Feature], moments: pd.Series
             raise LeakageError(f"feature {f.name} is known only after sales contact; refused")
         if f.known_at.startswith("event:"):
             name = f.known_at.removeprefix("event:")
-            ev = data.events[data.events["name"] == name]
+            ev = data.events_named(name)
             ev = ev[ev["lead_id"].isin(leads.index)]
-            before = ev[ev["occurred_at"].to_numpy() <= moments.reindex(ev["lead_id"]).to_numpy()]
+            # compared as datetime arrays (`to_numpy` made object arrays of Timestamps)
+            before = ev[ev["occurred_at"].array <= moments.reindex(ev["lead_id"]).array]
             first = before.groupby("lead_id")["occurred_at"].min()
             x[f.name] = leads.index.isin(first.index).astype(float)
             known[f.name] = first.reindex(leads.index)
