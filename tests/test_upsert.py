@@ -177,12 +177,12 @@ def _batches() -> Iterator[tuple[type[SQLModel], list[dict[str, Any]], dict[str,
          "expected_value": Decimal("12.3456"), "currency": "EUR", "value_band": "high"},
         {"lead_id": 2, "model_version": "m1", "probability": 1, "expected_value": None,
          "currency": None, "value_band": None},
-    ], {"conflict": ("lead_id", "model_version")}
-    yield Score, [
-        {"lead_id": 1, "model_version": "m1", "probability": 0.5,
+    ], {"conflict": ("lead_id",)}
+    yield Score, [  # a newer model's score replaces the lead's
+        {"lead_id": 1, "model_version": "m2", "probability": 0.5,
          "expected_value": Decimal("1"), "currency": "EUR", "value_band": "low",
          "scored_at": NOW + timedelta(days=1)},
-    ], {"conflict": ("lead_id", "model_version")}
+    ], {"conflict": ("lead_id",)}
     yield Conversion, [  # status, kind, revision, attempts and created_at by default
         {"order_id": "o-1", "destination": "meta", "lead_id": 1, "stage": "Won",
          "conversion_action": "Won", "conversion_time": NOW, "value": Decimal("10.5"),
