@@ -221,8 +221,9 @@ def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: in
         row.test = "chi-square"
     denom = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
     row.phi = (a * d - b * c) / denom if denom else 0.0
-    if strata is not None and len(np.unique(strata)) > 1:
-        adjusted = _mantel_haenszel(has, y, np.asarray(strata))
+    codes = None if strata is None else pd.factorize(np.asarray(strata))[0]
+    if codes is not None and len(codes) and codes.max() > 0:
+        adjusted = _mantel_haenszel(has, y, codes)
         if adjusted is not None:
             lift, se, row.p_value = adjusted
             row.lift, row.test = lift, "mantel-haenszel"
@@ -231,11 +232,11 @@ def two_by_two(has: np.ndarray, y: np.ndarray, *, min_events: int, min_group: in
     return row
 
 
-def _mantel_haenszel(has: np.ndarray, y: np.ndarray, strata: np.ndarray
+def _mantel_haenszel(has: np.ndarray, y: np.ndarray, codes: np.ndarray
                      ) -> tuple[float, float, float] | None:
-    """(rate ratio, SE of its log, CMH p-value with continuity correction) across strata, or
-    None when a stratum-pooled sum is zero (no information to adjust with)."""
-    codes = pd.factorize(strata)[0]
+    """(rate ratio, SE of its log, CMH p-value with continuity correction) across strata (each
+    lead's as a code 0..k-1), or None when a stratum-pooled sum is zero (no information to
+    adjust with)."""
     k = codes.max() + 1
     n1 = np.bincount(codes, weights=has, minlength=k)
     big_n = np.bincount(codes, minlength=k).astype(float)
@@ -316,6 +317,8 @@ def analyse(y: np.ndarray, flags: dict[str, np.ndarray], *, min_events: int, min
     number at least twice `min_group` and whose test has enough data. `strata`: see
     `two_by_two`."""
     rows = []
+    if strata is not None:  # as codes once: every test would sort the labels again
+        strata = pd.factorize(np.asarray(strata))[0]
     for name, has in flags.items():
         table = two_by_two(has, y, min_events=min_events, min_group=min_group, strata=strata)
         row = MicroTest(micro=name, segment="all", **vars(table))
@@ -405,7 +408,8 @@ def run_validation(ctx: Context) -> dict[str, Any]:
         ev = data.events[(data.events["name"] == name) & data.events["lead_id"].isin(leads.index)]
         if not snapshot:
             event_times[micro.name] = data.events.loc[data.events["name"] == name, "occurred_at"]
-        ev = ev[ev["occurred_at"].to_numpy() < cutoff.reindex(ev["lead_id"]).to_numpy()]
+        # compared as datetime arrays (`to_numpy` made object arrays of Timestamps)
+        ev = ev[ev["occurred_at"].array < cutoff.reindex(ev["lead_id"]).array]
         first = ev.groupby("lead_id")["occurred_at"].min().reindex(leads.index)
         has = first.notna().to_numpy()
         if micro.property and micro.property in attrs:
