@@ -577,11 +577,16 @@ def _reached_at(settings: Settings, first: pd.DataFrame, lead_ids: pd.Index) -> 
     skipped a stage in the CRM has still passed it); `first` is `_first_reached`."""
     names = [s.name for s in settings.stages]
     wide = first.reindex(index=first.index.intersection(lead_ids), columns=names)
-    wide = wide.apply(pd.to_datetime, utc=True)
-    out = pd.DataFrame(index=wide.index)
-    for i, name in enumerate(names):
-        out[name] = pd.to_datetime(wide[names[i:]].min(axis=1), utc=True)
-    return out
+    # From the deepest stage up, each stage's time or a deeper one's, whichever is first: as
+    # numpy datetimes (`np.fmin` passes over NaT). A row-wise `min` of aware columns went
+    # through an object array of Timestamps: the report's peak at 1M leads.
+    deeper = np.full(len(wide), np.datetime64("NaT", "us"))
+    columns = {}
+    for name in reversed(names):
+        own = pd.to_datetime(wide[name], utc=True).dt.tz_convert(None).to_numpy("datetime64[us]")
+        deeper = np.fmin(own, deeper)
+        columns[name] = pd.Series(deeper, index=wide.index).dt.tz_localize(UTC)
+    return pd.DataFrame({name: columns[name] for name in names}, index=wide.index)
 
 
 def stage_suggestions(ctx: Context) -> dict[str, StageSuggestion]:
