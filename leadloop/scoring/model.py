@@ -186,9 +186,11 @@ def train_and_register(ctx: Context) -> dict[str, Any]:
     return _train(ctx)[0]
 
 
-def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
-    """`train_and_register`, also returning what it read (leads active and deleted, every stage
-    row): scoring right after reuses it instead of reading the store again."""
+def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.Series]:
+    """`train_and_register`, also returning what it read (leads active and deleted) and each
+    lead's first macro time: scoring right after reuses them instead of reading the store
+    again. The stage rows themselves (2.3M at 1M leads) go as soon as those two are known:
+    held through the training, they were part of the score job's memory peak."""
     settings, cfg = ctx.settings, ctx.settings.model
     inputs = training_inputs(ctx)
     data = load_lead_data(ctx.engine, (LeadStatus.active, LeadStatus.deleted))
@@ -206,6 +208,7 @@ def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
         labelled = labelled.loc[labelled.index.isin(newest)]
     n, positives = len(labelled), int(labelled["y"].sum())
     value, value_source = macro_value(settings, stage_rows)
+    del stage_rows
     now = ctx.now()
     ages = landmarks(cfg.horizon_days)
     card = ModelCard(
@@ -285,7 +288,7 @@ def _train(ctx: Context) -> tuple[dict[str, Any], LeadData, pd.DataFrame]:
         result["model_version"] = version
         result["roc_auc"] = round(card.metrics["roc_auc"], 4)
         result["baseline_roc_auc"] = round(card.baseline["roc_auc"], 4)
-    return result, data, stage_rows
+    return result, data, macro_at
 
 
 def _leads_due(ctx: Context, card: ModelCard) -> set[int]:
@@ -322,14 +325,15 @@ def _active_ids(ctx: Context) -> set[int]:
                    .scalars())
 
 
-def _narrowed(data: LeadData, stage_rows: pd.DataFrame, ids: set[int]
-              ) -> tuple[LeadData, pd.DataFrame]:
-    """The leads `ids` (all active: see `_leads_due`) of frames already read, with their events
-    and stage rows; a lead's score depends on its own rows only."""
+def _narrowed(data: LeadData, ids: set[int]) -> LeadData:
+    """The leads `ids` (all active: see `_leads_due`) of frames already read, with their
+    events; a lead's score depends on its own rows only. When every lead read is due (a model
+    just trained: every active lead), the frames are used as they are: copying them put a
+    second million-lead frame beside the first."""
     keep = data.leads.index.isin(list(ids))
-    events = data.events[data.events["lead_id"].isin(list(ids))]
-    return (LeadData(leads=data.leads[keep], events=events),
-            stage_rows[stage_rows["lead_id"].isin(list(ids))])
+    if keep.all():
+        return data
+    return LeadData(leads=data.leads[keep], events=data.events[data.events["lead_id"].isin(list(ids))])
 
 
 def score_leads(ctx: Context) -> dict[str, Any]:
@@ -339,7 +343,7 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     settings = ctx.settings
     card = registry.current_card(settings)
     trained: dict[str, Any] | None = None
-    read: list[Any] = []  # what training read (leads, stage rows), for scoring right after
+    read: list[Any] = []  # what training read (leads, first macro times), for scoring right after
     if card is None or (not card.chosen and card.inputs != training_inputs(ctx)):
         trained, *read = _train(ctx)
         card = registry.current_card(settings)
@@ -357,14 +361,15 @@ def score_leads(ctx: Context) -> dict[str, Any]:
     features = [Feature(f["name"], f["kind"], f["known_at"])  # type: ignore[arg-type]
                 for f in card.features]
     if read:  # just trained: the store as training read it, narrowed to the leads due
-        data, stage_rows = _narrowed(read[0], read[1], due)
+        data, macro_all = _narrowed(read[0], due), read[1]
         read.clear()  # the full frames go now, not after scoring
     else:
         # A few changed leads: read only those (an IN list); many: one full read is cheaper.
         only = due if len(due) <= 50_000 else None
         data = load_lead_data(ctx.engine, (LeadStatus.active,), ids=only)
-        stage_rows = load_stage_rows(ctx.engine, settings, ids=only)
-    macro_at = macro_reached_at(settings, first_reached(stage_rows)).reindex(data.leads.index)
+        macro_all = macro_reached_at(settings,
+                                     first_reached(load_stage_rows(ctx.engine, settings, ids=only)))
+    macro_at = macro_all.reindex(data.leads.index)
     now = pd.Timestamp(ctx.now())
     if card.mode == "snapshot":
         moments = snapshot_moments(data.leads["created_at"], now)
