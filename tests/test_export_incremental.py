@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import delete, event, text
 from sqlmodel import Session, func, select
 
 from leadloop.crm.base import Page, StageIn
@@ -13,7 +14,7 @@ from leadloop.export.outbox import build_outbox
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
 from leadloop.sync import apply_page
-from leadloop.tables import Conversion, Lead
+from leadloop.tables import Conversion, Lead, OutboxWatermark
 from tests.scoring_helpers import SIM_END, demo_context, load_funnel
 
 
@@ -115,3 +116,41 @@ def test_an_incremental_build_narrowed_by_ids_or_by_query_leaves_a_full_build_no
         full = build_outbox(session, ctx.settings, destinations, later)
     assert (full["built"], full["revisions"], full["refreshed"], full["withdrawn"]) == (0, 0, 0, 0)
     engine.dispose()
+
+
+def test_an_export_that_wrote_many_rows_leaves_the_outbox_vacuumed(engine, tmp_path, monkeypatch):
+    """PostgreSQL: after a bulk write no page of `conversion` is all-visible until a vacuum, and
+    every run's count of held rows then visits the heap row by row; the run that wrote many
+    rows vacuums the table at its end (SQLite has nothing to vacuum). Fewer rows: no vacuum."""
+    import leadloop.export.engine as export_engine
+
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, sql, *_a: statements.append(sql))
+    monkeypatch.setenv("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "t0ken-g")
+    monkeypatch.setenv("LEADLOOP_SANDBOX_META_TOKEN", "t0ken-m")
+    with FakePlatforms(now=lambda: SIM_END) as platforms:
+        ctx = demo_context(engine, tmp_path, destinations={
+            "google_data_manager": {"base_url": platforms.urls["google_data_manager"],
+                                    "operating_account_id": "1234567890",
+                                    "token_env": "LEADLOOP_SANDBOX_GOOGLE_TOKEN"},
+            "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
+                     "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
+        load_funnel(ctx, 300)
+        monkeypatch.setattr(export_engine, "VACUUM_AFTER_ROWS", 10**9)
+        assert run_export(ctx)["built"] > 0
+        assert not [s for s in statements if s.startswith("VACUUM")]
+        with session_scope(engine) as session:  # the next run builds the rows again
+            session.execute(delete(Conversion))
+            session.execute(delete(OutboxWatermark))
+        monkeypatch.setattr(export_engine, "VACUUM_AFTER_ROWS", 1)
+        assert run_export(ctx)["built"] > 0
+    vacuums = [s for s in statements if s.startswith("VACUUM")]
+    if engine.dialect.name != "postgresql":
+        assert vacuums == []
+        return
+    assert vacuums == ["VACUUM (ANALYZE) conversion"]
+    with engine.connect() as conn:
+        pages, visible = conn.execute(text(
+            "SELECT relpages, relallvisible FROM pg_class WHERE relname = 'conversion'")).one()
+    assert pages > 0 and visible == pages

@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, union
+from sqlalchemy import func, select, text, union
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from leadloop.context import Context
@@ -119,7 +120,35 @@ def run_export(ctx: Context) -> dict[str, int | dict]:
         with session_scope(ctx.engine) as session:
             state.record_destination(session, name, per)
         _add(totals, name, per)
+    _vacuum_after_bulk(ctx, totals)
     return _finish(totals)
+
+
+# Outbox rows one run may write before PostgreSQL's table is vacuumed at its end.
+VACUUM_AFTER_ROWS = 100_000
+_WRITES = ("built", "revisions", "refreshed", "withdrawn", "sent", "rejected", "failed", "dead")
+
+
+def _vacuum_after_bulk(ctx: Context, totals: dict[str, Any]) -> None:
+    """After a run that wrote many outbox rows, vacuum and analyze `conversion` (PostgreSQL).
+
+    Every run counts each destination's held rows (2.1M at 1M leads) from an index, which
+    answers alone only for pages the visibility map marks all-visible. After a bulk write no
+    page is, until autovacuum comes by, and the count visits the heap for every row: at 300k
+    leads the incremental export took 0.5 s before a vacuum and 0.06 s after (the planner,
+    without statistics, estimated one row for 492k). A failure here only costs that speed."""
+    if ctx.engine.dialect.name != "postgresql":
+        return
+    if sum(int(totals.get(key, 0)) for key in _WRITES) < VACUUM_AFTER_ROWS:
+        return
+    try:
+        with ctx.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("VACUUM (ANALYZE) conversion"))
+    except SQLAlchemyError as exc:
+        log.warning("could not vacuum the outbox table after a bulk export (%s); autovacuum "
+                    "will, and until then each run's count of held rows is slower",
+                    type(exc).__name__)
 
 
 def _export_destination(ctx: Context, dest: BaseDestination, now: datetime,
