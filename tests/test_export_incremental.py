@@ -23,16 +23,21 @@ def _count(engine) -> int:
         return s.exec(select(func.count()).select_from(Conversion)).one()
 
 
-def test_incremental_export_equals_a_full_build(sqlite_engine, tmp_path, monkeypatch):
+def _sandbox_context(engine, tmp_path, monkeypatch, platforms: FakePlatforms):
+    """The demo configuration exporting to the fake Google Data Manager and Meta."""
     monkeypatch.setenv("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "t0ken-g")
     monkeypatch.setenv("LEADLOOP_SANDBOX_META_TOKEN", "t0ken-m")
+    return demo_context(engine, tmp_path, destinations={
+        "google_data_manager": {"base_url": platforms.urls["google_data_manager"],
+                                "operating_account_id": "1234567890",
+                                "token_env": "LEADLOOP_SANDBOX_GOOGLE_TOKEN"},
+        "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
+                 "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
+
+
+def test_incremental_export_equals_a_full_build(sqlite_engine, tmp_path, monkeypatch):
     with FakePlatforms(now=lambda: SIM_END) as platforms:
-        ctx = demo_context(sqlite_engine, tmp_path, destinations={
-            "google_data_manager": {"base_url": platforms.urls["google_data_manager"],
-                                    "operating_account_id": "1234567890",
-                                    "token_env": "LEADLOOP_SANDBOX_GOOGLE_TOKEN"},
-            "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
-                     "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
+        ctx = _sandbox_context(sqlite_engine, tmp_path, monkeypatch, platforms)
         load_funnel(ctx, 600)
         first = run_export(ctx)
         assert first["built"] > 0
@@ -127,15 +132,8 @@ def test_an_export_that_wrote_many_rows_leaves_the_outbox_vacuumed(engine, tmp_p
     statements: list[str] = []
     event.listen(engine, "before_cursor_execute",
                  lambda _c, _cur, sql, *_a: statements.append(sql))
-    monkeypatch.setenv("LEADLOOP_SANDBOX_GOOGLE_TOKEN", "t0ken-g")
-    monkeypatch.setenv("LEADLOOP_SANDBOX_META_TOKEN", "t0ken-m")
     with FakePlatforms(now=lambda: SIM_END) as platforms:
-        ctx = demo_context(engine, tmp_path, destinations={
-            "google_data_manager": {"base_url": platforms.urls["google_data_manager"],
-                                    "operating_account_id": "1234567890",
-                                    "token_env": "LEADLOOP_SANDBOX_GOOGLE_TOKEN"},
-            "meta": {"base_url": platforms.urls["meta"], "dataset_id": "100000000000001",
-                     "token_env": "LEADLOOP_SANDBOX_META_TOKEN"}})
+        ctx = _sandbox_context(engine, tmp_path, monkeypatch, platforms)
         load_funnel(ctx, 300)
         monkeypatch.setattr(export_engine, "VACUUM_AFTER_ROWS", 10**9)
         assert run_export(ctx)["built"] > 0
