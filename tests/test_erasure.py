@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from leadloop import lease
+from leadloop import erasure, lease
 from leadloop.context import Context
 from leadloop.crm.base import EventIn, LeadIn, Page, StageIn
 from leadloop.erasure import forget_person
@@ -187,6 +187,31 @@ def test_a_later_sync_does_not_bring_the_person_back(
     assert counts["leads"] == 1 and counts["rejected"] == 0
     assert_erased(engine, people["ann"])
     assert rows(engine, Lead, crm_id="303")[0].email_sha256
+
+
+def test_a_sync_page_reads_erased_ids_only_while_the_source_has_an_erasure(
+    engine: Engine, make_context: Callable[..., Context], people: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Most stores have no erasure: a page's ids are looked up among erased leads only when
+    the source has one, and an erasure made between two pages holds from the next page on."""
+    keyed_reads: list[int] = []
+    real_among = erasure.among
+    monkeypatch.setattr(erasure, "among", lambda *a: keyed_reads.append(1) or real_among(*a))
+    ctx = make_context(engine)
+    page = Page(leads=[LeadIn(crm_id="101", created_at=T0, email="ann.lee@gmail.com")])
+    with session_scope(engine) as session:
+        session.add(Lead(source="salesforce", crm_id="101", created_at=T0,
+                         status=LeadStatus.erased))  # another source's erasure does not count
+    with session_scope(engine) as session:
+        assert apply_page(session, ctx, "hubspot", "contacts", page)["leads"] == 1
+    assert keyed_reads == []
+    forget_person(ctx, email=None, crm_id="101")
+    with session_scope(engine) as session:
+        assert apply_page(session, ctx, "hubspot", "contacts", page)["leads"] == 0
+    assert keyed_reads == [1]
+    ann = rows(engine, Lead, id=people["ann"])[0]
+    assert ann.status == LeadStatus.erased and ann.email_sha256 is None
 
 
 def test_forget_leaves_no_trace_in_any_file_leadloop_wrote(tmp_path, monkeypatch) -> None:
