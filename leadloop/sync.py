@@ -25,7 +25,7 @@ from operator import attrgetter
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlmodel import Session, col
 
@@ -280,6 +280,7 @@ def apply_page(
         reject(crm_id, f"CRM id {crm_id} appears more than once in this export; the last one "
                "read is kept", kind=f"{object_type}.duplicate")
     region = ctx.settings.crm.default_region
+    newest_before = _newest_lead_id(session)
     written = _write_leads(session, source, object_type, page.leads, region, now, reject,
                            identities or {})
     counts["leads"] = len(written)
@@ -301,9 +302,10 @@ def apply_page(
     if page.deleted_deal_ids:
         counts["deals_deleted"] = _forget_deals(session, source, page.deleted_deal_ids, now)
 
-    counts["stages"], stage_leads = _write_stages(session, ids, page, reject)
-    counts["events"], event_leads = _write_events(session, ids, page, reject)
-    _mark_changed(session, stage_leads | event_leads, now)
+    counts["stages"], stage_leads = _write_stages(session, ids, page, reject, newest_before)
+    counts["events"], event_leads = _write_events(session, ids, page, reject, newest_before)
+    # a lead this page created was written with updated_at = now: it needs no marking
+    _mark_changed(session, {i for i in stage_leads | event_leads if i <= newest_before}, now)
 
     for r in page.rejects:
         reject(r.record_ref, r.reason, r.payload)
@@ -370,10 +372,19 @@ def _mark_deleted(session: Session, ids: dict[str, int], deleted_crm_ids: Sequen
     return len(gone), _withdraw_unsent(session, gone, "lead deleted or archived in the CRM")
 
 
-def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Reject
-                  ) -> tuple[int, set[int]]:
+def _newest_lead_id(session: Session) -> int:
+    """The highest lead id stored. A lead with a higher one is created after this call, and
+    has no stage or event rows yet (their foreign key needs the lead first): on a backfill,
+    where every lead of a page is new, their stored rows are not read (a keyed read each, of
+    stages and events, and an update to mark them changed: ~1 ms a page of 200 leads)."""
+    return int(session.execute(select(func.max(col(Lead.id)))).scalar() or 0)
+
+
+def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Reject,
+                  newest_before: int) -> tuple[int, set[int]]:
     """Write the page's stage rows that are new or differ; returns (stage rows read, ids of
-    the leads whose stages changed). A stage of a lead not synced is kept as a reject."""
+    the leads whose stages changed). A stage of a lead not synced is kept as a reject. Leads
+    with an id above `newest_before` are new: they have no stored rows to compare with."""
     # one entry per stage row's key, the last read winning: its row and whether its time is
     # a stand-in
     stage_rows: dict[StageKey, tuple[dict[str, Any], bool]] = {}
@@ -390,7 +401,7 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
         }, s.time_estimated)
     # Only stage rows that are new or differ are written. They are compared here rather than
     # found with RETURNING, which made psycopg re-parse a long multi-row statement per page.
-    stored = _stored_stages(session, {key[0] for key in stage_rows})
+    stored = _stored_stages(session, {key[0] for key in stage_rows if key[0] <= newest_before})
     parts: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for key, (row, stand_in) in stage_rows.items():
         if _stage_differs(row, stored.get(key), stand_in):
@@ -406,10 +417,11 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
     return len(stage_rows), {r["lead_id"] for r in changed_stages}
 
 
-def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Reject
-                  ) -> tuple[int, set[int]]:
+def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Reject,
+                  newest_before: int) -> tuple[int, set[int]]:
     """Add the page's events the leads do not have yet; returns (events read, ids of the leads
-    that got one). An event of a lead not synced is kept as a reject."""
+    that got one). An event of a lead not synced is kept as a reject. Leads with an id above
+    `newest_before` are new: they have no stored events."""
     event_rows: list[dict[str, Any]] = []
     stand_in_events: list[dict[str, Any]] = []
     for e in page.events:
@@ -419,7 +431,8 @@ def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Rej
             continue
         (stand_in_events if e.time_estimated else event_rows).append(
             {"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at, "value": e.value})
-    known = _stored_events(session, {r["lead_id"] for r in event_rows + stand_in_events})
+    known = _stored_events(session, {r["lead_id"] for r in event_rows + stand_in_events
+                                     if r["lead_id"] <= newest_before})
     new_events = [r for r in event_rows if (r["lead_id"], r["name"], r["occurred_at"]) not in known]
     if stand_in_events:
         # A stand-in time would differ on every re-read: an event the lead already has (under

@@ -138,6 +138,43 @@ def test_a_record_read_again_unchanged_does_not_look_changed(engine, make_contex
     assert changed == {"1": day3, "2": first["2"], "3": day3}
 
 
+def test_only_leads_stored_before_a_page_have_their_stored_stages_and_events_read(
+        engine, make_context, monkeypatch):
+    """A lead the page creates has no stored stage or event: a backfill page reads none, and a
+    page that mixes both kinds compares the existing lead's rows only, with the same result."""
+    from leadloop import sync
+    from leadloop.crm.base import EventIn
+    from leadloop.tables import LeadEvent
+
+    asked: list[tuple[str, set[int]]] = []
+    for name in ("_stored_stages", "_stored_events"):
+        real = getattr(sync, name)
+        monkeypatch.setattr(sync, name, lambda session, ids, real=real, name=name: (
+            asked.append((name, set(ids))) or real(session, ids)))
+
+    def read(day: int, crm_ids: list[int]) -> dict[str, datetime]:
+        ctx = make_context(engine)
+        ctx.now = lambda: T0 + timedelta(days=day)
+        sync_source(ctx, ScriptedSource([Page(
+            leads=[_lead(i) for i in crm_ids],
+            stages=[StageIn(str(i), "lifecyclestage", "lead", T0) for i in crm_ids],
+            events=[EventIn(str(i), "pricing_view", T0) for i in crm_ids])]))
+        with session_scope(engine) as s:
+            return {lead.crm_id: lead.updated_at for lead in s.exec(select(Lead)).all()}
+
+    first = read(1, [1, 2])
+    assert asked == [("_stored_stages", set()), ("_stored_events", set())]
+    asked.clear()
+    second = read(2, [2, 3])
+    with session_scope(engine) as s:
+        old = s.exec(select(Lead).where(Lead.crm_id == "2")).one().id
+        stages = s.exec(select(StageChange.lead_id)).all()
+        events = s.exec(select(LeadEvent.lead_id)).all()
+    assert asked == [("_stored_stages", {old}), ("_stored_events", {old})]
+    assert second == {**first, "3": T0 + timedelta(days=2)}  # lead 2 re-read unchanged
+    assert len(stages) == len(set(stages)) == 3 and len(events) == len(set(events)) == 3
+
+
 def test_a_backfill_into_a_new_store_takes_statistics_of_its_tables_once(engine, make_context,
                                                                          monkeypatch):
     """Without statistics PostgreSQL mis-planned every page's CRM-id lookup (see
