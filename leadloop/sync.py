@@ -377,7 +377,12 @@ def _newest_lead_id(session: Session) -> int:
     has no stage or event rows yet (their foreign key needs the lead first): on a backfill,
     where every lead of a page is new, their stored rows are not read (a keyed read each, of
     stages and events, and an update to mark them changed: 1.4-1.8 ms a page of 200 leads,
-    against 0.2-0.4 ms for this probe)."""
+    against 0.2-0.4 ms for this probe).
+
+    On SQLite the page's transaction is the only writer. On PostgreSQL, a second sync of the
+    same source creating the same lead in the same instant (the daemon runs one sync at a
+    time; a manual `leadloop sync` beside it could) may have stored its stages first: they are
+    then upserted without being compared, and a difference does not mark the lead changed."""
     return int(session.execute(select(func.max(col(Lead.id)))).scalar() or 0)
 
 
