@@ -30,6 +30,7 @@ from sqlalchemy import (
     cast,
     column,
     event,
+    null,
     or_,
     select,
     text,
@@ -527,13 +528,32 @@ def among(session: Session, column: Any, values: Collection[Any]) -> Any:
 
 def lead_ids(session: Session, source: str, crm_ids: Iterable[str]) -> dict[str, int]:
     """Map CRM ids of one source to our lead ids (only those that exist)."""
+    return {crm_id: lead_id for crm_id, lead_id, _ in _lead_keys(session, source, crm_ids)}
+
+
+def lead_ids_ingested_at(session: Session, source: str, crm_ids: Iterable[str], at: datetime
+                         ) -> tuple[dict[str, int], set[int]]:
+    """`lead_ids`, and the ids of those leads first stored at `at` (a sync page's time: the
+    leads that page created, whatever another writer did meanwhile), in the same read."""
+    ids: dict[str, int] = {}
+    created: set[int] = set()
+    for crm_id, lead_id, new in _lead_keys(session, source, crm_ids, ingested_at=at):
+        ids[crm_id] = lead_id
+        if new:
+            created.add(lead_id)
+    return ids, created
+
+
+def _lead_keys(session: Session, source: str, crm_ids: Iterable[str], *,
+               ingested_at: datetime | None = None) -> Iterator[tuple[str, int, Any]]:
+    """(CRM id, lead id, whether first stored at `ingested_at`). The database compares the
+    times: reading each back as a datetime cost 1.1-1.4 ms a page of 200, more than the reads
+    it saves. The time is not in the (source, crm_id) index: each row is one table lookup more
+    (~0.5 ms a page)."""
     ids = list(dict.fromkeys(crm_ids))
-    out: dict[str, int] = {}
     lead = tables.Lead.__table__  # type: ignore[attr-defined]
+    new = lead.c.ingested_at == ingested_at if ingested_at is not None else null()
     for i in range(0, len(ids), 5000):
-        part = ids[i : i + 5000]
-        stmt = select(lead.c.crm_id, lead.c.id).where(
-            lead.c.source == source, among(session, lead.c.crm_id, part)
-        )
-        out.update({crm_id: lead_id for crm_id, lead_id in session.execute(stmt)})
-    return out
+        stmt = select(lead.c.crm_id, lead.c.id, new).where(
+            lead.c.source == source, among(session, lead.c.crm_id, ids[i : i + 5000]))
+        yield from session.execute(stmt)

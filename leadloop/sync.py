@@ -25,7 +25,7 @@ from operator import attrgetter
 from typing import Any, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import psycopg
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlmodel import Session, col
 
@@ -50,6 +50,7 @@ from leadloop.store import (
     analyze_unanalyzed,
     insert_ignore,
     lead_ids,
+    lead_ids_ingested_at,
     session_scope,
     upsert,
 )
@@ -280,20 +281,26 @@ def apply_page(
         reject(crm_id, f"CRM id {crm_id} appears more than once in this export; the last one "
                "read is kept", kind=f"{object_type}.duplicate")
     region = ctx.settings.crm.default_region
-    newest_before = _newest_lead_id(session)
     written = _write_leads(session, source, object_type, page.leads, region, now, reject,
                            identities or {})
     counts["leads"] = len(written)
 
     referenced = {s.crm_id for s in page.stages} | {e.crm_id for e in page.events}
     merged_pairs = [(lead.crm_id, m) for lead in page.leads for m in lead.merged_crm_ids]
-    ids = lead_ids(
+    # `created`: the leads this page stored first. They have no stage or event rows yet (their
+    # foreign key needs the lead first), so theirs are not read to compare, nor are the leads
+    # marked changed (written with updated_at = now): on a backfill, where every lead of a page
+    # is new, that is a keyed read of stages, one of events and an UPDATE less a page (1.4-1.8 ms
+    # for 200 leads, SQLite, 100,000 leads stored). Known by `ingested_at`, which only the page
+    # that creates a lead writes: a lead another sync created meanwhile is compared as before.
+    ids, created = lead_ids_ingested_at(
         session,
         source,
         referenced
         | written
         | set(page.deleted_crm_ids)
         | {m for _, m in merged_pairs},
+        now,
     )
     counts["merged"], withdrawn = _mark_merged(session, ids, merged_pairs, now)
     counts["withdrawn"] += withdrawn
@@ -302,10 +309,9 @@ def apply_page(
     if page.deleted_deal_ids:
         counts["deals_deleted"] = _forget_deals(session, source, page.deleted_deal_ids, now)
 
-    counts["stages"], stage_leads = _write_stages(session, ids, page, reject, newest_before)
-    counts["events"], event_leads = _write_events(session, ids, page, reject, newest_before)
-    # a lead this page created was written with updated_at = now: it needs no marking
-    _mark_changed(session, {i for i in stage_leads | event_leads if i <= newest_before}, now)
+    counts["stages"], stage_leads = _write_stages(session, ids, page, reject, created)
+    counts["events"], event_leads = _write_events(session, ids, page, reject, created)
+    _mark_changed(session, (stage_leads | event_leads) - created, now)
 
     for r in page.rejects:
         reject(r.record_ref, r.reason, r.payload)
@@ -372,25 +378,11 @@ def _mark_deleted(session: Session, ids: dict[str, int], deleted_crm_ids: Sequen
     return len(gone), _withdraw_unsent(session, gone, "lead deleted or archived in the CRM")
 
 
-def _newest_lead_id(session: Session) -> int:
-    """The highest lead id stored. A lead with a higher one is created after this call, and
-    has no stage or event rows yet (their foreign key needs the lead first): on a backfill,
-    where every lead of a page is new, their stored rows are not read (a keyed read each, of
-    stages and events, and an update to mark them changed: 1.4-1.8 ms a page of 200 leads,
-    against 0.2-0.4 ms for this probe).
-
-    On SQLite the page's transaction is the only writer. On PostgreSQL, a second sync of the
-    same source creating the same lead in the same instant (the daemon runs one sync at a
-    time; a manual `leadloop sync` beside it could) may have stored its stages first: they are
-    then upserted without being compared, and a difference does not mark the lead changed."""
-    return int(session.execute(select(func.max(col(Lead.id)))).scalar() or 0)
-
-
 def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Reject,
-                  newest_before: int) -> tuple[int, set[int]]:
+                  created: set[int]) -> tuple[int, set[int]]:
     """Write the page's stage rows that are new or differ; returns (stage rows read, ids of
-    the leads whose stages changed). A stage of a lead not synced is kept as a reject. Leads
-    with an id above `newest_before` are new: they have no stored rows to compare with."""
+    the leads whose stages changed). A stage of a lead not synced is kept as a reject. The
+    leads `created` by this page have no stored rows to compare with."""
     # one entry per stage row's key, the last read winning: its row and whether its time is
     # a stand-in
     stage_rows: dict[StageKey, tuple[dict[str, Any], bool]] = {}
@@ -407,7 +399,7 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
         }, s.time_estimated)
     # Only stage rows that are new or differ are written. They are compared here rather than
     # found with RETURNING, which made psycopg re-parse a long multi-row statement per page.
-    stored = _stored_stages(session, {key[0] for key in stage_rows if key[0] <= newest_before})
+    stored = _stored_stages(session, {key[0] for key in stage_rows} - created)
     parts: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for key, (row, stand_in) in stage_rows.items():
         if _stage_differs(row, stored.get(key), stand_in):
@@ -424,10 +416,10 @@ def _write_stages(session: Session, ids: dict[str, int], page: Page, reject: Rej
 
 
 def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Reject,
-                  newest_before: int) -> tuple[int, set[int]]:
+                  created: set[int]) -> tuple[int, set[int]]:
     """Add the page's events the leads do not have yet; returns (events read, ids of the leads
-    that got one). An event of a lead not synced is kept as a reject. Leads with an id above
-    `newest_before` are new: they have no stored events."""
+    that got one). An event of a lead not synced is kept as a reject. The leads `created` by
+    this page have no stored events."""
     event_rows: list[dict[str, Any]] = []
     stand_in_events: list[dict[str, Any]] = []
     for e in page.events:
@@ -437,8 +429,7 @@ def _write_events(session: Session, ids: dict[str, int], page: Page, reject: Rej
             continue
         (stand_in_events if e.time_estimated else event_rows).append(
             {"lead_id": lead_id, "name": e.name, "occurred_at": e.occurred_at, "value": e.value})
-    known = _stored_events(session, {r["lead_id"] for r in event_rows + stand_in_events
-                                     if r["lead_id"] <= newest_before})
+    known = _stored_events(session, {r["lead_id"] for r in event_rows + stand_in_events} - created)
     new_events = [r for r in event_rows if (r["lead_id"], r["name"], r["occurred_at"]) not in known]
     if stand_in_events:
         # A stand-in time would differ on every re-read: an event the lead already has (under
