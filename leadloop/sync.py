@@ -293,7 +293,8 @@ def apply_page(
     # is new, that is a keyed read of stages, one of events and an UPDATE less a page (1.4-1.8 ms
     # for 200 leads, SQLite, 100,000 leads stored). Known by `ingested_at`, which only the page
     # that creates a lead writes: a lead another sync created meanwhile is compared as before.
-    ids, created = lead_ids_ingested_at(
+    # Only the page's own leads count, should an earlier page have had the same clock reading.
+    ids, ingested_now = lead_ids_ingested_at(
         session,
         source,
         referenced
@@ -302,6 +303,7 @@ def apply_page(
         | {m for _, m in merged_pairs},
         now,
     )
+    created = {ids[c] for c in written if c in ids} & ingested_now
     counts["merged"], withdrawn = _mark_merged(session, ids, merged_pairs, now)
     counts["withdrawn"] += withdrawn
     counts["deleted"], withdrawn = _mark_deleted(session, ids, page.deleted_crm_ids, now)

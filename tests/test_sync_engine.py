@@ -175,6 +175,23 @@ def test_only_leads_stored_before_a_page_have_their_stored_stages_and_events_rea
     assert len(stages) == len(set(stages)) == 3 and len(events) == len(set(events)) == 3
 
 
+def test_a_lead_of_an_earlier_page_is_compared_even_at_the_same_clock_reading(engine,
+                                                                             make_context):
+    """A page knows the leads it created by their `ingested_at`: with a clock that gives two
+    pages the same time, a lead of the first is still compared when the second refers to it
+    (a stand-in event the lead has is not added again)."""
+    from leadloop.crm.base import EventIn
+    from leadloop.tables import LeadEvent
+
+    ctx = make_context(engine)
+    ctx.now = lambda: T0 + timedelta(days=1)  # the same reading for both pages
+    first = Page(leads=[_lead(1)], events=[EventIn("1", "webinar", T0, time_estimated=True)])
+    second = Page(events=[EventIn("1", "webinar", T0 + timedelta(hours=5), time_estimated=True)])
+    sync_source(ctx, ScriptedSource([first, second]))
+    with session_scope(engine) as s:
+        assert len(s.exec(select(LeadEvent)).all()) == 1
+
+
 def test_a_backfill_into_a_new_store_takes_statistics_of_its_tables_once(engine, make_context,
                                                                          monkeypatch):
     """Without statistics PostgreSQL mis-planned every page's CRM-id lookup (see
