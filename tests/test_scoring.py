@@ -120,6 +120,29 @@ def test_leaky_fields_are_never_used_and_late_events_do_not_count(tmp_path, sqli
         build_features(data, [Feature("tags", "category", "after_contact")], moments)
 
 
+def test_an_attribute_is_numeric_when_95_percent_of_its_present_values_parse(
+        tmp_path: Path, sqlite_engine) -> None:
+    """The CRM's attributes arrive as text: a column is numeric when at least 95 % of the
+    present values parse as numbers, counted per lead (a value repeated by many leads counts
+    as many times), whatever dtype the column has."""
+    ctx = demo_context(sqlite_engine, tmp_path)
+    n = 200
+    columns = {
+        "seats": ["12"] * 180 + ["1e3"] * 10 + ["many"] * 9 + [None],  # 190 of 199: 95.5 %
+        "size": ["12"] * 180 + ["1e3"] * 7 + ["many"] * 12 + [None],  # 187 of 199: 94 %
+        "tier": ["gold"] * 150 + ["1"] * 50,  # mostly text: a category
+        "flag": [True] * 10 + [1] * 190,  # a bool among numbers: a category
+    }
+    for dtype in ("string", object):
+        leads = pd.DataFrame({f"attr_{k}": pd.Series(v, dtype=dtype if k != "flag" else object)
+                              for k, v in columns.items()}, index=range(1, n + 1))
+        leads["created_at"] = pd.Timestamp("2026-01-01", tz="UTC")
+        data = LeadData(leads=leads, events=pd.DataFrame(columns=["lead_id", "name", "occurred_at"]))
+        kinds = {f.name: f.kind for f in resolve_features(ctx.settings, data)}
+        assert {k: kinds[f"attr_{k}"] for k in columns} == {
+            "seats": "numeric", "size": "category", "tier": "category", "flag": "category"}, dtype
+
+
 @pytest.mark.slow
 def test_train_register_and_score_on_the_store(engine, tmp_path) -> None:
     ctx = demo_context(engine, tmp_path, model={"min_leads": 500, "min_conversions": 60})

@@ -298,3 +298,33 @@ def test_model_evaluate_warns_about_the_suspects_left_in(tmp_path) -> None:
     excluded = CliRunner().invoke(cli, ["model", "evaluate", "--csv", str(tmp_path / "export.csv"),
                                         "--label", "won", "--exclude", "tags", "--threads", "1"])
     assert excluded.exit_code == 0 and "suspected leakage" not in excluded.stderr
+
+
+def test_permutation_importance_recovers_a_planted_ranking_as_scikit_learn_measures_it() -> None:
+    """The card's importances (shuffled copies predicted together) are scikit-learn's
+    permutation importances: a strong, a categorical, a weak and a null feature, ranked in that
+    order, each within 0.015 of scikit-learn's mean over 30 shuffles, the null one near 0, on
+    rows the model did not see (as the training measures them)."""
+    from sklearn.inspection import permutation_importance
+
+    from leadloop.scoring.evaluate import _importance
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    x = pd.DataFrame({"strong": rng.normal(size=n), "weak": rng.normal(size=n),
+                      "null": rng.normal(size=n), "source": rng.choice(["a", "b", "c"], n)})
+    logit = (-1.0 + 2.0 * x["strong"] + 0.4 * x["weak"]
+             + np.where(x["source"] == "a", 1.5, 0.0)).to_numpy()
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    feats = [Feature("source", "category", "created")] + [
+        Feature(c, "numeric", "created") for c in ("strong", "weak", "null")]
+    for name, model in make_candidates(feats).items():
+        model.fit(x[:3000], y[:3000])
+        held_x, held_y = x[3000:], y[3000:]
+        ours = {r["feature"]: r["importance"] for r in _importance(model, held_x, held_y, seed=0)}
+        theirs = permutation_importance(model, held_x, held_y, scoring="roc_auc", n_repeats=30,
+                                        random_state=0).importances_mean
+        for col, expected in zip(x.columns, theirs, strict=True):
+            assert abs(ours[col] - expected) < 0.015, (name, col, ours[col], expected)
+        assert ours["strong"] > ours["source"] > ours["weak"] > ours["null"], (name, ours)
+        assert abs(ours["null"]) < 0.01, (name, ours)

@@ -28,7 +28,6 @@ from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
-from sklearn.inspection import permutation_importance
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -44,6 +43,8 @@ from leadloop.scoring.threads import limited_threads
 
 SELECTION_MAX_ROWS = 200_000  # candidate choice on a sample: the ranking is stable long before
 IMPORTANCE_MAX_ROWS = 5_000
+IMPORTANCE_REPEATS = 3
+IMPORTANCE_BATCH_ROWS = 100_000  # shuffled copies predicted per call (memory: ~20 copies)
 CV_FOLDS = 5
 BANDS = (("A", 0.10), ("B", 0.20), ("C", 0.30), ("D", 0.40))  # top 10 %, next 20 %, ...
 
@@ -244,13 +245,34 @@ def _auc(model: Pipeline, x_fit: pd.DataFrame, y_fit: np.ndarray, x_val: pd.Data
 
 
 def _importance(model: Any, x: pd.DataFrame, y: np.ndarray, seed: int) -> list[dict[str, Any]]:
+    """Permutation importance: how much the ROC AUC drops, on average over
+    `IMPORTANCE_REPEATS` shuffles, when one column's values are shuffled among the rows.
+
+    What `sklearn.inspection.permutation_importance` measures, but the shuffled copies are
+    stacked and predicted together, `IMPORTANCE_BATCH_ROWS` rows at a time: the pipeline's
+    fixed cost per call (validation, column transformer, encoders) is paid a few times instead
+    of once per column and repeat (2.5 s of a 100,000-lead training, for 5,000 rows)."""
     if len(np.unique(y)) < 2:
         return []
     idx = _sample(len(x), IMPORTANCE_MAX_ROWS, seed)
-    res = permutation_importance(model, x.iloc[idx], y[idx], scoring="roc_auc", n_repeats=3,
-                                 random_state=seed)
-    rows = [{"feature": c, "importance": float(m)}
-            for c, m in zip(x.columns, res.importances_mean, strict=True)]
+    x, y = x.iloc[idx].reset_index(drop=True), y[idx]
+    n = len(x)
+    base = roc_auc_score(y, model.predict_proba(x)[:, 1])
+    rng = np.random.default_rng(seed)
+    shuffles = [(col, rng.permutation(n)) for col in x.columns for _ in range(IMPORTANCE_REPEATS)]
+    per_call = max(1, IMPORTANCE_BATCH_ROWS // n)
+    drops: dict[str, list[float]] = {col: [] for col in x.columns}
+    for start in range(0, len(shuffles), per_call):
+        batch = shuffles[start:start + per_call]
+        copies = []
+        for col, order in batch:
+            copy = x.copy()
+            copy[col] = x[col].to_numpy()[order]
+            copies.append(copy)
+        p = model.predict_proba(pd.concat(copies, ignore_index=True))[:, 1].reshape(len(batch), n)
+        for (col, _), p_shuffled in zip(batch, p, strict=True):
+            drops[col].append(base - roc_auc_score(y, p_shuffled))
+    rows = [{"feature": c, "importance": float(np.mean(d))} for c, d in drops.items()]
     return sorted(rows, key=lambda r: -r["importance"])
 
 

@@ -151,8 +151,17 @@ def _post_contact_names(settings: Settings) -> set[str]:
 
 
 def _looks_numeric(values: pd.Series) -> bool:
+    """At least 95 % of the present values parse as numbers (and none is a bool)."""
     present = values.dropna()
-    if present.empty or present.map(lambda v: isinstance(v, bool)).any():
+    if present.empty:
+        return False
+    if isinstance(present.dtype, pd.StringDtype):
+        # Texts only, and an attribute repeats a few: each distinct text is parsed once,
+        # weighted by how often it occurs (0.1 s a column of 100,000 leads, parsed one by one).
+        counts = present.value_counts(sort=False)
+        parsed = pd.to_numeric(counts.index.to_series(), errors="coerce").notna().to_numpy()
+        return bool(counts.to_numpy()[parsed].sum() >= 0.95 * len(present))
+    if present.map(lambda v: isinstance(v, bool)).any():
         return False
     parsed = pd.to_numeric(present, errors="coerce")
     return bool(parsed.notna().mean() >= 0.95)
