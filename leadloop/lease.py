@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from leadloop.errors import LeaseHeldError
 from leadloop.processes import gone_on_this_host
@@ -146,6 +147,11 @@ def _dead_here(owner: str) -> bool:
     return gone_on_this_host(host, rest.partition(":")[0]) is True
 
 
+def _busy(exc: Exception) -> bool:
+    """True for SQLite's answer while another connection writes ("database is locked")."""
+    return isinstance(exc, OperationalError) and "locked" in str(exc.orig)
+
+
 @contextmanager
 def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
               now: Callable[[], datetime], stop: threading.Event,
@@ -194,9 +200,16 @@ def exclusive(engine: Engine, purpose: str, *, ttl: timedelta, wait: bool,
             except Exception as exc:
                 # The database is unreachable, or (SQLite) a long write of this very command
                 # holds it: retry at once, so the renewal is queued for the moment it frees.
+                # A write in progress is how a large first export works on SQLite, not a fault:
+                # said at info, so nobody chases it (other holders wait for this one while its
+                # process is alive, `blocked_by_live_holder`).
                 if not failing:
-                    log.warning("lease heartbeat of %s cannot write yet (%s); retrying", purpose,
-                                type(exc).__name__)
+                    if _busy(exc):
+                        log.info("lease heartbeat of %s waits for a write in progress to end "
+                                 "(the database is busy); retrying", purpose)
+                    else:
+                        log.warning("lease heartbeat of %s cannot write yet (%s); retrying",
+                                    purpose, type(exc).__name__)
                 failing = True
 
     beat = threading.Thread(target=heartbeat, name=f"leadloop-lease-{purpose}", daemon=True)

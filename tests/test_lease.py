@@ -67,3 +67,42 @@ def test_racing_daemons_get_exactly_one_lease(engine: Engine) -> None:
         t.join()
     assert len(won) == 1
     assert lease.holder(engine).owner == won[0]  # type: ignore[union-attr]
+
+
+def test_a_heartbeat_held_off_by_a_write_in_progress_says_so_at_info_and_renews_after(
+        sqlite_engine: Engine, caplog) -> None:
+    """On SQLite a long write (a first export's build) holds the file: the heartbeat cannot
+    renew until it ends. That is how the command works, not a fault: logged at info, no
+    warning, and the lease is renewed once the write ends."""
+    import logging
+    import sqlite3
+    import time
+
+    from sqlalchemy import create_engine
+
+    path = sqlite_engine.url.database
+    impatient = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    stop = threading.Event()
+    caplog.set_level(logging.INFO, logger="leadloop.lease")
+    with lease.exclusive(impatient, "export", ttl=timedelta(seconds=0.6), wait=False,
+                         now=lambda: datetime.now(UTC), stop=stop) as owner:
+        first = lease.holder(sqlite_engine)
+        writer = sqlite3.connect(path, timeout=5)
+        writer.execute("BEGIN IMMEDIATE")  # the write in progress
+        time.sleep(0.6)
+        writer.rollback()
+        writer.close()
+        freed = datetime.now(UTC)
+        deadline = time.monotonic() + 10
+        while True:  # the next retry renews it (every 0.5 s while failing)
+            renewed = lease.holder(sqlite_engine)
+            if (renewed is not None and renewed.heartbeat_at >= freed) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    impatient.dispose()
+    assert owner is not None and first is not None and renewed is not None
+    assert renewed.owner == owner and renewed.heartbeat_at >= freed
+    assert not stop.is_set()
+    waits = [r for r in caplog.records if "waits for a write in progress" in r.getMessage()]
+    assert waits and all(r.levelno == logging.INFO for r in waits)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
