@@ -44,7 +44,7 @@ from leadloop.scoring.threads import limited_threads
 SELECTION_MAX_ROWS = 200_000  # candidate choice on a sample: the ranking is stable long before
 IMPORTANCE_MAX_ROWS = 5_000
 IMPORTANCE_REPEATS = 3
-IMPORTANCE_BATCH_ROWS = 100_000  # shuffled copies predicted per call (memory: ~20 copies)
+IMPORTANCE_BATCH_ROWS = 25_000  # rows of shuffled copies per prediction: ~30 MB at its peak
 CV_FOLDS = 5
 BANDS = (("A", 0.10), ("B", 0.20), ("C", 0.30), ("D", 0.40))  # top 10 %, next 20 %, ...
 
@@ -250,8 +250,9 @@ def _importance(model: Any, x: pd.DataFrame, y: np.ndarray, seed: int) -> list[d
 
     What `sklearn.inspection.permutation_importance` measures, but the shuffled copies are
     stacked and predicted together, `IMPORTANCE_BATCH_ROWS` rows at a time: the pipeline's
-    fixed cost per call (validation, column transformer, encoders) is paid a few times instead
-    of once per column and repeat (2.5 s of a 100,000-lead training, for 5,000 rows)."""
+    fixed cost per call (validation, column transformer, encoders) is paid 14 times instead of
+    69 (23 features, 5,000 rows): 2.5 → 1.3 s for a gradient-boosting candidate, 1.1 → 0.7 s for
+    the logistic regression."""
     if len(np.unique(y)) < 2:
         return []
     idx = _sample(len(x), IMPORTANCE_MAX_ROWS, seed)
