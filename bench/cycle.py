@@ -21,6 +21,11 @@ made, replayed with `requests` against the same fake, each page's results bulk-i
 requests too): the sync reads the next page while it writes this one, so it pays the latency
 once per page where the floor pays it on top of its writes.
 
+`--runs N` runs the whole bench N times, each in a fresh process (imports, fake and store new,
+as a first cycle meets them), and prints each run's ratios and their median: on a machine whose
+speed moves by a fifth within the hour, one run's ratio moves with it (the same code's 100k
+first cycle read 2.38x and 3.32x back to back).
+
 A second cycle then runs with nothing changed in the CRM (the incremental case), timed per stage.
 Before it, the export runs once for real against platforms that accept every row (not timed): a
 dry run leaves the store as it was, so without it the second dry run would build the whole outbox
@@ -35,6 +40,9 @@ import multiprocessing as mp
 import os
 import resource
 import sqlite3
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -211,6 +219,31 @@ def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[flo
     return elapsed, rows_in
 
 
+RESULT = "cycle-result "  # the line a run prints last, for `--runs`
+
+
+def repeated(argv: list[str], runs: int) -> None:
+    """Run the bench `runs` times, each in a fresh process, and print the median ratios."""
+    results = []
+    for i in range(1, runs + 1):
+        print(f"== run {i} of {runs}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE,
+                              text=True, check=True)
+        lines = proc.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith(RESULT)), flush=True)
+        results.append(json.loads(next(line for line in lines if line.startswith(RESULT))
+                                  .removeprefix(RESULT)))
+    print(f"== {runs} runs: first cycle / floor, sync / floor, first cycle, floor, peak RSS")
+    for i, r in enumerate(results, start=1):
+        print(f"   run {i}: {r['cycle_ratio']:.2f}  {r['sync_ratio']:.2f}  {r['cycle_s']:7.1f} s "
+              f"{r['floor_s']:7.1f} s  {r['peak_mb']:6.0f} MB")
+    print(f"   median: {statistics.median(r['cycle_ratio'] for r in results):.2f}  "
+          f"{statistics.median(r['sync_ratio'] for r in results):.2f}  "
+          f"{statistics.median(r['cycle_s'] for r in results):7.1f} s "
+          f"{statistics.median(r['floor_s'] for r in results):7.1f} s  "
+          f"{max(r['peak_mb'] for r in results):6.0f} MB (highest)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--leads", type=int, default=100_000)
@@ -219,7 +252,19 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=0.0,
                     help="add this to each of the fake's answers, as a real CRM's round trip "
                          "would (the floor pays it too)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="run the bench this many times, each in a fresh process, and print "
+                         "each run's ratios and their median")
     args = ap.parse_args()
+    if args.runs > 1:
+        argv = sys.argv[1:]
+        at = argv.index("--runs") if "--runs" in argv else None
+        if at is None:  # given as --runs=N
+            argv = [a for a in argv if not a.startswith("--runs=")]
+        else:
+            del argv[at:at + 2]
+        repeated(argv, args.runs)
+        return
 
     parent, child = mp.get_context("fork").Pipe()
     server = mp.get_context("fork").Process(target=_serve,
@@ -266,6 +311,10 @@ def main() -> None:
     print(f"peak RSS leadloop process: {max(first_peaks.values()):,.0f} MB first cycle "
           f"({max(first_peaks, key=first_peaks.__getitem__)}), "
           f"{max(second_peaks.values()):,.0f} MB incremental; fake HubSpot child: {fake_peak:,.0f} MB")
+    print(RESULT + json.dumps({"cycle_ratio": sum(first.values()) / floor_s,
+                               "sync_ratio": first["sync"] / floor_s,
+                               "cycle_s": sum(first.values()), "floor_s": floor_s,
+                               "peak_mb": max(first_peaks.values())}), flush=True)
 
 
 if __name__ == "__main__":
