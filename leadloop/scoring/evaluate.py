@@ -268,7 +268,7 @@ def _importance(model: Any, x: pd.DataFrame, y: np.ndarray, seed: int) -> list[d
         copies = []
         for col, order in batch:
             copy = x.copy()
-            copy[col] = x[col].to_numpy()[order]
+            copy[col] = x[col].array[order]  # its dtype kept (a category stays one)
             copies.append(copy)
         p = model.predict_proba(pd.concat(copies, ignore_index=True))[:, 1].reshape(len(batch), n)
         for (col, _), p_shuffled in zip(batch, p, strict=True):
