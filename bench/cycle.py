@@ -11,7 +11,9 @@ HubSpot's request budget (bench/sync.py measures sync under a real plan's limits
 Stages are the jobs the CLI and the daemon run (`leadloop.jobs`, recorded in job_run, with their
 skip-when-unchanged rules), on the demo's configuration (config/demo.toml: four stages, five
 micro-conversions, Google Data Manager + Meta). Export is a dry run (payload files written under a
-temporary directory, nothing sent). Peak RSS is measured per stage (VmHWM, reset before each).
+temporary directory, nothing sent). Peak RSS is measured per stage (VmHWM, reset before each),
+and so is the CPU time of leadloop's process (all its threads): a stage whose CPU time is near its
+wall time is bound by leadloop's own work, not by waiting on the fake or the database.
 
 The floor is the simplest loop that does the same I/O as the sync: the very requests the connector
 made, replayed with `requests` against the same fake, each page's results bulk-inserted with
@@ -148,14 +150,15 @@ def _cycle(ctx: Context, label: str) -> tuple[dict[str, float], dict[str, float]
     print(f"-- {label}")
     for name, run in _stages(ctx):
         _reset_peak()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         result = run()
         times[name], peaks[name] = time.perf_counter() - t, _peak_mb()
+        cpu = time.process_time() - cpu
         if not result.ok:
             raise SystemExit(f"{name} failed: {result.error}")
         brief = {k: v for k, v in result.counts.items() if isinstance(v, int | float | str)
                  and k not in ("files", "inputs")}
-        print(f"   {name:<17} {times[name]:8.1f} s  peak {peaks[name]:6.0f} MB   "
+        print(f"   {name:<17} {times[name]:8.1f} s  cpu {cpu:6.1f} s  peak {peaks[name]:6.0f} MB   "
               f"{json.dumps(brief, default=str)[:150]}")
     print(f"   {'total':<17} {sum(times.values()):8.1f} s  peak {max(peaks.values()):6.0f} MB")
     return times, peaks
@@ -187,8 +190,9 @@ def _first_export(ctx: Context) -> int:
     return int(result.counts.get("sent", 0))
 
 
-def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[float, int]:
-    """Replay the connector's requests with plain `requests`; executemany each page's results."""
+def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[float, int, float]:
+    """Replay the connector's requests with plain `requests`; executemany each page's results.
+    Wall time, rows stored, and this process's CPU time spent on it."""
     if db == "sqlite":
         con: Any = sqlite3.connect(tmp / "floor.db")
         con.execute("create table page_row (kind text, id text, body text, primary key (kind, id))")
@@ -200,7 +204,7 @@ def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[flo
         sql = ("insert into floor_page_row values (%s, %s, %s) on conflict (kind, id) "
                "do update set body = excluded.body")
     h = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    started, rows_in = time.perf_counter(), 0
+    started, cpu, rows_in = time.perf_counter(), time.process_time(), 0
     with requests.Session() as s:
         for method, path, body in calls:
             data = s.request(method, base_url + path, data=body or None, headers=h).json()
@@ -211,12 +215,12 @@ def floor_run(calls: list[Call], base_url: str, db: str, tmp: Path) -> tuple[flo
                 con.cursor().executemany(sql, rows)
             con.commit()
             rows_in += len(rows)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     if db == "postgres":
         con.execute("drop table floor_page_row")
         con.commit()
     con.close()
-    return elapsed, rows_in
+    return elapsed, rows_in, cpu
 
 
 RESULT = "cycle-result "  # the line a run prints last, for `--runs`
@@ -296,14 +300,15 @@ def main() -> None:
         second, second_peaks = _cycle(ctx, "incremental cycle (nothing changed in the CRM)")
         parent.send("calls")
         n_incr = len(parent.recv())
-        floor_s, floor_rows = floor_run(calls, base_url, args.db, tmp)
+        floor_s, floor_rows, floor_cpu = floor_run(calls, base_url, args.db, tmp)
         ctx.engine.dispose()
         if args.db == "postgres":
             _reset_postgres()
     parent.send("stop")
     server.join()
     fake_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"floor: {len(calls):,} requests replayed, {floor_rows:,} rows executemany'd in {floor_s:.1f} s; "
+    print(f"floor: {len(calls):,} requests replayed, {floor_rows:,} rows executemany'd in {floor_s:.1f} s "
+          f"(cpu {floor_cpu:.1f} s here, the rest waiting on the fake); "
           f"sync/floor = {first['sync'] / floor_s:.2f}; first cycle/floor = "
           f"{sum(first.values()) / floor_s:.2f}")
     print(f"incremental sync made {n_incr} requests; incremental cycle "
