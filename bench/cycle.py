@@ -308,7 +308,7 @@ def main() -> None:
     server.join()
     fake_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"floor: {len(calls):,} requests replayed, {floor_rows:,} rows executemany'd in {floor_s:.1f} s "
-          f"(cpu {floor_cpu:.1f} s here, the rest waiting on the fake); "
+          f"(cpu {floor_cpu:.1f} s in this process, the rest waiting on the fake or the database); "
           f"sync/floor = {first['sync'] / floor_s:.2f}; first cycle/floor = "
           f"{sum(first.values()) / floor_s:.2f}")
     print(f"incremental sync made {n_incr} requests; incremental cycle "
