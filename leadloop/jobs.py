@@ -216,8 +216,10 @@ def _export(ctx: Context) -> dict[str, Any]:
                            "kind = \"csv_files\" writes manual-import files)"}
     counts = export_under_lease(ctx)
     per_destination = cast(dict[str, dict[str, Any]], counts.get("destinations", {}))
+    # Only when every conversion is held: a dry run sends nothing either, but writes the due
+    # ones to payload files, and rows the platform refused are counted as rejected.
     notes = [_nothing_sent_note(name, per) for name, per in per_destination.items()
-             if not per.get("sent") and per.get("held") and "error" not in per]
+             if not per.get("due") and per.get("held") and "error" not in per]
     return _with_notes(counts, "export", notes)
 
 

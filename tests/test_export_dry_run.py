@@ -14,6 +14,7 @@ from sqlmodel import SQLModel
 
 from leadloop.cli import cli
 from leadloop.export.engine import run_export
+from leadloop.jobs import run_job
 from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
 from leadloop.tables import JobRun, StageChange
@@ -83,3 +84,18 @@ destinations = {{ files = "Qualified lead" }}
     with session_scope(sqlite_engine) as s:
         assert s.execute(select(JobRun)).first() is None
     assert not (tmp_path / "files").exists()
+
+
+def test_dry_run_with_due_rows_does_not_say_every_conversion_is_held(
+        engine: Any, fakes: FakePlatforms, tmp_path: Path) -> None:
+    """A dry run sends nothing, but the due rows went to payload files: the note that says a
+    destination got nothing because platform rules hold every conversion must not appear."""
+    full_lead(engine, 1)  # due at Google Ads
+    full_lead(engine, 2, gclid=None, gbraid=None, wbraid=None, email=None, phone=None)  # held
+    ctx = make_ctx(engine, fakes, tmp_path, names=("gads",))
+    ctx.dry_run, ctx.out_dir = True, tmp_path / "out"
+    result = run_job(ctx, "export")
+    per = result.counts["destinations"]["gads"]
+    assert per["held"] >= 1 and per["due"] >= 1 and per["written"] == per["due"], per
+    assert "notes" not in result.counts, result.counts["notes"]
+    assert list((tmp_path / "out" / "payloads" / "gads").glob("*.json"))
