@@ -5,14 +5,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
 from leadloop.cli import cli
 from leadloop.crm.base import LeadIn, Page, StageIn
 from leadloop.crm.stage_check import unmatched_crm_values
+from leadloop.export.outbox import order_id
+from leadloop.jobs import run_job
+from leadloop.sandbox.fake_platforms import FakePlatforms
 from leadloop.store import session_scope
 from leadloop.sync import apply_page
+from tests.export_helpers import full_lead
+from tests.test_export_outbox import make_ctx
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 
@@ -111,3 +117,17 @@ output_dir = "uploads"
     assert "held=1" in result.output
     assert ("note: files: nothing uploaded this run; 1 conversion(s) held by platform rules"
             in result.output), result.output
+
+
+def test_export_whose_due_rows_were_refused_does_not_blame_the_hold_rules(
+        engine: Any, fakes: FakePlatforms, tmp_path: Path) -> None:
+    """Every due row refused by the platform is a rejection (counted, kept with its code), not
+    a destination that got nothing because platform rules hold every conversion."""
+    full_lead(engine, 1)
+    full_lead(engine, 2, gclid=None, gbraid=None, wbraid=None, email=None, phone=None)  # held
+    fakes.reject("google_ads", order_id("gads", "hubspot", "1001", "Qualified", 0),
+                 "UNPARSEABLE_GCLID")
+    result = run_job(make_ctx(engine, fakes, tmp_path, names=("gads",)), "export")
+    assert (result.counts["sent"], result.counts["rejected"]) == (0, 1), result.counts
+    assert result.counts["held"] >= 1
+    assert "notes" not in result.counts, result.counts["notes"]
